@@ -1,0 +1,234 @@
+"""TBPTT layout: token sequences -> the ordered batches a stateful LSTM trains on.
+
+Pure NumPy, no TensorFlow: this is where TBPTT's invariants live, so they can be
+property-tested quickly.
+
+A stateful LSTM with a fixed batch size B keeps one state per batch row, and row i of
+batch b+1 continues row i of batch b. Each row is therefore a *stream*: a sequence of
+chunks of k timesteps. The layout decides which sequence occupies which stream and
+chunk, sets a per-row *reset flag* where a stream's state must be zeroed before a chunk,
+and gives every timestep a *sample weight*: 1 for a real token, 0 for padding.
+
+Every sequence starts at a chunk boundary. That keeps resets per row and per chunk (one
+flag per row, applied before the chunk) so the LSTM itself stays a plain, cuDNN-eligible
+layer; the cost is that a sequence's last chunk is padded to k (fewer than k steps).
+
+Padding strategies (what to do when B does not divide the number of sequences N):
+
+- ``dummy``: the classic recipe. Consecutive groups of B sequences occupy the B rows side
+  by side; the last group is filled with all-padding *dummy* rows of weight 0; every row of
+  a group is padded to the group's longest sequence.
+- ``drop``: like ``dummy``, but the N mod B sequences that do not fill a group are dropped
+  (and counted in ``dropped_sequences``).
+- ``pack``: B independent streams, each taking whole sequences back to back; a sequence
+  goes to the stream that is shortest so far, and its row resets exactly where it starts.
+  B need not divide N, and rows are not padded to their neighbours' lengths: padding is
+  only the tail of each sequence's last chunk and the end of each stream.
+
+Reset policies (when a row's state is zeroed; every row starts the epoch from zero):
+
+- ``sequence``: at every sequence start (correct TBPTT).
+- ``chunk``: before every chunk (no state carried at all: the baseline).
+- ``never``: carry state across sequence boundaries within the epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+PADDINGS = ("dummy", "drop", "pack")
+RESETS = ("sequence", "chunk", "never")
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token sequences to train on: sequence i is inputs[i] -> targets[i] (same length).
+
+    Token id 0 is reserved for padding, so real tokens and real targets are >= 1.
+    """
+
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+
+    def __post_init__(self) -> None:
+        if len(self.inputs) != len(self.targets):
+            raise ValueError("corpus: inputs and targets hold different numbers of sequences")
+        for i, (x, y) in enumerate(zip(self.inputs, self.targets)):
+            if len(x) != len(y):
+                raise ValueError(f"corpus: sequence {i} has {len(x)} inputs but {len(y)} targets")
+            if len(x) == 0:
+                raise ValueError(f"corpus: sequence {i} is empty")
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.inputs), dtype=np.int64, count=len(self.inputs))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One epoch of TBPTT batches plus the accounting of real vs padded tokens.
+
+    Arrays are indexed [batch, row, step]; ``reset[b, r]`` means "zero row r's state
+    before batch b". ``placements`` has one row per placed sequence:
+    (sequence index, stream row, first batch) — the map from corpus to streams.
+    """
+
+    inputs: np.ndarray  # (n_batches, B, k) int32
+    targets: np.ndarray  # (n_batches, B, k) int32
+    sample_weights: np.ndarray  # (n_batches, B, k) float32, 1 = real token, 0 = padding
+    reset: np.ndarray  # (n_batches, B) bool
+    placements: np.ndarray  # (n_placed, 3) int64: sequence, row, first batch
+    dropped_sequences: int
+    dummy_rows: int  # all-padding rows added to fill the last group (``dummy`` only)
+
+    @property
+    def n_batches(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.inputs.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.inputs.shape[2]
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.sample_weights.sum())
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.sample_weights.size)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.total_tokens - self.real_tokens
+
+    @property
+    def padding_waste(self) -> float:
+        """Fraction of computed timesteps that are padding (0 = none wasted)."""
+        return self.padded_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    @property
+    def real_tokens_per_batch(self) -> np.ndarray:
+        return self.sample_weights.sum(axis=(1, 2))
+
+
+def build_layout(
+    corpus: Corpus,
+    k: int,
+    batch_size: int,
+    padding: str = "dummy",
+    reset: str = "sequence",
+    order: Sequence[int] | np.ndarray | None = None,
+) -> Layout:
+    """Lay out ``corpus`` as TBPTT batches of ``batch_size`` rows and ``k`` steps.
+
+    ``order`` is the order in which sequences are placed (default: corpus order); pass
+    ``epoch_order(...)`` to shuffle sequences between epochs — streams stay continuous.
+    """
+    if k <= 0:
+        raise ValueError(f"k must be a positive number of timesteps, got {k}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
+    if reset not in RESETS:
+        raise ValueError(f"reset={reset!r} is not one of {', '.join(RESETS)}")
+    order = np.arange(len(corpus)) if order is None else np.asarray(order, dtype=np.int64)
+    n_chunks = -(-corpus.lengths // k)  # chunks each sequence occupies
+
+    if padding == "pack":
+        placements, dropped, dummy_rows = _pack(order, n_chunks, batch_size), 0, 0
+    else:
+        placements, dropped, dummy_rows = _groups(order, n_chunks, batch_size, padding)
+    if len(placements) == 0:
+        raise ValueError(
+            f"no sequence fits: {len(corpus)} sequences with batch_size={batch_size} "
+            f"and padding={padding!r}; use a smaller batch_size or padding='dummy'/'pack'"
+        )
+
+    seqs, rows, first = placements.T
+    n_batches = int((first + n_chunks[seqs]).max())
+    steps = n_batches * k
+    inputs = np.zeros((batch_size, steps), dtype=np.int32)
+    targets = np.zeros((batch_size, steps), dtype=np.int32)
+    weights = np.zeros((batch_size, steps), dtype=np.float32)
+    for s, r, b in placements:
+        start, x = b * k, corpus.inputs[s]
+        inputs[r, start : start + len(x)] = x
+        targets[r, start : start + len(x)] = corpus.targets[s]
+        weights[r, start : start + len(x)] = 1.0
+
+    flags = np.zeros((n_batches, batch_size), dtype=bool)
+    flags[0, :] = True  # every epoch starts every stream from a zero state
+    if reset == "sequence":
+        # A group (dummy/drop) starts all its rows together, dummy rows included, so a
+        # whole-batch reset (the classic callback) and per-row flags agree.
+        flags[first, slice(None) if padding != "pack" else rows] = True
+    elif reset == "chunk":
+        flags[:] = True
+
+    def to_batches(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.reshape(batch_size, n_batches, k).transpose(1, 0, 2))
+
+    return Layout(
+        inputs=to_batches(inputs),
+        targets=to_batches(targets),
+        sample_weights=to_batches(weights),
+        reset=flags,
+        placements=placements,
+        dropped_sequences=dropped,
+        dummy_rows=dummy_rows,
+    )
+
+
+def epoch_order(num_sequences: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order sequences are placed in for one epoch: a fresh permutation per epoch."""
+    if not shuffle:
+        return np.arange(num_sequences)
+    return np.random.default_rng([seed, epoch]).permutation(num_sequences)
+
+
+def _groups(
+    order: np.ndarray, n_chunks: np.ndarray, batch_size: int, padding: str
+) -> tuple[np.ndarray, int, int]:
+    """``dummy``/``drop``: groups of B sequences side by side, each group as long as its longest."""
+    remainder = len(order) % batch_size
+    dropped = remainder if padding == "drop" else 0
+    dummy_rows = (batch_size - remainder) % batch_size if padding == "dummy" else 0
+    order = order[: len(order) - dropped]
+    placements = np.empty((len(order), 3), dtype=np.int64)
+    first_batch = 0
+    for g in range(0, len(order), batch_size):
+        group = order[g : g + batch_size]
+        placements[g : g + len(group), 0] = group
+        placements[g : g + len(group), 1] = np.arange(len(group))
+        placements[g : g + len(group), 2] = first_batch
+        first_batch += int(n_chunks[group].max())
+    return placements, dropped, dummy_rows
+
+
+def _pack(order: np.ndarray, n_chunks: np.ndarray, batch_size: int) -> np.ndarray:
+    """``pack``: each sequence goes to the stream that is shortest so far (ties: lowest row)."""
+    import heapq
+
+    free = [(0, row) for row in range(batch_size)]  # (first free batch, row)
+    placements = np.empty((len(order), 3), dtype=np.int64)
+    for i, s in enumerate(order):
+        first_batch, row = heapq.heappop(free)
+        placements[i] = (s, row, first_batch)
+        heapq.heappush(free, (first_batch + int(n_chunks[s]), row))
+    return placements
