@@ -1,0 +1,191 @@
+"""The configuration schema: the single source of truth for every setting.
+
+Plain dataclasses, so the core can be driven from Python and the same classes serve as
+Hydra structured configs. ``validate`` checks everything that can be checked before any
+data is read or TensorFlow is imported, and raises ``ConfigError`` with a one-line
+message naming the setting, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from tbptt_exp.layout import PADDINGS, RESETS
+
+ENGINES = ("graph", "keras_fit")
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
+CUTS = ("fixed", "documents")
+ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "selu", "softsign", "linear")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work; the message is one line and says the fix."""
+
+    def __init__(self, setting: str, value: Any, allowed: str):
+        super().__init__(f"{setting}={value!r} is not allowed: {allowed}")
+        self.setting, self.value, self.allowed = setting, value, allowed
+
+
+@dataclass
+class CharsDataConfig:
+    """Character-level language modelling on real text (default: embedded stdlib sources)."""
+
+    name: str = "chars"
+    path: Optional[str] = None  # a text file or folder; None = the embedded corpus
+    cut: str = "fixed"  # fixed: sequences of sequence_length; documents: one file each
+    sequence_length: int = 200  # timesteps per sequence when cut=fixed
+    max_sequences: Optional[int] = None  # cap on the number of sequences (None = all)
+    max_chars: int = 400_000  # cap on the characters read
+    max_vocab: int = 200  # most frequent characters kept; the rest map to one unknown id
+    val_fraction: float = 0.1
+
+
+@dataclass
+class KeyRecallDataConfig:
+    """Synthetic: a key opens each sequence and is every target; needs carried state."""
+
+    name: str = "key_recall"
+    num_sequences: int = 256
+    sequence_length: int = 40
+    num_keys: int = 4
+    num_noise_tokens: int = 8
+    val_fraction: float = 0.25
+
+
+@dataclass
+class ModelConfig:
+    """Embedding -> Dropout -> [stateful LSTM -> Dropout] x layers -> per-step Dense."""
+
+    preset: str = "lstm"
+    embedding_dim: int = 64
+    units: int = 256
+    layers: int = 1
+    dropout: float = 0.0
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"
+    mask_zero: bool = False  # Keras mask on padding; weights already zero it out of the loss
+    softmax_output: bool = False  # True: softmax probabilities (the seed); False: logits
+
+
+@dataclass
+class EngineConfig:
+    name: str = "graph"  # graph: resets inside the train step; keras_fit: the classic callback
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    optimizer: str = "adam"
+    learning_rate: float = 0.003
+    clipnorm: Optional[float] = None
+    steps_per_execution: int = 1
+    jit_compile: Optional[bool] = None  # None = Keras's "auto" (XLA on GPU where it can)
+    shuffle: bool = True  # new sequence order each epoch; streams always stay continuous
+
+
+@dataclass
+class ExperimentConfig:
+    k: int = 25
+    batch_size: int = 32
+    padding: str = "dummy"
+    reset: str = "sequence"
+    seed: int = 0
+    data: Any = field(default_factory=CharsDataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def seed_model() -> ModelConfig:
+    """The model from the original question, layer for layer."""
+    return ModelConfig(
+        preset="seed",
+        embedding_dim=200,
+        units=512,
+        layers=1,
+        dropout=0.5,
+        activation="relu",
+        mask_zero=True,
+        softmax_output=True,
+    )
+
+
+def _one_of(setting: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(setting, value, f"use one of {', '.join(allowed)}")
+
+
+def _positive(setting: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(setting, value, "use a positive whole number")
+
+
+def _fraction(setting: str, value: Any, upper_open: bool = True) -> None:
+    if not isinstance(value, (int, float)) or not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise ConfigError(setting, value, "use a number from 0 up to (not including) 1")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise ConfigError for the first setting that cannot work."""
+    _positive("k", cfg.k)
+    _positive("batch_size", cfg.batch_size)
+    _one_of("padding", cfg.padding, PADDINGS)
+    _one_of("reset", cfg.reset, RESETS)
+    if not isinstance(cfg.seed, int):
+        raise ConfigError("seed", cfg.seed, "use a whole number")
+
+    d = cfg.data
+    if isinstance(d, CharsDataConfig):
+        _one_of("data.cut", d.cut, CUTS)
+        _positive("data.sequence_length", d.sequence_length)
+        _positive("data.max_chars", d.max_chars)
+        _positive("data.max_vocab", d.max_vocab)
+        if d.max_sequences is not None:
+            _positive("data.max_sequences", d.max_sequences)
+        _fraction("data.val_fraction", d.val_fraction)
+        if d.cut == "fixed" and cfg.k > d.sequence_length:
+            raise ConfigError(
+                "k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}"
+            )
+    elif isinstance(d, KeyRecallDataConfig):
+        for name in ("num_sequences", "sequence_length", "num_keys", "num_noise_tokens"):
+            _positive(f"data.{name}", getattr(d, name))
+        _fraction("data.val_fraction", d.val_fraction)
+        if cfg.k > d.sequence_length:
+            raise ConfigError(
+                "k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}"
+            )
+    else:
+        raise ConfigError("data", type(d).__name__, "use data=chars or data=key_recall")
+
+    m = cfg.model
+    for name in ("embedding_dim", "units", "layers"):
+        _positive(f"model.{name}", getattr(m, name))
+    _fraction("model.dropout", m.dropout)
+    _one_of("model.activation", m.activation, ACTIVATIONS)
+    _one_of("model.recurrent_activation", m.recurrent_activation, ACTIVATIONS)
+
+    t = cfg.trainer
+    _positive("trainer.epochs", t.epochs)
+    _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
+    if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
+        raise ConfigError("trainer.learning_rate", t.learning_rate, "use a positive number")
+    if t.clipnorm is not None and (not isinstance(t.clipnorm, (int, float)) or t.clipnorm <= 0):
+        raise ConfigError("trainer.clipnorm", t.clipnorm, "use a positive number or null")
+    _positive("trainer.steps_per_execution", t.steps_per_execution)
+
+    _one_of("engine", cfg.engine.name, ENGINES)
+    if cfg.engine.name == "keras_fit":
+        if cfg.padding == "pack":
+            raise ConfigError(
+                "padding", "pack",
+                "engine=keras_fit resets all rows at once from a callback; use padding=dummy "
+                "or drop, or engine=graph for pack",
+            )
+        if t.steps_per_execution != 1:
+            raise ConfigError(
+                "trainer.steps_per_execution", t.steps_per_execution,
+                "engine=keras_fit resets state from a callback that Keras calls once per "
+                "execution; use 1, or engine=graph",
+            )

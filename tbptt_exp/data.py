@@ -1,0 +1,204 @@
+"""Corpora: text or synthetic tasks turned into token sequences, split train/validation.
+
+No network is ever used. ``chars`` reads real text — by default a deterministic,
+size-capped selection of the Python standard library's own source files, which every
+Python install carries — and ``key_recall`` is a seeded synthetic task that only state
+carried across chunk boundaries can solve.
+
+Token id 0 is padding and id 1 stands for characters outside the vocabulary, so every
+real token and every real target is >= 1 (see ``layout.PAD_ID``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tbptt_exp.config import CharsDataConfig, KeyRecallDataConfig
+from tbptt_exp.layout import Corpus
+
+UNK_ID = 1
+FIRST_CHAR_ID = 2
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".text")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and validation corpora plus what is needed to reproduce and interpret them."""
+
+    train: Corpus
+    val: Corpus
+    vocab_size: int  # embedding/output size, padding and unknown ids included
+    vocabulary: list[str] = field(default_factory=list)  # chars only: id i+2 -> vocabulary[i]
+    source: str = ""  # where the text came from, one line
+    fingerprint: str = ""  # sha256 of the text the corpus was built from
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.vocabulary)
+
+
+def load_dataset(cfg: CharsDataConfig | KeyRecallDataConfig, seed: int) -> Dataset:
+    if isinstance(cfg, KeyRecallDataConfig):
+        return key_recall(cfg, seed)
+    return chars(cfg, seed)
+
+
+# --- chars -------------------------------------------------------------------------------
+
+
+def embedded_text_files() -> list[Path]:
+    """The embedded default corpus: the standard library's .py files, sorted by path.
+
+    Tests, site-packages and vendored trees are left out; the selection is the same on
+    every run of the same Python.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not skip.intersection(p.relative_to(root).parts[:-1])
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def read_documents(path: str | None, max_chars: int) -> tuple[list[str], str]:
+    """Read text documents (one per file) until ``max_chars`` characters are collected."""
+    if path is None:
+        files, source = embedded_text_files(), "embedded: Python standard library sources"
+    else:
+        p = Path(path).expanduser()
+        if p.is_file():
+            files = [p]
+        elif p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        else:
+            raise ValueError(f"data.path={path!r} does not exist: give a text file or a folder")
+        source = str(p.resolve())
+    documents, total = [], 0
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) < 2:
+            continue
+        text = text[: max_chars - total]
+        documents.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if total < 2:
+        raise ValueError(
+            f"data.path={path!r} holds no readable UTF-8 text "
+            f"(looked for files ending in {', '.join(TEXT_SUFFIXES)})"
+        )
+    return documents, source
+
+
+def build_vocabulary(texts: list[str], max_vocab: int) -> list[str]:
+    """Characters by descending frequency (ties by code point), at most ``max_vocab``."""
+    counts = Counter()
+    for t in texts:
+        counts.update(t)
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))
+    return ranked[:max_vocab]
+
+
+def encode(text: str, vocabulary: list[str]) -> np.ndarray:
+    table = {c: i + FIRST_CHAR_ID for i, c in enumerate(vocabulary)}
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    lut_size = max(map(ord, vocabulary), default=0) + 1
+    lut = np.full(lut_size, UNK_ID, dtype=np.int32)
+    for c, i in table.items():
+        lut[ord(c)] = i
+    ids = np.full(len(codes), UNK_ID, dtype=np.int32)
+    known = codes < lut_size
+    ids[known] = lut[codes[known]]
+    return ids
+
+
+def chars(cfg: CharsDataConfig, seed: int) -> Dataset:
+    """Character-level language modelling: predict character t+1 from characters ≤ t."""
+    documents, source = read_documents(cfg.path, cfg.max_chars)
+    fingerprint = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
+    if cfg.cut == "documents":
+        pieces = [d for d in documents if len(d) >= 2]
+    else:
+        # Consecutive windows of sequence_length + 1 characters overlapping by one, so
+        # every character but the first is a target exactly once.
+        text = "".join(documents)
+        step = cfg.sequence_length
+        n = (len(text) - 1) // step
+        if n == 0:
+            raise ValueError(
+                f"data.sequence_length={step} is longer than the text ({len(text)} characters): "
+                "use a shorter sequence_length or more text"
+            )
+        pieces = [text[i * step : i * step + step + 1] for i in range(n)]
+    if cfg.max_sequences is not None:
+        pieces = pieces[: cfg.max_sequences]
+
+    train_idx, val_idx = split_indices(len(pieces), cfg.val_fraction, seed)
+    vocabulary = build_vocabulary([pieces[i] for i in train_idx], cfg.max_vocab)
+    encoded = [encode(p, vocabulary) for p in pieces]
+
+    def corpus(idx: np.ndarray) -> Corpus:
+        return Corpus([encoded[i][:-1] for i in idx], [encoded[i][1:] for i in idx])
+
+    return Dataset(
+        train=corpus(train_idx),
+        val=corpus(val_idx),
+        vocab_size=len(vocabulary) + FIRST_CHAR_ID,
+        vocabulary=vocabulary,
+        source=source,
+        fingerprint=fingerprint,
+    )
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split by sequence (never inside one): at least one sequence on each side."""
+    if n < 2:
+        raise ValueError(f"the corpus has {n} sequence(s): train/validation split needs 2 or more")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# --- key_recall --------------------------------------------------------------------------
+
+
+def key_recall(cfg: KeyRecallDataConfig, seed: int) -> Dataset:
+    """Each sequence opens with a key; every target is that key.
+
+    Tokens: 1..num_keys are keys, the next num_noise_tokens ids are noise. The first
+    input is the key and the rest is noise, so after the first chunk the only way to
+    predict the target is to have carried the key in the LSTM state: TBPTT with
+    ``reset=sequence`` reaches a near-zero loss, ``reset=chunk`` stays near log(num_keys).
+    """
+    rng = np.random.default_rng([seed, 7])
+    n, t = cfg.num_sequences, cfg.sequence_length
+    keys = rng.integers(1, cfg.num_keys + 1, size=n)
+    noise = rng.integers(
+        cfg.num_keys + 1, cfg.num_keys + cfg.num_noise_tokens + 1, size=(n, t)
+    ).astype(np.int32)
+    noise[:, 0] = keys
+    targets = np.repeat(keys[:, None], t, axis=1).astype(np.int32)
+    train_idx, val_idx = split_indices(n, cfg.val_fraction, seed)
+
+    def corpus(idx: np.ndarray) -> Corpus:
+        return Corpus([noise[i] for i in idx], [targets[i] for i in idx])
+
+    return Dataset(
+        train=corpus(train_idx),
+        val=corpus(val_idx),
+        vocab_size=cfg.num_keys + cfg.num_noise_tokens + 1,
+        source=f"key_recall: {n} sequences of {t} steps, {cfg.num_keys} keys",
+        fingerprint=hashlib.sha256(noise.tobytes()).hexdigest(),
+    )

@@ -1,0 +1,53 @@
+import dataclasses
+
+import pytest
+
+from tbptt_exp.config import (
+    CharsDataConfig,
+    ConfigError,
+    EngineConfig,
+    ExperimentConfig,
+    KeyRecallDataConfig,
+    ModelConfig,
+    TrainerConfig,
+    validate,
+)
+
+
+def test_defaults_are_valid():
+    validate(ExperimentConfig())
+    validate(ExperimentConfig(data=KeyRecallDataConfig()))
+
+
+@pytest.mark.parametrize(
+    "change, setting",
+    [
+        ({"k": 0}, "k"),
+        ({"k": 201}, "k"),  # longer than data.sequence_length
+        ({"batch_size": -3}, "batch_size"),
+        ({"padding": "zeros"}, "padding"),
+        ({"reset": "sometimes"}, "reset"),
+        ({"data": CharsDataConfig(cut="words")}, "data.cut"),
+        ({"data": CharsDataConfig(val_fraction=1.0)}, "data.val_fraction"),
+        ({"data": KeyRecallDataConfig(num_keys=0)}, "data.num_keys"),
+        ({"model": ModelConfig(units=0)}, "model.units"),
+        ({"model": ModelConfig(dropout=1.5)}, "model.dropout"),
+        ({"model": ModelConfig(activation="swish2")}, "model.activation"),
+        ({"trainer": TrainerConfig(optimizer="lbfgs")}, "trainer.optimizer"),
+        ({"trainer": TrainerConfig(learning_rate=0)}, "trainer.learning_rate"),
+        ({"engine": EngineConfig("torch")}, "engine"),
+        ({"engine": EngineConfig("keras_fit"), "padding": "pack"}, "padding"),
+        (
+            {"engine": EngineConfig("keras_fit"), "trainer": TrainerConfig(steps_per_execution=4)},
+            "trainer.steps_per_execution",
+        ),
+    ],
+)
+def test_bad_values_name_the_setting_and_what_is_allowed(change, setting):
+    cfg = dataclasses.replace(ExperimentConfig(), **change)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert err.value.setting == setting
+    assert message.startswith(f"{setting}=") and "\n" not in message
+    assert "use" in message  # says what to do instead
