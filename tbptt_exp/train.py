@@ -1,0 +1,140 @@
+"""One experiment: config -> data -> layout -> engine -> measurements, as plain data.
+
+This is the function every driver calls (the CLI, sweeps, the batch-size finder);
+none of them re-implements training. ``on_epoch`` receives each epoch's figures as they
+are measured (progress, tracking, pruning).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from tbptt_exp.config import ExperimentConfig, validate
+from tbptt_exp.data import Dataset, load_dataset
+from tbptt_exp.layout import build_layout, epoch_order
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    tokens_per_s: float  # real tokens per second, steady state
+    padded_tokens_per_s: float  # padded timesteps per second (computed but wasted)
+    peak_memory_mb: float  # TensorFlow allocator peak on the training device
+    peak_rss_mb: float  # process peak resident memory so far
+    epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
+    first_execution_s: float  # the first execution, timed on its own
+    val_bits_per_char: Optional[float] = None
+
+
+@dataclass
+class RunResult:
+    epochs: list[EpochMetrics]
+    compile_time_s: float  # first execution of the first epoch: tracing + compilation
+    padding_waste: float  # padded / computed timesteps, first epoch's layout
+    real_tokens_per_epoch: int
+    padded_tokens_per_epoch: int
+    dropped_sequences: int
+    dummy_rows: int
+    n_batches: int
+    vocab_size: int
+    num_params: int
+    device: dict[str, str] = field(default_factory=dict)
+    jit_compile: bool = False
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.epochs[-1]
+
+    def objective(self, name: str = "val_loss") -> float:
+        return float(getattr(self.final, name))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def steady_throughput(real: float, padded: float, timing, first_real: float, first_padded: float):
+    """Tokens/s over the executions after the first; the whole epoch if there was one only."""
+    if timing.executions > 1 and timing.steady_s > 0:
+        return (real - first_real) / timing.steady_s, (padded - first_padded) / timing.steady_s
+    return real / timing.wall_s, padded / timing.wall_s
+
+
+def train(
+    cfg: ExperimentConfig,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    dataset: Dataset | None = None,
+) -> RunResult:
+    validate(cfg)
+    dataset = dataset or load_dataset(cfg.data, cfg.seed)
+
+    import keras  # TensorFlow loads here, after the config and data are known to be good
+
+    from tbptt_exp import measure
+    from tbptt_exp.engines import ENGINES
+    from tbptt_exp.model import build_model, make_optimizer
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k)
+    engine = ENGINES[cfg.engine.name](
+        model, cfg.trainer, from_logits=not cfg.model.softmax_output, optimizer=make_optimizer(cfg.trainer)
+    )
+    # Validation sees every sequence: ``drop`` would silently lose some, so it pads instead.
+    val_layout = build_layout(
+        dataset.val, cfg.k, cfg.batch_size, "dummy" if cfg.padding == "drop" else cfg.padding, cfg.reset
+    )
+    device = measure.training_device()
+    epochs: list[EpochMetrics] = []
+    first_layout = None
+    compile_time_s = 0.0
+    for epoch in range(cfg.trainer.epochs):
+        order = epoch_order(len(dataset.train), cfg.seed, epoch, cfg.trainer.shuffle)
+        layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
+        first_layout = first_layout or layout
+        measure.reset_peak_memory(device)
+        result = engine.train_epoch(layout)
+        peak = measure.peak_memory_mb(device)
+        val_loss = engine.evaluate(val_layout)
+
+        t = result.timing
+        first = result.first_execution_batches
+        first_real = float(layout.sample_weights[:first].sum())
+        first_padded = layout.sample_weights[:first].size - first_real
+        tokens_per_s, padded_per_s = steady_throughput(
+            layout.real_tokens, layout.padded_tokens, t, first_real, first_padded
+        )
+        if epoch == 0:
+            compile_time_s = t.first_execution_s
+        metrics = EpochMetrics(
+            epoch=epoch + 1,
+            train_loss=result.loss,
+            val_loss=val_loss,
+            tokens_per_s=tokens_per_s,
+            padded_tokens_per_s=padded_per_s,
+            peak_memory_mb=peak,
+            peak_rss_mb=measure.peak_rss_mb(),
+            epoch_time_s=t.wall_s,
+            first_execution_s=t.first_execution_s,
+            val_bits_per_char=val_loss / math.log(2) if dataset.is_text else None,
+        )
+        epochs.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    return RunResult(
+        epochs=epochs,
+        compile_time_s=compile_time_s,
+        padding_waste=first_layout.padding_waste,
+        real_tokens_per_epoch=first_layout.real_tokens,
+        padded_tokens_per_epoch=first_layout.padded_tokens,
+        dropped_sequences=first_layout.dropped_sequences,
+        dummy_rows=first_layout.dummy_rows,
+        n_batches=first_layout.n_batches,
+        vocab_size=dataset.vocab_size,
+        num_params=int(model.count_params()),
+        device=measure.device_description(),
+        jit_compile=engine.jit_compile,
+    )
