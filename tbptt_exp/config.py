@@ -9,7 +9,10 @@ message naming the setting, the bad value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from omegaconf import MISSING
 
 from tbptt_exp.layout import PADDINGS, RESETS
 
@@ -17,13 +20,15 @@ ENGINES = ("graph", "keras_fit")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 CUTS = ("fixed", "documents")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "selu", "softsign", "linear")
+OBJECTIVES = ("val_loss", "train_loss", "tokens_per_s", "peak_memory_mb", "epoch_time_s")
 
 
 class ConfigError(ValueError):
     """A setting has a value that cannot work; the message is one line and says the fix."""
 
     def __init__(self, setting: str, value: Any, allowed: str):
-        super().__init__(f"{setting}={value!r} is not allowed: {allowed}")
+        text = " ".join(f"{setting}={value!r} is not allowed: {allowed}".split())
+        super().__init__(text)
         self.setting, self.value, self.allowed = setting, value, allowed
 
 
@@ -85,30 +90,58 @@ class TrainerConfig:
 
 
 @dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
+    experiment: str = "tbptt-exp"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class DeviceConfig:
+    """GPU memory settings; applied before TensorFlow initialises the device."""
+
+    preset: str = "auto"
+    memory_limit_mb: Optional[int] = None  # cap the GPU, e.g. 4096 to emulate a 4 GB card
+    memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
+
+
+@dataclass
 class ExperimentConfig:
-    k: int = 25
-    batch_size: int = 32
+    k: int = 25  # chunk length: timesteps per TBPTT chunk
+    batch_size: int = 32  # streams trained side by side
     padding: str = "dummy"
     reset: str = "sequence"
     seed: int = 0
+    objective: str = "val_loss"  # what the job returns to a sweeper (last epoch's value)
     data: Any = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+
+@dataclass
+class ExperimentSchema(ExperimentConfig):
+    """The Hydra root schema: ``data`` is filled by the data group (chars or key_recall)."""
+
+    data: Any = MISSING
+
+
+def model_preset(name: str) -> ModelConfig:
+    """A model preset from ``conf/model/NAME.yaml`` (the presets live there only)."""
+    from omegaconf import OmegaConf
+
+    from tbptt_exp.paths import conf_dir
+
+    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
+    return OmegaConf.to_object(node)
 
 
 def seed_model() -> ModelConfig:
-    """The model from the original question, layer for layer."""
-    return ModelConfig(
-        preset="seed",
-        embedding_dim=200,
-        units=512,
-        layers=1,
-        dropout=0.5,
-        activation="relu",
-        mask_zero=True,
-        softmax_output=True,
-    )
+    """The model from the original question, layer for layer (``model=seed``)."""
+    return model_preset("seed")
 
 
 def _one_of(setting: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -134,9 +167,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of("reset", cfg.reset, RESETS)
     if not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "use a whole number")
+    _one_of("objective", cfg.objective, OBJECTIVES)
 
     d = cfg.data
     if isinstance(d, CharsDataConfig):
+        if d.path is not None and not Path(d.path).expanduser().exists():
+            raise ConfigError("data.path", d.path, "use an existing text file or folder, or null for the embedded corpus")
         _one_of("data.cut", d.cut, CUTS)
         _positive("data.sequence_length", d.sequence_length)
         _positive("data.max_chars", d.max_chars)
@@ -174,6 +210,11 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.clipnorm is not None and (not isinstance(t.clipnorm, (int, float)) or t.clipnorm <= 0):
         raise ConfigError("trainer.clipnorm", t.clipnorm, "use a positive number or null")
     _positive("trainer.steps_per_execution", t.steps_per_execution)
+
+    if not cfg.tracking.experiment:
+        raise ConfigError("tracking.experiment", cfg.tracking.experiment, "use a non-empty name")
+    if cfg.device.memory_limit_mb is not None:
+        _positive("device.memory_limit_mb", cfg.device.memory_limit_mb)
 
     _one_of("engine", cfg.engine.name, ENGINES)
     if cfg.engine.name == "keras_fit":

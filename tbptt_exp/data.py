@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tbptt_exp.config import CharsDataConfig, KeyRecallDataConfig
+from tbptt_exp.config import CharsDataConfig, ConfigError, KeyRecallDataConfig
 from tbptt_exp.layout import Corpus
 
 UNK_ID = 1
@@ -79,7 +79,7 @@ def read_documents(path: str | None, max_chars: int) -> tuple[list[str], str]:
         elif p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         else:
-            raise ValueError(f"data.path={path!r} does not exist: give a text file or a folder")
+            raise ConfigError("data.path", path, "use an existing text file or folder")
         source = str(p.resolve())
     documents, total = [], 0
     for f in files:
@@ -95,9 +95,9 @@ def read_documents(path: str | None, max_chars: int) -> tuple[list[str], str]:
         if total >= max_chars:
             break
     if total < 2:
-        raise ValueError(
-            f"data.path={path!r} holds no readable UTF-8 text "
-            f"(looked for files ending in {', '.join(TEXT_SUFFIXES)})"
+        raise ConfigError(
+            "data.path", path,
+            f"it holds no readable UTF-8 text; use files ending in {', '.join(TEXT_SUFFIXES)}",
         )
     return documents, source
 
@@ -137,9 +137,9 @@ def chars(cfg: CharsDataConfig, seed: int) -> Dataset:
         step = cfg.sequence_length
         n = (len(text) - 1) // step
         if n == 0:
-            raise ValueError(
-                f"data.sequence_length={step} is longer than the text ({len(text)} characters): "
-                "use a shorter sequence_length or more text"
+            raise ConfigError(
+                "data.sequence_length", step,
+                f"use fewer than the {len(text)} characters of text, or give more text",
             )
         pieces = [text[i * step : i * step + step + 1] for i in range(n)]
     if cfg.max_sequences is not None:

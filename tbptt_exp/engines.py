@@ -16,6 +16,7 @@ evaluation, which restores the training state afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
@@ -25,6 +26,9 @@ from tbptt_exp.config import TrainerConfig
 from tbptt_exp.layout import Layout
 from tbptt_exp.measure import EpochTiming
 from tbptt_exp.model import get_states, reset_rows, set_states, stateful_layers, token_loss
+
+
+Progress = Callable[[int], None]
 
 
 @dataclass
@@ -64,7 +68,8 @@ class Engine:
             self._evaluate_steps, input_signature=spec, jit_compile=self.jit_compile
         )
 
-    def train_epoch(self, layout: Layout) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
+        """One pass over ``layout``; ``progress(batches_done)`` is called as it goes."""
         raise NotImplementedError
 
     def _weighted_sums(self, targets, y_pred, weights):
@@ -130,7 +135,7 @@ class GraphEngine(Engine):
             weight_sum += batch_weight
         return loss_sum, weight_sum
 
-    def train_epoch(self, layout: Layout) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
         steps = self.cfg.steps_per_execution
         timing = EpochTiming(start=EpochTiming.now())
         sums = []
@@ -139,6 +144,8 @@ class GraphEngine(Engine):
             if len(sums) == 1:
                 float(sums[0][0])  # wait for the first execution to finish
                 timing.first_done = EpochTiming.now()
+            if progress is not None:
+                progress(min(len(sums) * steps, layout.n_batches))
         loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
         timing.end, timing.executions = EpochTiming.now(), len(sums)
         return EpochResult(float(loss_sum / weight_sum), timing, min(steps, layout.n_batches))
@@ -162,18 +169,20 @@ class ResetStatesOnNewGroup(keras.callbacks.Callback):
                 layer.reset_state()
 
 
-class _TimeFirstBatch(keras.callbacks.Callback):
+class _TimeAndReport(keras.callbacks.Callback):
     _supports_tf_logs = True
 
-    def __init__(self, timing: EpochTiming):
+    def __init__(self, timing: EpochTiming, progress: Progress | None):
         super().__init__()
-        self.timing = timing
+        self.timing, self.progress = timing, progress
 
     def on_train_batch_end(self, batch, logs=None):
         self.timing.executions += 1
         if batch == 0:
             float(logs["loss"])  # wait for the first step to finish
             self.timing.first_done = EpochTiming.now()
+        if self.progress is not None:
+            self.progress(batch + 1)
 
 
 class KerasFitEngine(Engine):
@@ -181,7 +190,7 @@ class KerasFitEngine(Engine):
 
     name = "keras_fit"
 
-    def train_epoch(self, layout: Layout) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
         k = layout.k
         timing = EpochTiming(start=EpochTiming.now())
         history = self.model.fit(
@@ -192,7 +201,7 @@ class KerasFitEngine(Engine):
             epochs=1,
             shuffle=False,
             verbose=0,
-            callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), _TimeFirstBatch(timing)],
+            callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), _TimeAndReport(timing, progress)],
         )
         timing.end = EpochTiming.now()
         return EpochResult(float(history.history["token_loss"][0]), timing, 1)

@@ -21,14 +21,30 @@ def training_device() -> str:
 
 
 def device_description() -> dict[str, str]:
-    """Name and memory of the training device, for tags and fingerprints."""
+    """Name and memory of the training device, for tags and fingerprints.
+
+    GPU memory is the card's total from NVML (``nvidia-ml-py``, in the ``gpu`` extra);
+    on a CPU it is the host's memory.
+    """
     device = training_device()
-    info = {"device": device, "device_name": "cpu"}
-    if device.startswith("GPU"):
-        gpu = tf.config.list_physical_devices("GPU")[0]
-        details = tf.config.experimental.get_device_details(gpu)
-        info["device_name"] = details.get("device_name", "gpu")
-    return info
+    if not device.startswith("GPU"):
+        import platform
+
+        import psutil
+
+        name = platform.processor() or platform.machine() or "cpu"
+        return {"device": device, "device_name": f"CPU {name}", "device_memory_mb": f"{psutil.virtual_memory().total / MB:.0f}"}
+    gpu = tf.config.list_physical_devices("GPU")[0]
+    name = tf.config.experimental.get_device_details(gpu).get("device_name", "GPU")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        total = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).total / MB
+        memory = f"{total:.0f}"
+    except Exception:  # no NVML: the name still identifies the card
+        memory = "unknown"
+    return {"device": device, "device_name": name, "device_memory_mb": memory}
 
 
 def reset_peak_memory(device: str) -> None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from tbptt_exp.config import ExperimentConfig, validate
+from tbptt_exp.config import ConfigError, ExperimentConfig, validate
 from tbptt_exp.data import Dataset, load_dataset
 from tbptt_exp.layout import build_layout, epoch_order
 
@@ -63,13 +63,26 @@ def steady_throughput(real: float, padded: float, timing, first_real: float, fir
     return real / timing.wall_s, padded / timing.wall_s
 
 
+def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
+    """Settings that can only be checked against the data, before any training."""
+    if cfg.padding == "drop" and len(dataset.train) < cfg.batch_size:
+        raise ConfigError(
+            "batch_size", cfg.batch_size,
+            f"padding=drop keeps only whole batches of the {len(dataset.train)} training sequences; "
+            "use a smaller batch_size or padding=dummy/pack",
+        )
+
+
 def train(
     cfg: ExperimentConfig,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     dataset: Dataset | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> RunResult:
+    """Train ``cfg``; ``progress(epoch, batches_done, n_batches)`` reports within epochs."""
     validate(cfg)
     dataset = dataset or load_dataset(cfg.data, cfg.seed)
+    check_dataset(cfg, dataset)
 
     import keras  # TensorFlow loads here, after the config and data are known to be good
 
@@ -95,7 +108,10 @@ def train(
         layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
         first_layout = first_layout or layout
         measure.reset_peak_memory(device)
-        result = engine.train_epoch(layout)
+        report = None
+        if progress is not None:
+            report = lambda done, e=epoch + 1, n=layout.n_batches: progress(e, done, n)  # noqa: E731
+        result = engine.train_epoch(layout, report)
         peak = measure.peak_memory_mb(device)
         val_loss = engine.evaluate(val_layout)
 

@@ -48,7 +48,7 @@ def test_characters_outside_the_vocabulary_map_to_unknown():
 
 
 @pytest.mark.parametrize("setup, message", [
-    (lambda p: str(p / "missing"), "does not exist"),
+    (lambda p: str(p / "missing"), "use an existing text file or folder"),
     (lambda p: (p / "e.txt").write_bytes(b"\xff\xfe\xfa") and str(p), "holds no readable UTF-8 text"),
 ])
 def test_bad_paths_say_what_is_wrong(tmp_path, setup, message):

@@ -1,0 +1,209 @@
+"""The experiment app: Hydra composes the config, the job trains, MLflow records it.
+
+``python -m tbptt_exp`` runs one experiment; ``-m`` runs a sweep, one job per
+combination, each job returning its objective so any Hydra sweeper can optimise it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Callable
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from tbptt_exp.config import (
+    CharsDataConfig,
+    ConfigError,
+    DeviceConfig,
+    ExperimentConfig,
+    ExperimentSchema,
+    KeyRecallDataConfig,
+    validate,
+)
+from tbptt_exp.paths import conf_dir
+
+PREFIX = "[tbptt-exp]"
+
+
+def register_configs() -> None:
+    """The schema behind conf/: types and defaults for every setting."""
+    cs = ConfigStore.instance()
+    cs.store(name="experiment_schema", node=ExperimentSchema)
+    cs.store(group="data", name="schema_chars", node=CharsDataConfig)
+    cs.store(group="data", name="schema_key_recall", node=KeyRecallDataConfig)
+
+
+register_configs()
+
+
+def to_experiment(cfg: DictConfig) -> ExperimentConfig:
+    """Composed Hydra config (without its ``hydra`` node) -> validated dataclasses."""
+    experiment = OmegaConf.to_object(cfg)
+    validate(experiment)
+    return experiment
+
+
+def say(line: str) -> None:
+    print(f"{PREFIX} {line}", flush=True)
+
+
+def configure_device(cfg: DeviceConfig) -> None:
+    """GPU memory cap / growth; TensorFlow accepts them only before it initialises."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        if cfg.memory_limit_mb is not None:
+            say(f"device.memory_limit_mb={cfg.memory_limit_mb} has no effect: there is no GPU")
+        return
+    if cfg.memory_limit_mb is not None:
+        tf.config.set_logical_device_configuration(
+            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=cfg.memory_limit_mb)]
+        )
+    elif cfg.memory_growth:
+        for gpu in gpus:
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def throttled(every_s: float, fn: Callable[..., None]) -> Callable[..., None]:
+    last = [time.perf_counter()]
+
+    def call(*args: Any) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= every_s:
+            last[0] = now
+            fn(*args)
+
+    return call
+
+
+def epoch_line(m, epochs: int) -> str:
+    bpc = f" ({m.val_bits_per_char:.3f} bits/char)" if m.val_bits_per_char is not None else ""
+    return (
+        f"epoch {m.epoch}/{epochs}  train_loss {m.train_loss:.4f}  val_loss {m.val_loss:.4f}{bpc}  "
+        f"{m.tokens_per_s:,.0f} tokens/s  peak {m.peak_memory_mb:,.0f} MB  {m.epoch_time_s:.1f} s"
+    )
+
+
+def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str]) -> float:
+    """Train one experiment and track it; returns the configured objective."""
+    from tbptt_exp.data import load_dataset
+    from tbptt_exp.train import check_dataset, train
+
+    started = time.perf_counter()
+    dataset = load_dataset(experiment.data, experiment.seed)
+    check_dataset(experiment, dataset)
+
+    from tbptt_exp import measure  # TensorFlow loads here, once the settings are known good
+    say(
+        f"data: {dataset.source}: {len(dataset.train):,} train / {len(dataset.val):,} validation "
+        f"sequences, {dataset.train.num_tokens:,} training tokens, vocabulary {dataset.vocab_size}"
+    )
+    e = experiment
+    say(
+        f"k={e.k} batch_size={e.batch_size} padding={e.padding} reset={e.reset} "
+        f"engine={e.engine.name} model={e.model.preset} ({e.model.layers}x{e.model.units} LSTM) "
+        f"epochs={e.trainer.epochs}"
+    )
+    configure_device(experiment.device)
+    say(f"training on {measure.training_device()} ({measure.device_description()['device_name']})")
+
+    tracker = run_id = None
+    tracking_s = 0.0
+    if experiment.tracking.enabled:
+        import os
+
+        from tbptt_exp.tracking import PARENT_RUN_ENV, Tracker, environment_tags, experiment_params
+
+        tracker = Tracker(experiment.tracking)
+        run_id = tracker.start_run(
+            name=experiment.tracking.run_name
+            or f"k={e.k} B={e.batch_size} {e.padding}/{e.reset} {e.engine.name} {e.model.preset}",
+            params=experiment_params(OmegaConf.to_container(cfg, resolve=True)),
+            tags={
+                **environment_tags(),
+                **measure.device_description(),
+                "tbptt_exp.kind": "experiment",
+                "hydra.overrides": " ".join(overrides),
+                "data.fingerprint": dataset.fingerprint,
+            },
+            parent_run_id=os.environ.get(PARENT_RUN_ENV),
+        )
+        tracker.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        if dataset.vocabulary:
+            tracker.log_dict(run_id, {"vocabulary": dataset.vocabulary, "padding_id": 0, "unknown_id": 1}, "vocabulary.json")
+
+    progress = throttled(10.0, lambda epoch, done, total: say(f"epoch {epoch}: {done}/{total} batches"))
+
+    def on_epoch(m) -> None:
+        nonlocal tracking_s
+        say(epoch_line(m, experiment.trainer.epochs))
+        if tracker is not None:
+            t0 = time.perf_counter()
+            tracker.log_metrics(run_id, {
+                "train_loss": m.train_loss,
+                "val_loss": m.val_loss,
+                "val_bits_per_char": m.val_bits_per_char,
+                "tokens_per_s": m.tokens_per_s,
+                "padded_tokens_per_s": m.padded_tokens_per_s,
+                "peak_memory_mb": m.peak_memory_mb,
+                "peak_rss_mb": m.peak_rss_mb,
+                "epoch_time_s": m.epoch_time_s,
+            }, step=m.epoch)
+            tracking_s += time.perf_counter() - t0
+
+    try:
+        result = train(experiment, on_epoch=on_epoch, dataset=dataset, progress=progress)
+    except KeyboardInterrupt:
+        if tracker is not None:
+            tracker.end(run_id, "KILLED")
+        raise
+    except BaseException:
+        if tracker is not None:
+            tracker.end(run_id, "FAILED")
+        raise
+
+    final = result.final
+    bpc = f" ({final.val_bits_per_char:.3f} bits/char)" if final.val_bits_per_char is not None else ""
+    say(f"done in {time.perf_counter() - started:.1f} s")
+    say(f"  val_loss {final.val_loss:.4f}{bpc}  train_loss {final.train_loss:.4f}")
+    say(f"  real tokens/s {final.tokens_per_s:,.0f} (padded {final.padded_tokens_per_s:,.0f}/s), "
+        f"first execution (tracing+compile) {result.compile_time_s:.1f} s")
+    say(f"  peak memory {final.peak_memory_mb:,.1f} MB on {result.device.get('device')} "
+        f"(TensorFlow allocator), process RSS {final.peak_rss_mb:,.0f} MB")
+    say(f"  padding waste {result.padding_waste:.1%} ({result.dummy_rows} dummy rows, "
+        f"{result.dropped_sequences} sequences dropped, {result.n_batches} batches/epoch)")
+    if tracker is not None:
+        from tbptt_exp.tracking import result_record, ui_command
+
+        tracker.log_metrics(run_id, {
+            "compile_time_s": result.compile_time_s,
+            "padding_waste": result.padding_waste,
+            "num_params": result.num_params,
+            "tracking_overhead_s": tracking_s,
+        }, step=0)
+        tracker.log_dict(run_id, result_record(result), "result.json")
+        tracker.end(run_id, "FINISHED")
+        say(f"  MLflow: {tracker.run_link(run_id)}")
+        say(f"  see it: {ui_command(tracker.uri)}")
+    return result.objective(experiment.objective)
+
+
+def fail(error: ConfigError) -> None:
+    print(f"tbptt-exp: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> float:
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        experiment = to_experiment(cfg)
+        return run_job(experiment, cfg, overrides)
+    except ConfigError as error:
+        fail(error)
+        raise  # unreachable: fail() exits

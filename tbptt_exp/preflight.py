@@ -1,0 +1,127 @@
+"""Check every run of a command before anything trains, with one-line errors.
+
+Hydra reports a bad group option or a type error over several lines, and a sweep would
+only fail at the job that holds the bad value, after the others trained. Here every
+combination of a discrete sweep (command line and the sweep preset's
+``hydra.sweeper.params``) is composed and validated first. Continuous search spaces
+(``interval(...)``) are left to the sweeper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Iterable
+
+from tbptt_exp.config import ConfigError
+from tbptt_exp.paths import conf_dir, sweeps_dir
+
+GROUPS = ("data", "model", "engine", "trainer", "tracking", "device")
+MAX_COMBINATIONS = 256
+
+
+def group_options(group: str) -> list[str]:
+    folder = sweeps_dir() if group == "sweep" else conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("schema_"))
+
+
+def _parse(lines: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for line in lines:  # one at a time, to name the override that does not parse
+        try:
+            parser.parse_override(line)
+        except HydraException as error:
+            raise ConfigError("override", line, str(error).splitlines()[0]) from None
+    return parser.parse_overrides(lines)
+
+
+def _choices(overrides, multirun: bool) -> list[list[str]]:
+    """Per override, the lines to try: one per value of a discrete sweep."""
+    choices = []
+    for o in overrides:
+        if o.is_hydra_override():
+            continue
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            if not multirun:
+                raise ConfigError(o.key_or_group, o.input_line.split("=", 1)[1], "a list of values is a sweep: add -m")
+            if not o.is_discrete_sweep():
+                continue  # a continuous search space: the sweeper samples it
+            values = list(o.sweep_string_iterator())
+        else:
+            values = [o.get_value_element_as_str()]
+        if o.key_or_group in (*GROUPS, "sweep") and not o.is_delete():
+            allowed = group_options(o.key_or_group)
+            for v in values:
+                if v not in allowed and v != "null":
+                    raise ConfigError(o.key_or_group, v, f"use one of {', '.join(allowed)}")
+        choices.append([f"{key}={v}" for v in values])
+    return choices
+
+
+def _combinations(choices: list[list[str]]) -> Iterable[list[str]]:
+    total = 1
+    for c in choices:
+        total *= len(c)
+    if total <= MAX_COMBINATIONS:
+        yield from (list(combo) for combo in itertools.product(*choices))
+        return
+    first = [c[0] for c in choices]  # too many: vary one override at a time
+    for i, c in enumerate(choices):
+        for line in c:
+            yield first[:i] + [line] + first[i + 1 :]
+
+
+def _composition_error(error: Exception, overrides: list[str]) -> ConfigError:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = error
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    message = str(cause).splitlines()[0]
+    key = getattr(cause, "full_key", None)
+    if not key:
+        return ConfigError("overrides", " ".join(overrides), message)
+    given = {line.split("=", 1)[0].lstrip("+~"): line.split("=", 1)[-1] for line in overrides}
+    value = given.get(key, getattr(cause, "value", None))
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(cause.object_type):
+        names = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
+        message += f"; use one of {names}"
+    return ConfigError(key, value, message)
+
+
+def preflight(argv: list[str]) -> None:
+    """Raise ConfigError for the first run of ``argv`` that cannot work."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion,
+            args.config_path, args.config_name, args.config_dir, args.experimental_rerun]):
+        return  # Hydra's own commands and custom config trees: Hydra checks those
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tbptt_exp.app import to_experiment
+
+    choices = _choices(_parse(args.overrides), args.multirun)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
+        base = [c[0] for c in choices]
+        try:
+            first = compose("config", overrides=base, return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as error:
+            raise _composition_error(error, base) from None
+        params = first.hydra.sweeper.get("params") or {}
+        if args.multirun and params:
+            given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}
+            extra = [f"{k}={v}" for k, v in params.items() if k not in given]
+            choices += _choices(_parse(extra), multirun=True)
+        for combo in _combinations(choices):
+            try:
+                cfg = compose("config", overrides=combo)
+            except (HydraException, OmegaConfBaseException) as error:
+                raise _composition_error(error, combo) from None
+            to_experiment(cfg)
