@@ -30,7 +30,16 @@ PREFIX = "[tbptt-exp]"
 
 
 def register_configs() -> None:
-    """The schema behind conf/: types and defaults for every setting."""
+    """The schema behind conf/ and the source of sweep presets, registered with Hydra.
+
+    Hydra finds plugins by scanning ``hydra_plugins``, which an editable install's
+    import hook does not let it list, so the presets source is registered explicitly.
+    """
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.tbptt_exp_plugins.sweep_presets import SweepPresetsConfigSource
+
+    Plugins.instance().register(SweepPresetsConfigSource)
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentSchema)
     cs.store(group="data", name="schema_chars", node=CharsDataConfig)

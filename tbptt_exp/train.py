@@ -7,6 +7,7 @@ are measured (progress, tracking, pruning).
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -90,6 +91,10 @@ def train(
     from tbptt_exp.engines import ENGINES
     from tbptt_exp.model import build_model, make_optimizer
 
+    # Free what an earlier experiment in this process left (sweeps run jobs in one
+    # process), so that its tensors do not count in this one's peak memory.
+    keras.backend.clear_session()
+    gc.collect()
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k)
     engine = ENGINES[cfg.engine.name](

@@ -1,0 +1,172 @@
+"""End to end: the real CLI in a subprocess, tracked in a temporary MLflow store."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+TINY = [
+    "data.max_chars=8000", "data.sequence_length=40", "k=10", "batch_size=8",
+    "model.units=32", "model.embedding_dim=16", "trainer.epochs=2",
+]
+EPOCH_METRICS = {
+    "train_loss", "val_loss", "val_bits_per_char", "tokens_per_s", "padded_tokens_per_s",
+    "peak_memory_mb", "peak_rss_mb", "epoch_time_s",
+}
+ONCE_METRICS = {"compile_time_s", "padding_waste", "num_params", "tracking_overhead_s"}
+
+
+def cli(args, cwd, timeout=300, **kwargs):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, "-m", "tbptt_exp", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=timeout, **kwargs,
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def runs(uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tbptt-exp")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.slow
+def test_single_run_is_tracked_with_params_metrics_tags_and_config(tmp_path, store):
+    out = cli([*TINY, f"tracking.uri={store}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "epoch 2/2" in out.stdout and "tokens/s" in out.stdout
+    assert f"mlflow ui --backend-store-uri {store}" in out.stdout
+    (run,) = runs(store)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert (params["k"], params["batch_size"], params["padding"], params["reset"]) == ("10", "8", "dummy", "sequence")
+    assert params["model.units"] == "32" and params["data.name"] == "chars"
+    assert EPOCH_METRICS | ONCE_METRICS <= set(run.data.metrics)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2]
+    tags = run.data.tags
+    for tag in ("tensorflow.version", "keras.version", "git.commit", "device_name", "device_memory_mb"):
+        assert tags.get(tag), tag
+    assert "k=10" in tags["hydra.overrides"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "result.json", "vocabulary.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_parent_with_a_finished_child_per_k(tmp_path, store):
+    out = cli(["-m", "k=10,25,50", *[a for a in TINY if not a.startswith(("k=", "data.sequence_length"))],
+               "data.sequence_length=50", "trainer.epochs=1", f"tracking.uri={store}"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    all_runs = runs(store)
+    parents = [r for r in all_runs if r.data.tags.get("tbptt_exp.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(int(r.data.params["k"]) for r in children) == [10, 25, 50]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert EPOCH_METRICS | ONCE_METRICS <= set(child.data.metrics)
+    assert "sweep results" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, setting",
+    [
+        (["k=0"], "k="),
+        (["batch_size=-2"], "batch_size="),
+        (["padding=zeros"], "padding="),
+        (["reset=sometimes"], "reset="),
+        (["engine=torch"], "engine="),
+        (["k=500"], "k="),
+        (["data.path=/no/such/folder"], "data.path="),
+        (["engine=keras_fit", "padding=pack"], "padding="),
+        (["engine=keras_fit", "trainer.steps_per_execution=4"], "trainer.steps_per_execution="),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_and_leave_no_run(tmp_path, store, args, setting):
+    out = cli([*args, f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"tbptt-exp: error: {setting}")
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert runs(store) == []
+
+
+def test_a_folder_without_text_fails_before_any_run(tmp_path, store):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "blob.txt").write_bytes(b"\xff\xfe\x00\x81")
+    out = cli([f"data.path={tmp_path / 'data'}", f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert "data.path=" in out.stderr and "no readable UTF-8 text" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert runs(store) == []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_ends_the_run_killed(tmp_path, store):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", *TINY, "trainer.epochs=500", f"tracking.uri={store}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    try:
+        for line in proc.stdout:
+            if "epoch 1/500" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, rest
+    (run,) = runs(store)
+    assert run.info.status == "KILLED"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_run_logged_through_a_real_mlflow_server(tmp_path):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(1)
+        out = cli([*TINY, "trainer.epochs=1", f"tracking.uri={uri}"], cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        (run,) = runs(uri)
+        assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
+        from mlflow import MlflowClient
+
+        assert "config.yaml" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
