@@ -22,9 +22,11 @@ from tbptt_exp.config import (
     ExperimentConfig,
     ExperimentSchema,
     KeyRecallDataConfig,
+    objective_names,
     validate,
 )
 from tbptt_exp.paths import conf_dir
+from tbptt_exp.tracking import mask_credentials_in_logs
 
 PREFIX = "[tbptt-exp]"
 
@@ -37,9 +39,12 @@ def register_configs() -> None:
     """
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.tbptt_exp_plugins.optuna_sweeper import OptunaSweeper
     from hydra_plugins.tbptt_exp_plugins.sweep_presets import SweepPresetsConfigSource
 
     Plugins.instance().register(SweepPresetsConfigSource)
+    Plugins.instance().register(OptunaSweeper)
+    mask_credentials_in_logs()
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentSchema)
     cs.store(group="data", name="schema_chars", node=CharsDataConfig)
@@ -98,8 +103,12 @@ def epoch_line(m, epochs: int) -> str:
     )
 
 
-def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str]) -> float:
-    """Train one experiment and track it; returns the configured objective."""
+def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str]) -> float | list[float]:
+    """Train one experiment and track it; returns the configured objective(s).
+
+    Launched by the Optuna sweeper, the job reports each epoch to its trial (which may
+    prune it) and sets its memory constraint.
+    """
     from tbptt_exp.data import load_dataset
     from tbptt_exp.train import check_dataset, train
 
@@ -118,6 +127,10 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
         f"engine={e.engine.name} model={e.model.preset} ({e.model.layers}x{e.model.units} LSTM) "
         f"epochs={e.trainer.epochs}"
     )
+    from tbptt_exp.study import job_trial
+
+    trial = job_trial(HydraConfig.get().sweeper) if HydraConfig.initialized() else None
+    objectives = objective_names(experiment.objective)
     configure_device(experiment.device)
     say(f"training on {measure.training_device()} ({measure.device_description()['device_name']})")
 
@@ -139,6 +152,7 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
                 "tbptt_exp.kind": "experiment",
                 "hydra.overrides": " ".join(overrides),
                 "data.fingerprint": dataset.fingerprint,
+                **({"optuna.study": trial.study.study_name, "optuna.trial": trial.trial.number} if trial else {}),
             },
             parent_run_id=os.environ.get(PARENT_RUN_ENV),
         )
@@ -164,16 +178,28 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
                 "epoch_time_s": m.epoch_time_s,
             }, step=m.epoch)
             tracking_s += time.perf_counter() - t0
+        if trial is not None:
+            trial.report(getattr(m, objectives[0]), m.epoch)
+
+    import optuna
+
+    def end(status: str, state: str, reason: str = "") -> None:
+        if tracker is not None:
+            if trial is not None:
+                tracker.set_tags(run_id, {"optuna.state": state, **({"fail_reason": reason} if reason else {})})
+            tracker.end(run_id, status)
 
     try:
         result = train(experiment, on_epoch=on_epoch, dataset=dataset, progress=progress)
-    except KeyboardInterrupt:
-        if tracker is not None:
-            tracker.end(run_id, "KILLED")
+    except optuna.TrialPruned as pruned:
+        say(f"trial {trial.trial.number} {pruned}")
+        end("FINISHED", "PRUNED")
         raise
-    except BaseException:
-        if tracker is not None:
-            tracker.end(run_id, "FAILED")
+    except KeyboardInterrupt:
+        end("KILLED", "FAIL", "interrupted")
+        raise
+    except BaseException as error:
+        end("FAILED", "FAIL", f"{type(error).__name__}: {error}".splitlines()[0][:500])
         raise
 
     final = result.final
@@ -186,6 +212,14 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
         f"(TensorFlow allocator), process RSS {final.peak_rss_mb:,.0f} MB")
     say(f"  padding waste {result.padding_waste:.1%} ({result.dummy_rows} dummy rows, "
         f"{result.dropped_sequences} sequences dropped, {result.n_batches} batches/epoch)")
+    budget = experiment.device.memory_budget_mb
+    over_budget = None if budget is None else final.peak_memory_mb - budget
+    if over_budget is not None:
+        verdict = "over" if over_budget > 0 else "within"
+        say(f"  {verdict} the memory budget of {budget:,.0f} MB by {abs(over_budget):,.1f} MB")
+        if trial is not None:
+            trial.trial.set_constraint("peak_memory_over_budget_mb", over_budget)
+    values = [result.objective(name) for name in objectives]
     if tracker is not None:
         from tbptt_exp.tracking import result_record, ui_command
 
@@ -194,12 +228,14 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
             "padding_waste": result.padding_waste,
             "num_params": result.num_params,
             "tracking_overhead_s": tracking_s,
+            "peak_memory_over_budget_mb": over_budget,
+            **{f"objective.{n}": v for n, v in zip(objectives, values)},
         }, step=0)
         tracker.log_dict(run_id, result_record(result), "result.json")
-        tracker.end(run_id, "FINISHED")
+        end("FINISHED", "COMPLETE")
         say(f"  MLflow: {tracker.run_link(run_id)}")
         say(f"  see it: {ui_command(tracker.uri)}")
-    return result.objective(experiment.objective)
+    return values[0] if len(values) == 1 else values
 
 
 def fail(error: ConfigError) -> None:

@@ -104,6 +104,7 @@ class DeviceConfig:
     preset: str = "auto"
     memory_limit_mb: Optional[int] = None  # cap the GPU, e.g. 4096 to emulate a 4 GB card
     memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
+    memory_budget_mb: Optional[float] = None  # peak memory above this makes a run infeasible
 
 
 @dataclass
@@ -113,7 +114,7 @@ class ExperimentConfig:
     padding: str = "dummy"
     reset: str = "sequence"
     seed: int = 0
-    objective: str = "val_loss"  # what the job returns to a sweeper (last epoch's value)
+    objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
     data: Any = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -144,6 +145,11 @@ def seed_model() -> ModelConfig:
     return model_preset("seed")
 
 
+def objective_names(objective: str) -> list[str]:
+    """``"val_loss"`` -> ["val_loss"]; ``"val_loss,tokens_per_s"`` -> both (multi-objective)."""
+    return [name.strip() for name in str(objective).split(",")]
+
+
 def _one_of(setting: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(setting, value, f"use one of {', '.join(allowed)}")
@@ -167,7 +173,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _one_of("reset", cfg.reset, RESETS)
     if not isinstance(cfg.seed, int):
         raise ConfigError("seed", cfg.seed, "use a whole number")
-    _one_of("objective", cfg.objective, OBJECTIVES)
+    for name in objective_names(cfg.objective):
+        _one_of("objective", name, OBJECTIVES)
 
     d = cfg.data
     if isinstance(d, CharsDataConfig):
@@ -215,6 +222,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("tracking.experiment", cfg.tracking.experiment, "use a non-empty name")
     if cfg.device.memory_limit_mb is not None:
         _positive("device.memory_limit_mb", cfg.device.memory_limit_mb)
+    b = cfg.device.memory_budget_mb
+    if b is not None and (not isinstance(b, (int, float)) or b <= 0):
+        raise ConfigError("device.memory_budget_mb", b, "use a positive number of MiB or null")
 
     _one_of("engine", cfg.engine.name, ENGINES)
     if cfg.engine.name == "keras_fit":

@@ -43,6 +43,7 @@ def _choices(overrides, multirun: bool) -> list[list[str]]:
     choices = []
     for o in overrides:
         if o.is_hydra_override():
+            choices.append([o.input_line])  # Hydra's own settings (e.g. the sweeper's): as given
             continue
         key = o.get_key_element()
         if o.is_sweep_override():
@@ -93,6 +94,33 @@ def _composition_error(error: Exception, overrides: list[str]) -> ConfigError:
     return ConfigError(key, value, message)
 
 
+def check_optuna_sweeper(cfg) -> None:
+    """The Optuna sweeper's own settings, when it is the sweeper."""
+    sweeper = cfg.hydra.sweeper
+    if not str(sweeper.get("_target_", "")).endswith("OptunaSweeper"):
+        return
+    from omegaconf import ListConfig
+
+    from tbptt_exp.config import objective_names
+    from tbptt_exp.study import PRUNERS, SAMPLERS
+
+    if sweeper.sampler not in SAMPLERS:
+        raise ConfigError("hydra.sweeper.sampler", sweeper.sampler, f"use one of {', '.join(SAMPLERS)}")
+    if sweeper.pruner not in PRUNERS:
+        raise ConfigError("hydra.sweeper.pruner", sweeper.pruner, f"use one of {', '.join(PRUNERS)}")
+    if not isinstance(sweeper.n_trials, int) or sweeper.n_trials <= 0:
+        raise ConfigError("hydra.sweeper.n_trials", sweeper.n_trials, "use a positive whole number")
+    directions = list(sweeper.direction) if isinstance(sweeper.direction, ListConfig) else [sweeper.direction]
+    for d in directions:
+        if d not in ("minimize", "maximize"):
+            raise ConfigError("hydra.sweeper.direction", d, "use minimize or maximize (a list for several objectives)")
+    if len(directions) != len(objective_names(cfg.objective)):
+        raise ConfigError(
+            "hydra.sweeper.direction", list(directions),
+            f"give one direction per objective ({cfg.objective})",
+        )
+
+
 def preflight(argv: list[str]) -> None:
     """Raise ConfigError for the first run of ``argv`` that cannot work."""
     from hydra._internal.utils import get_args_parser
@@ -114,6 +142,7 @@ def preflight(argv: list[str]) -> None:
             first = compose("config", overrides=base, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
             raise _composition_error(error, base) from None
+        check_optuna_sweeper(first)
         params = first.hydra.sweeper.get("params") or {}
         if args.multirun and params:
             given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}

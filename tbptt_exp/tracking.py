@@ -34,7 +34,26 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 def mask_credentials(text: str) -> str:
     """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
-    return re.sub(r"(\w[\w+.-]*://[^:/@\s]+):[^@\s]+@", r"\1:***@", text)
+    return re.sub(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]+@", r"\1:***@", text)
+
+
+def mask_credentials_in_logs() -> None:
+    """Mask passwords in every log record (Hydra logs each job's overrides, URLs included)."""
+    import logging
+
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_credentials", False):
+        return
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = mask_credentials(message), ()
+        return record
+
+    masked_record.masks_credentials = True
+    logging.setLogRecordFactory(masked_record)
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -126,10 +145,10 @@ class Tracker:
         self.client.log_batch(run_id, metrics=batch, synchronous=True)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        self.client.log_text(run_id, mask_credentials(text), path)
 
     def log_dict(self, run_id: str, data: dict, path: str) -> None:
-        self.client.log_dict(run_id, data, path)
+        self.client.log_dict(run_id, json.loads(mask_credentials(json.dumps(data, default=str))), path)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
@@ -172,6 +191,8 @@ class SweepParentRun(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper"):
+            return  # the Optuna sweeper keeps one parent per study, shared by its workers
         tracking = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking))
         if not tracking.enabled:
             return

@@ -82,6 +82,10 @@ def test_device_presets_cap_gpu_memory(hydra_conf):
         (["-m", "sweep=nope"], "sweep"),
         (["k=10,25"], "k"),  # a sweep without -m
         (["k=("], "override"),
+        (["-m", "sweep=tune", "hydra.sweeper.sampler=bayes"], "hydra.sweeper.sampler"),
+        (["-m", "sweep=tune", "hydra.sweeper.pruner=asha"], "hydra.sweeper.pruner"),
+        (["-m", "sweep=tune", "objective='val_loss,tokens_per_s'"], "hydra.sweeper.direction"),
+        (["-m", "sweep=tune", "objective=accuracy"], "objective"),
     ],
 )
 def test_bad_values_fail_in_one_line_naming_the_setting(argv, setting):

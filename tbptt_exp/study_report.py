@@ -1,0 +1,79 @@
+"""A finished study's summary on its MLflow parent run: best trial or Pareto front,
+all trials as a table, the optimisation history and the parameter importances."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+
+def trials_table(study: optuna.Study) -> str:
+    trials = study.get_trials(deepcopy=False)
+    keys = sorted({k for t in trials for k in t.params})
+    head = ["trial", "state", "values", *keys, "constraints", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in trials:
+        values = ", ".join(f"{v:.4g}" for v in t.values) if t.values else ""
+        constraints = ", ".join(f"{k}={v:.4g}" for k, v in t.constraints.items())
+        note = t.user_attrs.get("fail_reason", "")
+        cells = [str(t.number), t.state.name, values, *(str(t.params.get(k, "")) for k in keys), constraints, note]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _log_study_summary(tracker, run_id, study)
+
+
+def _log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    client = tracker.client
+    tracker.log_text(run_id, trials_table(study), "trials.md")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
+    tracker.log_metrics(run_id, {f"trials_{k}": v for k, v in counts.items()}, step=0)
+    if not complete:
+        return
+    plots = []
+    if len(study.directions) == 1:
+        try:
+            best = study.best_trial
+        except ValueError:  # every complete trial is infeasible
+            best = None
+        if best is not None:
+            tracker.set_tags(run_id, {"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+            tracker.log_metrics(run_id, {"best_value": best.value}, step=0)
+        plots.append(("optimization_history.png", lambda: vis.plot_optimization_history(study)))
+        if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
+            plots.append(("param_importances.png", lambda: vis.plot_param_importances(study)))
+    else:
+        front = study.best_trials
+        lines = ["| trial | values | params |", "|---|---|---|"]
+        lines += [f"| {t.number} | {t.values} | {t.params} |" for t in front]
+        tracker.log_text(run_id, "\n".join(lines), "pareto_front.md")
+        tracker.set_tags(run_id, {"pareto.trials": ",".join(str(t.number) for t in front)})
+        plots.append(("pareto_front.png", lambda: vis.plot_pareto_front(study)))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make in plots:
+            try:
+                axes = make()
+            except (ValueError, RuntimeError) as error:  # e.g. importances of a constant space
+                tracker.log_text(run_id, f"{name}: not drawn: {error}", f"{name}.txt")
+                continue
+            figure = getattr(axes, "figure", None) or plt.gcf()
+            figure.tight_layout()
+            figure.savefig(Path(tmp) / name, dpi=100)
+            plt.close(figure)
+            client.log_artifact(run_id, str(Path(tmp) / name))
