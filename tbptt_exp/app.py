@@ -13,6 +13,7 @@ from typing import Any, Callable
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from tbptt_exp.config import (
@@ -250,5 +251,7 @@ def main(cfg: DictConfig) -> float:
         experiment = to_experiment(cfg)
         return run_job(experiment, cfg, overrides)
     except ConfigError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # one job of a sweep: the sweeper records it (an Optuna trial fails with it)
         fail(error)
         raise  # unreachable: fail() exits

@@ -43,7 +43,8 @@ def _choices(overrides, multirun: bool) -> list[list[str]]:
     choices = []
     for o in overrides:
         if o.is_hydra_override():
-            choices.append([o.input_line])  # Hydra's own settings (e.g. the sweeper's): as given
+            if not o.is_sweep_override():
+                choices.append([o.input_line])  # Hydra's own settings (e.g. the sweeper's): as given
             continue
         key = o.get_key_element()
         if o.is_sweep_override():
@@ -108,6 +109,11 @@ def check_optuna_sweeper(cfg) -> None:
         raise ConfigError("hydra.sweeper.sampler", sweeper.sampler, f"use one of {', '.join(SAMPLERS)}")
     if sweeper.pruner not in PRUNERS:
         raise ConfigError("hydra.sweeper.pruner", sweeper.pruner, f"use one of {', '.join(PRUNERS)}")
+    if not 0 <= sweeper.max_failure_rate < 1:
+        raise ConfigError(
+            "hydra.sweeper.max_failure_rate", sweeper.max_failure_rate,
+            "use a fraction from 0 up to (not including) 1: failed trials are retried",
+        )
     if not isinstance(sweeper.n_trials, int) or sweeper.n_trials <= 0:
         raise ConfigError("hydra.sweeper.n_trials", sweeper.n_trials, "use a positive whole number")
     directions = list(sweeper.direction) if isinstance(sweeper.direction, ListConfig) else [sweeper.direction]

@@ -103,8 +103,21 @@ def make_sampler(name: str, seed: int | None, space: dict[str, BaseDistribution]
             if not isinstance(dist, CategoricalDistribution):
                 raise ValueError(f"sampler=grid needs choice(...) for every parameter; {key} is not")
             grid[key] = list(dist.choices)
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return AskTellGridSampler(grid, seed=seed)
     raise ValueError(f"sampler={name!r}: use one of {', '.join(SAMPLERS)}")
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler ends ``study.optimize`` when the grid is exhausted by calling
+    ``study.stop()``, which raises under ask-and-tell; the sweeper stops by itself
+    (it caps ``n_trials`` at the grid's size)."""
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        pass
+
+    @property
+    def grid_size(self) -> int:
+        return len(self._all_grids)
 
 
 def make_pruner(name: str, warmup_epochs: int, startup_trials: int) -> optuna.pruners.BasePruner:
@@ -230,5 +243,7 @@ def job_trial(sweeper_cfg: Any) -> JobTrial | None:
     if not trial_id:
         return None
     storage = optuna.storages.RDBStorage(sweeper_cfg.storage or default_storage_url())
-    study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=storage)
+    # The pruner decides inside the job, so the job needs the sweeper's pruner, not Optuna's default.
+    pruner = make_pruner(sweeper_cfg.pruner, sweeper_cfg.pruner_warmup_epochs, sweeper_cfg.pruner_startup_trials)
+    study = optuna.load_study(study_name=sweeper_cfg.study_name, storage=storage, pruner=pruner)
     return JobTrial(optuna.Trial(study, int(trial_id)), study)

@@ -11,6 +11,8 @@ directory (MLflow >= 3.13 refuses the old ``./mlruns`` file store).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -66,6 +68,23 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
+@contextlib.contextmanager
+def local_store_lock(uri: str):
+    """Serialise creating a SQLite store and its experiment: MLflow's schema migration
+    and experiment creation race when several processes start on a new database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside it; a server decides for itself."""
     if uri.startswith("sqlite:///"):
@@ -110,14 +129,15 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.uri = resolve_uri(cfg)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        experiment = self.client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                cfg.experiment, artifact_location=artifact_location(self.uri)
-            )
-        else:
-            self.experiment_id = experiment.experiment_id
+        with local_store_lock(self.uri):  # workers starting together on a new SQLite store
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                self.experiment_id = self.client.create_experiment(
+                    cfg.experiment, artifact_location=artifact_location(self.uri)
+                )
+            else:
+                self.experiment_id = experiment.experiment_id
         self.experiment_name = cfg.experiment
 
     def start_run(

@@ -114,24 +114,34 @@ class OptunaSweeper(Sweeper):
             load_if_exists=True,
         )
         optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker
+        n_trials = s.n_trials
+        grid_size = getattr(study.sampler, "grid_size", None)
+        if grid_size is not None and grid_size < n_trials:
+            print(f"[tbptt-exp] the grid has {grid_size} points: n_trials={n_trials} lowered to {grid_size}", flush=True)
+            n_trials = grid_size
         parent = StudyParentRun.open(self.config, study, storage, s)
         print(
             f"[tbptt-exp] study '{s.study_name}' at {mask_credentials(storage_url)}: "
-            f"{counted_trials(study)}/{s.n_trials} trials so far, sampler={s.sampler}, pruner={s.pruner}",
+            f"{counted_trials(study)}/{n_trials} trials so far, sampler={s.sampler}, pruner={s.pruner}",
             flush=True,
         )
-        while True:
-            with study_lock(storage, s.study_name):
-                room = s.n_trials - counted_trials(study)
-                if room <= 0:
-                    break
-                trials = [study.ask(space) for _ in range(min(s.n_jobs, room))]
-                for trial in trials:
-                    storage.record_heartbeat(trial._trial_id)
-            self._run_batch(study, storage, trials, fixed, parent)
-            self._check_failure_rate(study)
+        try:
+            while True:
+                with study_lock(storage, s.study_name):
+                    room = n_trials - counted_trials(study)
+                    if room <= 0:
+                        break
+                    trials = [study.ask(space) for _ in range(min(s.n_jobs, room))]
+                    for trial in trials:
+                        storage.record_heartbeat(trial._trial_id)
+                self._run_batch(study, storage, trials, fixed, parent)
+                self._check_failure_rate(study)
+        except BaseException as error:
+            if parent is not None:
+                parent.tracker.end(parent.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
         if parent is not None:
-            parent.finish_if_study_done(study, s.n_trials)
+            parent.finish_if_study_done(study, n_trials)
         report(study)
         return study
 
@@ -235,7 +245,23 @@ class StudyParentRun:
             else:
                 tracker.client.update_run(run_id, status="RUNNING")  # resumed, or another worker
         print(f"[tbptt-exp] study tracked as parent {tracker.run_link(run_id)}", flush=True)
-        return cls(tracker, run_id)
+        parent = cls(tracker, run_id)
+        parent.end_runs_of_failed_trials(study)
+        return parent
+
+    def end_runs_of_failed_trials(self, study) -> None:
+        """Child runs left RUNNING by a killed worker end KILLED once their trial is FAIL."""
+        from optuna.trial import TrialState
+
+        failed = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        runs = self.tracker.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for run in runs:
+            if int(run.data.tags.get("optuna.trial", -1)) in failed:
+                self.tracker.set_tags(run.info.run_id, {"optuna.state": "FAIL", "fail_reason": "its worker stopped"})
+                self.tracker.end(run.info.run_id, "KILLED")
 
     def finish_if_study_done(self, study, n_trials: int) -> None:
         """The worker that sees the study complete writes the summary and ends the parent."""

@@ -1,0 +1,209 @@
+"""End to end: Optuna studies through the CLI, in subprocesses, on SQLite and PostgreSQL."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data=key_recall", "data.num_sequences=64", "data.sequence_length=20", "k=10", "batch_size=8",
+    "model.units=16", "model.embedding_dim=8", "trainer.epochs=3",
+]
+PG_URL = "postgresql+psycopg://root:{password}@127.0.0.1:5432/test"
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+
+def cli(args, cwd, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "tbptt_exp", "-m", *args], cwd=cwd, env=env(),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def study_args(tmp_path, name, storage=None, *more):
+    storage = storage or f"sqlite:///{tmp_path / 'optuna.db'}"
+    return [
+        "hydra/sweeper=optuna", f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage={storage}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY, *more,
+    ]
+
+
+def load(name, storage):
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def mlflow_runs(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tbptt-exp")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def test_tpe_study_with_pruning_prunes_a_trial_and_tracks_every_trial(tmp_path):
+    out = cli(study_args(
+        tmp_path, "prune", None,
+        "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=tpe", "hydra.sweeper.seed=6",
+        "hydra.sweeper.pruner=median", "hydra.sweeper.pruner_startup_trials=1",
+        "hydra.sweeper.pruner_warmup_epochs=0", "trainer.epochs=4",
+        "trainer.learning_rate=choice(0.03, 0.00001)",
+    ), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load("prune", f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and TrialState.PRUNED in states and TrialState.COMPLETE in states
+    for t in study.trials:
+        assert t.intermediate_values  # the job reported to its trial through the storage
+
+    client, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == list(range(4))
+    assert {r.data.tags["optuna.state"] for r in children} == {"COMPLETE", "PRUNED"}
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "optimization_history.png"} <= artifacts
+    assert "best_value" in parent.data.metrics and "best.trial" in parent.data.tags
+
+
+def test_memory_budget_makes_large_batches_infeasible(tmp_path):
+    out = cli(study_args(
+        tmp_path, "budget", None,
+        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler=grid",
+        "batch_size=choice(32, 128)",
+        "data.num_sequences=320", "data.sequence_length=50", "data.num_noise_tokens=200", "k=25",
+        "model.units=128", "model.embedding_dim=32", "trainer.epochs=1", "device.memory_budget_mb=30",
+    ), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load("budget", f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_batch = {t.params["batch_size"]: t for t in study.trials}
+    assert by_batch[32].constraints["peak_memory_over_budget_mb"] <= 0
+    assert by_batch[128].constraints["peak_memory_over_budget_mb"] > 0
+    assert study.best_trial.params["batch_size"] == 32  # the infeasible trial cannot be best
+
+
+def test_failing_trials_are_recorded_with_their_reason_until_the_failure_rate_stops_the_study(tmp_path):
+    out = cli(study_args(
+        tmp_path, "failing", None, "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler=random",
+        "hydra.sweeper.max_failure_rate=0.5", "k=int(interval(21, 60))",  # all longer than the sequences
+    ), cwd=tmp_path)
+    assert out.returncode != 0
+    assert "stopping study 'failing': 2 of 2 trials failed" in out.stderr + out.stdout
+    study = load("failing", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 2
+    for t in study.trials:
+        assert t.user_attrs["fail_reason"].startswith("ConfigError: k=")
+    _, runs = mlflow_runs(tmp_path)
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_killed_study_resumes_to_exactly_n_trials(tmp_path):
+    args = study_args(
+        tmp_path, "resume", None, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
+        "hydra.sweeper.heartbeat_interval_s=1", "hydra.sweeper.heartbeat_grace_s=2",
+        "batch_size=choice(4, 8)", "trainer.epochs=6",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "-m", *args], cwd=tmp_path, env=env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    finished = 0
+    for line in proc.stdout:
+        finished += "done in" in line
+        if finished == 1 and "epoch 2/6" in line:  # well into the second trial
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert [t.state for t in load("resume", storage).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+
+    time.sleep(3)  # past the grace period: the RUNNING trial's worker is gone
+    out = cli(args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = [t.state for t in load("resume", storage).trials]
+    assert states.count(TrialState.COMPLETE) == 3
+    assert states[1] == TrialState.FAIL  # left RUNNING by the killed worker
+    again = cli(args, cwd=tmp_path)  # at the target already: nothing more runs
+    assert again.returncode == 0 and len(load("resume", storage).trials) == 4
+    _, runs = mlflow_runs(tmp_path)
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4 + ["KILLED"]  # parent + 3, killed one
+
+
+def postgres_available():
+    try:
+        import psycopg
+
+        psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+needs_postgres = pytest.mark.skipif(
+    not postgres_available() and not os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"),
+    reason="PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)",
+)
+
+
+@needs_postgres
+def test_concurrent_workers_on_postgresql_share_one_study_exactly(tmp_path):
+    name = f"workers-{uuid.uuid4().hex[:8]}"
+    secret = "s3cr3t-pw"
+    args = study_args(
+        tmp_path, name, PG_URL.format(password=secret), "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.sampler=random", "batch_size=choice(4, 8)",
+        "trainer.epochs=1",
+    )
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tbptt_exp", "-m", *args], cwd=tmp_path, env=env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for _ in range(3)
+    ]
+    logs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], logs
+    study = load(name, PG_URL.format(password=secret))
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+    client, runs = mlflow_runs(tmp_path)
+    parents = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3, 4]
+
+    # The password never reaches logs, params, tags or artifacts.
+    assert all(secret not in log for log in logs)
+    for run in runs:
+        assert secret not in repr(run.data.params) + repr(run.data.tags)
+        for artifact in client.list_artifacts(run.info.run_id):
+            if not artifact.is_dir and artifact.path.endswith((".yaml", ".json", ".md", ".txt")):
+                path = client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path))
+                assert secret not in open(path).read()
+
+
+def test_joblib_launched_trials_find_their_trial_through_the_storage(tmp_path):
+    out = cli(study_args(
+        tmp_path, "joblib", None, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler=random",
+        "batch_size=choice(4, 8)", "trainer.epochs=2",
+    ), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    study = load("joblib", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for t in study.trials:
+        assert sorted(t.intermediate_values) == [1, 2]  # reported from the worker processes
+    _, runs = mlflow_runs(tmp_path)
+    assert sum(1 for r in runs if r.data.tags.get("optuna.trial") is not None) == 2
