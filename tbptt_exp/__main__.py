@@ -22,6 +22,9 @@ def main() -> None:
 
     try:
         app_main()
+        from tbptt_exp import nightly
+
+        sys.exit(nightly.exit_code())  # a regressed nightly run marks the night red
     except KeyboardInterrupt:
         print(
             "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")

@@ -221,6 +221,8 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
         if trial is not None:
             trial.trial.set_constraint("peak_memory_over_budget_mb", over_budget)
     values = [result.objective(name) for name in objectives]
+    if experiment.nightly.record:
+        record_nightly_entry(result, overrides)
     if tracker is not None:
         from tbptt_exp.tracking import result_record, ui_command
 
@@ -239,6 +241,104 @@ def run_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str])
     return values[0] if len(values) == 1 else values
 
 
+def record_nightly_entry(result, overrides: list[str]) -> None:
+    """A nightly matrix entry: a stable name and its figures, for the sweep's report."""
+    import importlib.metadata
+    import json
+    from pathlib import Path
+
+    from tbptt_exp.nightly import ENTRY_FILE, device_fingerprint, entry_name
+
+    final = result.final
+    entry = {
+        "name": entry_name(overrides),
+        "device_fingerprint": device_fingerprint(result.device, importlib.metadata.version("tensorflow")),
+        "figures": {
+            "tokens_per_s": final.tokens_per_s,
+            "peak_memory_mb": final.peak_memory_mb,
+            "val_loss": final.val_loss,
+            "compile_time_s": result.compile_time_s,
+            "epoch_time_s": final.epoch_time_s,
+        },
+    }
+    (Path(HydraConfig.get().runtime.output_dir) / ENTRY_FILE).write_text(json.dumps(entry, indent=1))
+
+
+def run_max_batch_job(experiment: ExperimentConfig, cfg: DictConfig, overrides: list[str]) -> int:
+    """Find the largest workable batch for this k; returns it (0: nothing fits)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from tbptt_exp.batch_finder import ProbeError, find_max_batch
+    from tbptt_exp.data import load_dataset
+    from tbptt_exp.frontier import JOB_FILE, table, write_files
+    from tbptt_exp.tracking import PARENT_RUN_ENV, Tracker, environment_tags, experiment_params
+
+    e = experiment
+    dataset = load_dataset(e.data, e.seed)
+    f = e.batch_finder
+    say(f"largest workable batch for k={e.k}, model={e.model.preset} ({e.model.layers}x{e.model.units}), "
+        f"engine={e.engine.name}: sizes {f.min_batch_size}..{f.max_batch_size} in steps of {f.granularity}, "
+        f"each probe in its own process")
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    tracker = run_id = None
+    if e.tracking.enabled:
+        tracker = Tracker(e.tracking)
+        run_id = tracker.start_run(
+            name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name}",
+            params=experiment_params(config_dict),
+            tags={**environment_tags(), "tbptt_exp.kind": "max_batch", "hydra.overrides": " ".join(overrides)},
+            parent_run_id=os.environ.get(PARENT_RUN_ENV),
+        )
+
+    def on_probe(p) -> None:
+        if tracker is None:
+            return
+        child = tracker.start_run(f"probe B={p.batch_size}", params={"batch_size": p.batch_size, "k": e.k},
+                                  tags={"outcome": p.outcome, "tbptt_exp.kind": "probe",
+                                        **({"error": p.error[:500]} if p.error else {})},
+                                  parent_run_id=run_id)
+        tracker.log_metrics(child, {"peak_memory_mb": p.peak_memory_mb, "tokens_per_s": p.tokens_per_s,
+                                    "probe_seconds": p.seconds}, step=0)
+        tracker.end(child, "FINISHED")
+
+    try:
+        frontier = find_max_batch(e, config_dict, dataset.vocab_size, on_probe, say)
+    except ProbeError as error:
+        if tracker is not None:
+            tracker.set_tags(run_id, {"error": str(error)[:500]})
+            tracker.end(run_id, "FAILED")
+        print(f"tbptt-exp: error: the search stopped on an error that is not out-of-memory: {error}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    except BaseException:
+        if tracker is not None:
+            tracker.end(run_id, "KILLED" if sys.exc_info()[0] is KeyboardInterrupt else "FAILED")
+        raise
+
+    row = frontier.to_dict()
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    (out_dir / JOB_FILE).write_text(json.dumps(row, indent=1, default=str))
+    say(f"k={e.k}: largest workable batch {frontier.max_batch_size}, recommended {frontier.recommended_batch_size} "
+        f"({frontier.probes} probes{', cached' if frontier.cached else ''})")
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        files = write_files([row], out_dir)
+        say("\n" + table([row]))
+        say(f"written to {files[0]}")
+    if tracker is not None:
+        tracker.log_metrics(run_id, {
+            "max_batch_size": frontier.max_batch_size,
+            "recommended_batch_size": frontier.recommended_batch_size,
+            "peak_memory_mb": frontier.peak_memory_mb,
+            "tokens_per_s": frontier.tokens_per_s,
+            "probes": frontier.probes,
+        }, step=0)
+        tracker.log_dict(run_id, row, "batch_frontier.json")
+        tracker.end(run_id, "FINISHED")
+    return frontier.max_batch_size
+
+
 def fail(error: ConfigError) -> None:
     print(f"tbptt-exp: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -249,6 +349,8 @@ def main(cfg: DictConfig) -> float:
     overrides = list(HydraConfig.get().overrides.task)
     try:
         experiment = to_experiment(cfg)
+        if experiment.task == "max_batch":
+            return run_max_batch_job(experiment, cfg, overrides)
         return run_job(experiment, cfg, overrides)
     except ConfigError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:

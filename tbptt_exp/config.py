@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
@@ -108,6 +108,38 @@ class DeviceConfig:
 
 
 @dataclass
+class BatchFinderConfig:
+    """``task=max_batch``: how the largest workable batch size is searched."""
+
+    granularity: int = 8  # batch sizes are multiples of this
+    min_batch_size: int = 8
+    max_batch_size: int = 4096
+    headroom: float = 0.1  # the recommended size leaves this fraction of the budget free
+    probe_chunks: int = 4  # consecutive chunks a probe trains per stream
+    probe_timeout_s: float = 300.0  # a probe that takes longer counts as too big
+    cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
+    cache_dir: Optional[str] = None  # None: mlruns/batch_cache
+
+
+@dataclass
+class NightlyConfig:
+    """``sweep=nightly``: the baseline a nightly run is compared with, and its thresholds."""
+
+    record: bool = False  # set by sweep=nightly: each job records its figures for the report
+    baseline: Optional[str] = None  # a nightly_results.json; None: previous nightly runs
+    history_runs: int = 7  # previous runs (same device fingerprint) whose median is the baseline
+    thresholds: Dict[str, float] = field(default_factory=lambda: {
+        "tokens_per_s": 0.15, "peak_memory_mb": 0.10, "val_loss": 0.05,
+        "compile_time_s": 0.50, "epoch_time_s": 0.20,
+    })  # relative change beyond which a figure regresses
+    noise_sigmas: float = 3.0  # thresholds widen to this many robust sigmas of the baseline's spread
+    allow_other_device: bool = False  # compare with a baseline file from another device
+
+
+TASKS = ("train", "max_batch")
+
+
+@dataclass
 class ExperimentConfig:
     k: int = 25  # chunk length: timesteps per TBPTT chunk
     batch_size: int = 32  # streams trained side by side
@@ -115,12 +147,15 @@ class ExperimentConfig:
     reset: str = "sequence"
     seed: int = 0
     objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
+    task: str = "train"  # train: one experiment; max_batch: find the largest workable batch
     data: Any = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    batch_finder: BatchFinderConfig = field(default_factory=BatchFinderConfig)
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
 
 @dataclass
@@ -175,6 +210,23 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("seed", cfg.seed, "use a whole number")
     for name in objective_names(cfg.objective):
         _one_of("objective", name, OBJECTIVES)
+    _one_of("task", cfg.task, TASKS)
+    n = cfg.nightly
+    if n.baseline is not None and not Path(n.baseline).expanduser().is_file():
+        raise ConfigError("nightly.baseline", n.baseline, "use the path of a nightly_results.json, or null")
+    _positive("nightly.history_runs", n.history_runs)
+    for figure, value in n.thresholds.items():
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"nightly.thresholds.{figure}", value, "use a relative change such as 0.1 (10%)")
+    f = cfg.batch_finder
+    for name in ("granularity", "min_batch_size", "max_batch_size", "probe_chunks"):
+        _positive(f"batch_finder.{name}", getattr(f, name))
+    if f.max_batch_size < max(f.granularity, f.min_batch_size):
+        raise ConfigError("batch_finder.max_batch_size", f.max_batch_size,
+                          f"use at least batch_finder.granularity={f.granularity} and min_batch_size={f.min_batch_size}")
+    _fraction("batch_finder.headroom", f.headroom)
+    if not isinstance(f.probe_timeout_s, (int, float)) or f.probe_timeout_s <= 0:
+        raise ConfigError("batch_finder.probe_timeout_s", f.probe_timeout_s, "use a positive number of seconds")
 
     d = cfg.data
     if isinstance(d, CharsDataConfig):

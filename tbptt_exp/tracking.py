@@ -235,7 +235,7 @@ class SweepParentRun(Callback):
         print(f"[tbptt-exp] sweep tracked as parent {self.tracker.run_link(self.run_id)}", flush=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.tracker is not None and self.run_id is not None:
+        if self.tracker is not None and self.run_id is not None and config.get("task") != "max_batch":
             table = sweep_table(self.tracker, self.run_id)
             if table:
                 print("[tbptt-exp] sweep results:\n" + table, flush=True)
