@@ -74,6 +74,8 @@ def run_probe(request: dict) -> dict:
     from tbptt_exp.model import build_model, make_optimizer
 
     if request.get("describe"):
+        import tensorflow as tf
+
         return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
     b, k, chunks, vocab = request["batch_size"], cfg.k, request["chunks"], request["vocab_size"]
