@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import subprocess
 import sys
 import time
@@ -275,7 +274,3 @@ def find_max_batch(
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(frontier.to_dict(), indent=1))
     return frontier
-
-
-def log2_range(cfg: BatchFinderConfig) -> float:
-    return math.log2(max(2, cfg.max_batch_size // cfg.granularity))

@@ -238,21 +238,15 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive("data.max_vocab", d.max_vocab)
         if d.max_sequences is not None:
             _positive("data.max_sequences", d.max_sequences)
-        _fraction("data.val_fraction", d.val_fraction)
-        if d.cut == "fixed" and cfg.k > d.sequence_length:
-            raise ConfigError(
-                "k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}"
-            )
     elif isinstance(d, KeyRecallDataConfig):
         for name in ("num_sequences", "sequence_length", "num_keys", "num_noise_tokens"):
             _positive(f"data.{name}", getattr(d, name))
-        _fraction("data.val_fraction", d.val_fraction)
-        if cfg.k > d.sequence_length:
-            raise ConfigError(
-                "k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}"
-            )
     else:
         raise ConfigError("data", type(d).__name__, "use data=chars or data=key_recall")
+    _fraction("data.val_fraction", d.val_fraction)
+    fixed_length = isinstance(d, KeyRecallDataConfig) or d.cut == "fixed"
+    if fixed_length and cfg.k > d.sequence_length:  # whole documents may be shorter than k
+        raise ConfigError("k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}")
 
     m = cfg.model
     for name in ("embedding_dim", "units", "layers"):

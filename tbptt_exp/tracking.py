@@ -22,7 +22,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -143,7 +142,7 @@ class Tracker:
     def start_run(
         self, name: str | None, params: dict[str, Any], tags: dict[str, str], parent_run_id: str | None = None
     ) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         all_tags = {k: mask_credentials(str(v)) for k, v in tags.items() if v is not None}
         if parent_run_id:

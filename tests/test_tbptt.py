@@ -294,3 +294,9 @@ def test_key_recall_needs_state_carried_across_chunks():
     # No carry: 3 of 4 chunks cannot see the key, so loss >= 3/4 log(4) ~ 1.04 nats.
     assert no_carry > 0.9
     assert carried < 0.3 and carried < no_carry / 3
+
+
+def test_the_schema_lists_exactly_the_engines_that_exist():
+    from tbptt_exp import config
+
+    assert set(config.ENGINES) == set(ENGINES)

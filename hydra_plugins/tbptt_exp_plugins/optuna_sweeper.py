@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
