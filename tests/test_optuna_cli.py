@@ -207,3 +207,18 @@ def test_joblib_launched_trials_find_their_trial_through_the_storage(tmp_path):
         assert sorted(t.intermediate_values) == [1, 2]  # reported from the worker processes
     _, runs = mlflow_runs(tmp_path)
     assert sum(1 for r in runs if r.data.tags.get("optuna.trial") is not None) == 2
+
+
+def test_two_objectives_give_a_pareto_front(tmp_path):
+    out = cli(study_args(
+        tmp_path, "pareto", None, "objective='val_loss,tokens_per_s'",
+        "hydra.sweeper.direction=[minimize,maximize]", "hydra.sweeper.sampler=nsgaii",
+        "hydra.sweeper.n_trials=3", "batch_size=choice(4, 16)", "trainer.epochs=1",
+    ), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Pareto front:" in out.stdout
+    study = load("pareto", f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.directions) == 2 and all(len(t.values) == 2 for t in study.trials)
+    client, runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "study"]
+    assert {"pareto_front.md", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
