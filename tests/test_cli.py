@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,25 @@ def test_a_run_logged_through_a_real_mlflow_server(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_plain_install_finds_its_configs_and_sweep_presets_from_any_directory(tmp_path):
+    """``pip install .`` (not editable) carries conf/ and sweeps/ inside the package."""
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(repo)],
+                   check=True, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import tbptt_exp.paths as p; print(p.conf_dir(), p.sweeps_dir())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.split() == [str(site / "tbptt_exp" / "conf"), str(site / "tbptt_exp" / "sweeps")]
+    shown = subprocess.run([sys.executable, "-m", "tbptt_exp", "sweep=tune", "--cfg", "hydra"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "OptunaSweeper" in shown.stdout and "trainer.learning_rate" in shown.stdout
+    bad = subprocess.run([sys.executable, "-m", "tbptt_exp", "-m", "sweep=k_batch", "k=500"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "k=500 is not allowed" in bad.stderr
