@@ -75,13 +75,18 @@ def configure_device(cfg: DeviceConfig) -> None:
         if cfg.memory_limit_mb is not None:
             say(f"device.memory_limit_mb={cfg.memory_limit_mb} has no effect: there is no GPU")
         return
-    if cfg.memory_limit_mb is not None:
-        tf.config.set_logical_device_configuration(
-            gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=cfg.memory_limit_mb)]
-        )
-    elif cfg.memory_growth:
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)
+    try:
+        if cfg.memory_limit_mb is not None:
+            tf.config.set_logical_device_configuration(
+                gpus[0], [tf.config.LogicalDeviceConfiguration(memory_limit=cfg.memory_limit_mb)]
+            )
+        elif cfg.memory_growth:
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError:
+        # A later job of an in-process sweep: the GPU kept the first job's settings.
+        say("device settings unchanged: the GPU was initialised by an earlier job in this process "
+            "(use hydra/launcher=joblib for a process per job)")
 
 
 def throttled(every_s: float, fn: Callable[..., None]) -> Callable[..., None]:
