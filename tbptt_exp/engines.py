@@ -92,8 +92,13 @@ class Engine:
         saved = get_states(self.layers)
         sums = [self._evaluate_execution(*arrays) for arrays in executions(layout, self.cfg.steps_per_execution)]
         set_states(self.layers, saved)
-        loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
-        return float(loss_sum / weight_sum)
+        return per_token_loss(sums)
+
+
+def per_token_loss(sums) -> float:
+    """Executions' (loss x weight sum, weight sum) pairs -> mean loss per real token."""
+    loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
+    return float(loss_sum / weight_sum)
 
 
 def executions(layout: Layout, steps: int):
@@ -146,9 +151,9 @@ class GraphEngine(Engine):
                 timing.first_done = EpochTiming.now()
             if progress is not None:
                 progress(min(len(sums) * steps, layout.n_batches))
-        loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
+        loss = per_token_loss(sums)  # waits for the last execution
         timing.end, timing.executions = EpochTiming.now(), len(sums)
-        return EpochResult(float(loss_sum / weight_sum), timing, min(steps, layout.n_batches))
+        return EpochResult(loss, timing, min(steps, layout.n_batches))
 
 
 class ResetStatesOnNewGroup(keras.callbacks.Callback):

@@ -30,8 +30,14 @@ def test_default_config_is_the_schema_defaults(hydra_conf):
     "group, option", [(g, o) for g in GROUPS for o in group_options(g)]
 )
 def test_every_group_option_composes_and_validates(hydra_conf, group, option):
-    experiment = to_experiment(compose("config", overrides=[f"{group}={option}"]))
-    assert experiment is not None
+    experiment = to_experiment(compose("config", overrides=[f"{group}={option}"]))  # validates
+    chosen = getattr(experiment, group)
+    preset = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
+    for key, value in preset.items():
+        if key != "defaults":
+            assert getattr(chosen, key) == value, f"{group}={option}: {key}"
+    if group == "data":
+        assert chosen.name == option
 
 
 def test_seed_preset_is_the_questions_model():
