@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from tbptt_exp.config import (
+from tbptt_exp.core.config import (
     CharsDataConfig,
     EngineConfig,
     ExperimentConfig,
@@ -23,14 +23,14 @@ from tbptt_exp.config import (
     TrainerConfig,
     seed_model,
 )
-from tbptt_exp.data import chars
-from tbptt_exp.layout import build_layout
+from tbptt_exp.core.data import chars
+from tbptt_exp.core.layout import build_layout
 
 
 def engine_throughput(rounds: int, max_chars: int, k: int, batch_size: int) -> list[str]:
     import keras
 
-    from tbptt_exp.train import train
+    from tbptt_exp.core.train import train
 
     data = CharsDataConfig(max_chars=max_chars, sequence_length=200)
     variants = {

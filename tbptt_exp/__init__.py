@@ -1,8 +1,7 @@
-"""tbptt-exp: sweep, track and size truncated-BPTT training of stateful LSTMs."""
+"""tbptt-exp: sweep, track and size truncated-BPTT training of stateful LSTMs.
 
-import os
-
-# TensorFlow's C++ start-up chatter hides the progress lines users want to read.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+``tbptt_exp.core`` trains (no Hydra, no MLflow); ``tbptt_exp.app`` configures, sweeps
+and tracks on top of it.
+"""
 
 __version__ = "0.1.0"

@@ -9,10 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from tbptt_exp.batch_finder import run_probe_process
-from tbptt_exp.config import ExperimentSchema, KeyRecallDataConfig
+from tbptt_exp.app.batch_finder import ProbeError, find_max_batch, run_probe_process
+from tbptt_exp.app.jobs import EXIT_PROBE_ERROR, JobContext, max_batch_job
+from tbptt_exp.core.config import (
+    BatchFinderConfig,
+    DeviceConfig,
+    ExperimentConfig,
+    KeyRecallDataConfig,
+    ModelConfig,
+    TrackingConfig,
+    to_dict,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +49,19 @@ def sweep_dir(cwd: Path) -> Path:
     return frontier.parent
 
 
-def probe_config(k, overrides):
-    cfg = OmegaConf.merge(OmegaConf.structured(ExperimentSchema), {"data": OmegaConf.structured(KeyRecallDataConfig)},
-                          OmegaConf.from_dotlist([o for o in overrides if not o.startswith("data=")] + [f"k={k}"]))
-    return OmegaConf.to_container(cfg, resolve=True)
+def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> ExperimentConfig:
+    """``SMALL`` as a config object."""
+    return ExperimentConfig(
+        k=k, data=KeyRecallDataConfig(num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
+        batch_finder=BatchFinderConfig(max_batch_size=max_batch_size, probe_chunks=2,
+                                       cache_dir=str(tmp_path / "cache"), **finder),
+        device=DeviceConfig(memory_budget_mb=90),
+        tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    )
+
+
+def planted(spec: str) -> tuple[str, ...]:
+    return (sys.executable, str(Path(__file__).with_name("planted_probe.py")), spec)
 
 
 def test_sweep_over_k_finds_a_verified_frontier_and_a_repeat_comes_from_the_cache(tmp_path):
@@ -68,7 +85,7 @@ def test_sweep_over_k_finds_a_verified_frontier_and_a_repeat_comes_from_the_cach
         assert row["recommended_batch_size"] <= row["max_batch_size"]
         assert row["probes"] <= math.log2(224 / 8) + 4
     # Independent runs: the answer fits and the next size up does not.
-    config = probe_config(25, SMALL)
+    config = to_dict(small(25, tmp_path))
     at = run_probe_process({"config": config, "batch_size": best, "vocab_size": VOCAB, "chunks": 2}, 300)
     above = run_probe_process({"config": config, "batch_size": best + 8, "vocab_size": VOCAB, "chunks": 2}, 300)
     assert at["outcome"] == "ok" and above["outcome"] == "budget", (at, above)
@@ -90,25 +107,34 @@ def test_sweep_over_k_finds_a_verified_frontier_and_a_repeat_comes_from_the_cach
     assert "cached result" in again.stdout and "batch_size=" not in again.stdout  # no probe ran
 
 
-def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path):
-    out = cli(["task=max_batch", "k=10", *SMALL, *store_args(tmp_path)], cwd=tmp_path,
-              extra_env={"TBPTT_EXP_PROBE_PLANT": "error:16"})
-    assert out.returncode == 3
-    assert "not out-of-memory: batch_size=" in out.stderr and "planted failure" in out.stderr
+def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monkeypatch, capsys):
+    import tbptt_exp.app.batch_finder as batch_finder
+
+    monkeypatch.setattr(batch_finder, "PROBE_COMMAND", planted("error:16"))
+    with pytest.raises(SystemExit) as stopped:
+        max_batch_job(small(10, tmp_path), JobContext(output_dir=tmp_path))
+    assert stopped.value.code == EXIT_PROBE_ERROR
+    err = capsys.readouterr().err
+    assert "not out-of-memory: batch_size=" in err and "planted failure" in err
     assert not list((tmp_path / "cache").glob("*.json"))  # nothing cached from a broken search
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("tbptt-exp").experiment_id])
+              if r.data.tags.get("tbptt_exp.kind") == "max_batch"]
+    assert run.info.status == "FAILED" and "planted failure" in run.data.tags["error"]
 
 
 def test_a_hanging_probe_is_timed_out_and_counts_as_too_big(tmp_path):
-    out = cli(["task=max_batch", "k=10", *SMALL, "batch_finder.max_batch_size=40",
-               "batch_finder.probe_timeout_s=45", *store_args(tmp_path)], cwd=tmp_path,
-              extra_env={"TBPTT_EXP_PROBE_PLANT": "hang:32"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "batch_size=32: timeout" in out.stdout
-    assert "largest workable batch 24" in out.stdout
+    cfg = small(10, tmp_path, max_batch_size=40, probe_timeout_s=45)
+    frontier = find_max_batch(cfg, VOCAB, probe_command=planted("hang:32"))
+    assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[32] == "timeout"
+    assert frontier.max_batch_size == 24
 
 
 def test_a_planted_out_of_memory_is_classified_as_too_big(tmp_path):
-    out = cli(["task=max_batch", "k=10", *SMALL, "batch_finder.max_batch_size=64", *store_args(tmp_path)],
-              cwd=tmp_path, extra_env={"TBPTT_EXP_PROBE_PLANT": "oom:40"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "batch_size=40: oom" in out.stdout and "largest workable batch 32" in out.stdout
+    frontier = find_max_batch(small(10, tmp_path, max_batch_size=64), VOCAB, probe_command=planted("oom:40"))
+    assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[40] == "oom"
+    assert frontier.max_batch_size == 32
+    with pytest.raises(ProbeError, match="planted failure"):
+        find_max_batch(small(10, tmp_path, cache=False), VOCAB, probe_command=planted("error:8"))

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from tbptt_exp.batch_finder import Probe, ProbeError, recommended, search
-from tbptt_exp.config import BatchFinderConfig
-from tbptt_exp.probe import classify_error
+from tbptt_exp.app.batch_finder import Probe, ProbeError, recommended, search
+from tbptt_exp.core.config import BatchFinderConfig
+from tbptt_exp.core.probe import classify_error
 
 CFG = BatchFinderConfig(granularity=8, min_batch_size=8, max_batch_size=4096)
 

@@ -193,3 +193,13 @@ def test_a_plain_install_finds_its_configs_and_sweep_presets_from_any_directory(
     bad = subprocess.run([sys.executable, "-m", "tbptt_exp", "-m", "sweep=k_batch", "k=500"],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "k=500 is not allowed" in bad.stderr
+
+
+@pytest.mark.parametrize("args, sweeper", [([], "TrackedSweeper"), (["sweep=max_batch"], "TrackedSweeper"),
+                                           (["sweep=tune"], "OptunaSweeper")])
+def test_sweeps_run_on_tbptt_exps_sweepers(tmp_path, args, sweeper):
+    """Grids get the tracked grid sweeper (Hydra's name ``basic``), Optuna presets their own."""
+    out = cli([*args, "--cfg", "hydra"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"_target_: hydra_plugins.tbptt_exp_plugins.{sweeper.lower().replace('sweeper', '_sweeper')}.{sweeper}" \
+        in out.stdout

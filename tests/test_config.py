@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from tbptt_exp.config import (
+from tbptt_exp.core.config import (
     CharsDataConfig,
     ConfigError,
     EngineConfig,
@@ -51,3 +51,19 @@ def test_bad_values_name_the_setting_and_what_is_allowed(change, setting):
     assert err.value.setting == setting
     assert message.startswith(f"{setting}=") and "\n" not in message
     assert "use" in message  # says what to do instead
+
+
+def test_a_config_survives_the_trip_to_a_probe_process_and_is_validated_there():
+    import json
+
+    from tbptt_exp.core.config import from_dict, to_dict
+
+    cfg = ExperimentConfig(k=10, data=KeyRecallDataConfig(num_keys=3), model=ModelConfig(units=16))
+    assert from_dict(json.loads(json.dumps(to_dict(cfg)))) == cfg
+    assert from_dict(to_dict(ExperimentConfig())) == ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"^model.unit=16 is not allowed: use one of preset, embedding_dim"):
+        from_dict(to_dict(cfg) | {"model": {"unit": 16}})
+    with pytest.raises(ConfigError, match=r"^k=0 is not allowed"):
+        from_dict(to_dict(cfg) | {"k": 0})
+    with pytest.raises(ConfigError, match=r"^data='wiki' is not allowed: use one of chars, key_recall"):
+        from_dict(to_dict(cfg) | {"data": {"name": "wiki"}})

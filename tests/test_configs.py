@@ -6,11 +6,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tbptt_exp.app import to_experiment
-from tbptt_exp.config import ConfigError, ExperimentConfig, ModelConfig, seed_model
+from tbptt_exp.app.hydra_app import to_experiment
+from tbptt_exp.core.config import ConfigError, ExperimentConfig, ModelConfig, seed_model
 from tbptt_exp.paths import conf_dir
-from tbptt_exp.preflight import GROUPS, group_options, preflight
-from tbptt_exp.tracking import flatten, mask_credentials
+from tbptt_exp.app.preflight import GROUPS, group_options, preflight
+from tbptt_exp.app.run import flatten, mask_credentials
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tbptt_exp.config import CharsDataConfig, KeyRecallDataConfig
-from tbptt_exp.data import FIRST_CHAR_ID, UNK_ID, chars, embedded_text_files, encode, key_recall
+from tbptt_exp.core.config import CharsDataConfig, KeyRecallDataConfig
+from tbptt_exp.core.data import FIRST_CHAR_ID, UNK_ID, chars, embedded_text_files, encode, key_recall
 
 
 def decode(ids, vocabulary):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tbptt_exp.layout import PADDINGS, RESETS, Corpus, build_layout, epoch_order
+from tbptt_exp.core.layout import PADDINGS, RESETS, Corpus, build_layout, epoch_order
 
 
 def unique_corpus(lengths):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from tbptt_exp.config import NightlyConfig
-from tbptt_exp.nightly import BaselineError, baseline_from_file, compare, entry_name, threshold_for
+from tbptt_exp.core.config import NightlyConfig
+from tbptt_exp.app.nightly import BaselineError, baseline_from_file, compare, entry_name, threshold_for
 
 
 def test_entry_names_are_stable_and_leave_out_tracking_and_hydra():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbptt_exp.config import (
+from tbptt_exp.core.config import (
     EngineConfig,
     ExperimentConfig,
     KeyRecallDataConfig,
@@ -20,10 +20,10 @@ from tbptt_exp.config import (
     TrainerConfig,
     seed_model,
 )
-from tbptt_exp.engines import ENGINES
-from tbptt_exp.layout import Corpus, build_layout
-from tbptt_exp.model import build_model, get_states, make_optimizer, reset_rows, stateful_layers
-from tbptt_exp.train import train
+from tbptt_exp.core.engines import ENGINES
+from tbptt_exp.core.layout import Corpus, build_layout
+from tbptt_exp.core.model import build_model, get_states, make_optimizer, reset_rows, stateful_layers
+from tbptt_exp.core.train import train
 
 V, B, K = 13, 4, 5
 SMALL = ModelConfig(embedding_dim=8, units=16, layers=2, dropout=0.0)
@@ -297,6 +297,6 @@ def test_key_recall_needs_state_carried_across_chunks():
 
 
 def test_the_schema_lists_exactly_the_engines_that_exist():
-    from tbptt_exp import config
+    from tbptt_exp.core import config
 
     assert set(config.ENGINES) == set(ENGINES)

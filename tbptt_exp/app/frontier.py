@@ -1,25 +1,20 @@
 """The batch frontier: largest workable batch per k, as a table, files and plots.
 
-Each ``task=max_batch`` job writes ``batch_frontier.json`` into its Hydra job folder;
-``BatchFrontierReport`` (a Hydra callback set by ``sweep=max_batch``) gathers them at
-the end of the sweep into ``batch_frontier.csv``/``.json`` and two plots in the sweep
-folder, prints the table and attaches everything to the sweep's MLflow parent run.
+Each ``task=max_batch`` job hands its sweep its frontier row (``JobOutcome``); ``report``
+writes them as ``batch_frontier.csv``/``.json`` and two plots in the sweep folder,
+prints the table and attaches everything to the sweep's MLflow parent run.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 COLUMNS = ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s", "probes",
            "budget_mb", "cached", "job")
-JOB_FILE = "batch_frontier.json"
 
 
 def table(rows: list[dict]) -> str:
@@ -88,28 +83,14 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
-class BatchFrontierReport(Callback):
-    """Gathers the jobs' frontiers at the end of a ``task=max_batch`` sweep."""
+def report(rows: list[dict], sweep_dir: Path, parent) -> None:
+    """The sweep's frontier: files and plots in the sweep folder, a table, the parent run."""
+    from tbptt_exp.app.console import say
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        rows = []
-        for path in sorted(sweep_dir.glob(f"*/{JOB_FILE}"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
-            row = json.loads(path.read_text())
-            rows.append(row | {"job": path.parent.name})
-        if not rows:
-            return
-        files = write_files(rows, sweep_dir)
-        print("[tbptt-exp] largest workable batch per k:\n" + table(rows), flush=True)
-        print(f"[tbptt-exp] frontier written to {files[0]} (also .json, batch_memory.png, batch_throughput.png)", flush=True)
-        from tbptt_exp.tracking import PARENT_RUN_ENV, Tracker
-        from tbptt_exp.config import TrackingConfig
-        from omegaconf import OmegaConf
-
-        parent = os.environ.get(PARENT_RUN_ENV)
-        tracking = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking))
-        if parent and tracking.enabled:
-            tracker = Tracker(tracking)
-            tracker.log_text(parent, table(rows), "batch_frontier.md")
-            for f in files:
-                tracker.client.log_artifact(parent, str(f))
+    rows = sorted(rows, key=lambda r: int(r["job"]) if str(r.get("job", "")).isdigit() else 0)
+    files = write_files(rows, sweep_dir)
+    say("largest workable batch per k:\n" + table(rows))
+    say(f"frontier written to {files[0]} (also .json, batch_memory.png, batch_throughput.png)")
+    parent.log_text(table(rows), "batch_frontier.md")
+    for f in files:
+        parent.log_file(f)

@@ -39,8 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
-PADDINGS = ("dummy", "drop", "pack")
-RESETS = ("sequence", "chunk", "never")
+from tbptt_exp.core.config import PADDINGS, RESETS  # noqa: F401 - the layout's own vocabulary
+
 PAD_ID = 0
 
 

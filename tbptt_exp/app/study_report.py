@@ -24,26 +24,26 @@ def trials_table(study: optuna.Study) -> str:
     return "\n".join(lines)
 
 
-def log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
+def log_study_summary(run, study: optuna.Study) -> None:
+    """On the study's parent ``run`` (a ``TrackedRun``)."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        _log_study_summary(tracker, run_id, study)
+        _log_study_summary(run, study)
 
 
-def _log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
+def _log_study_summary(run, study: optuna.Study) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as vis
 
-    client = tracker.client
-    tracker.log_text(run_id, trials_table(study), "trials.md")
+    run.log_text(trials_table(study), "trials.md")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
-    tracker.log_metrics(run_id, {f"trials_{k}": v for k, v in counts.items()}, step=0)
+    run.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     if not complete:
         return
     plots = []
@@ -53,8 +53,8 @@ def _log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
         except ValueError:  # every complete trial is infeasible
             best = None
         if best is not None:
-            tracker.set_tags(run_id, {"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
-            tracker.log_metrics(run_id, {"best_value": best.value}, step=0)
+            run.set_tags({"best.trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+            run.log_metrics({"best_value": best.value})
         plots.append(("optimization_history.png", lambda: vis.plot_optimization_history(study)))
         if len(complete) >= 2 and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
             plots.append(("param_importances.png", lambda: vis.plot_param_importances(study)))
@@ -62,18 +62,18 @@ def _log_study_summary(tracker, run_id: str, study: optuna.Study) -> None:
         front = study.best_trials
         lines = ["| trial | values | params |", "|---|---|---|"]
         lines += [f"| {t.number} | {t.values} | {t.params} |" for t in front]
-        tracker.log_text(run_id, "\n".join(lines), "pareto_front.md")
-        tracker.set_tags(run_id, {"pareto.trials": ",".join(str(t.number) for t in front)})
+        run.log_text("\n".join(lines), "pareto_front.md")
+        run.set_tags({"pareto.trials": ",".join(str(t.number) for t in front)})
         plots.append(("pareto_front.png", lambda: vis.plot_pareto_front(study)))
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in plots:
             try:
                 axes = make()
             except (ValueError, RuntimeError) as error:  # e.g. importances of a constant space
-                tracker.log_text(run_id, f"{name}: not drawn: {error}", f"{name}.txt")
+                run.log_text(f"{name}: not drawn: {error}", f"{name}.txt")
                 continue
             figure = getattr(axes, "figure", None) or plt.gcf()
             figure.tight_layout()
             figure.savefig(Path(tmp) / name, dpi=100)
             plt.close(figure)
-            client.log_artifact(run_id, str(Path(tmp) / name))
+            run.log_file(Path(tmp) / name)

@@ -1,21 +1,22 @@
 """The configuration schema: the single source of truth for every setting.
 
 Plain dataclasses, so the core can be driven from Python and the same classes serve as
-Hydra structured configs. ``validate`` checks everything that can be checked before any
-data is read or TensorFlow is imported, and raises ``ConfigError`` with a one-line
-message naming the setting, the bad value and what is allowed.
+Hydra structured configs (the app registers them). ``validate`` checks everything that
+can be checked before any data is read or TensorFlow is imported, and raises
+``ConfigError`` with a one-line message naming the setting, the bad value and what is
+allowed. ``to_dict``/``from_dict`` carry one config across a process boundary (into a
+batch-size probe) and validate it on arrival.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from omegaconf import MISSING
-
-from tbptt_exp.layout import PADDINGS, RESETS
-
+PADDINGS = ("dummy", "drop", "pack")
+RESETS = ("sequence", "chunk", "never")
 ENGINES = ("graph", "keras_fit")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 CUTS = ("fixed", "documents")
@@ -158,21 +159,52 @@ class ExperimentConfig:
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
 
-@dataclass
-class ExperimentSchema(ExperimentConfig):
-    """The Hydra root schema: ``data`` is filled by the data group (chars or key_recall)."""
+DATA_CONFIGS = {"chars": CharsDataConfig, "key_recall": KeyRecallDataConfig}
 
-    data: Any = MISSING
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """The config as plain JSON-able data (what crosses a process boundary)."""
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    """A dataclass from a dict, nested dataclasses included; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", values, "use a mapping of settings")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", values[unknown[0]], f"use one of {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        f = fields[name]
+        if name == "data" and cls is ExperimentConfig:
+            kind = value.get("name", "chars") if isinstance(value, dict) else value
+            if kind not in DATA_CONFIGS:
+                raise ConfigError("data", kind, f"use one of {', '.join(DATA_CONFIGS)}")
+            kwargs[name] = _build(DATA_CONFIGS[kind], value, "data.")
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory) \
+                and isinstance(value, dict):
+            kwargs[name] = _build(f.default_factory, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def from_dict(values: dict) -> ExperimentConfig:
+    """``to_dict``'s inverse, validated: a config that arrives from elsewhere is checked."""
+    cfg = _build(ExperimentConfig, values, "")
+    validate(cfg)
+    return cfg
 
 
 def model_preset(name: str) -> ModelConfig:
     """A model preset from ``conf/model/NAME.yaml`` (the presets live there only)."""
-    from omegaconf import OmegaConf
+    import yaml
 
     from tbptt_exp.paths import conf_dir
 
-    node = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
-    return OmegaConf.to_object(node)
+    return ModelConfig(**yaml.safe_load((conf_dir() / "model" / f"{name}.yaml").read_text()))
 
 
 def seed_model() -> ModelConfig:

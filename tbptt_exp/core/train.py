@@ -12,9 +12,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from tbptt_exp.config import ConfigError, ExperimentConfig, validate
-from tbptt_exp.data import Dataset, load_dataset
-from tbptt_exp.layout import build_layout, epoch_order
+from tbptt_exp.core.config import ConfigError, ExperimentConfig, validate
+from tbptt_exp.core.data import Dataset, load_dataset
+from tbptt_exp.core.layout import build_layout, epoch_order
 
 
 @dataclass
@@ -85,11 +85,14 @@ def train(
     dataset = dataset or load_dataset(cfg.data, cfg.seed)
     check_dataset(cfg, dataset)
 
+    from tbptt_exp.core.device import prepare_tensorflow
+
+    prepare_tensorflow()
     import keras  # TensorFlow loads here, after the config and data are known to be good
 
-    from tbptt_exp import measure
-    from tbptt_exp.engines import ENGINES
-    from tbptt_exp.model import build_model, make_optimizer
+    from tbptt_exp.core import measure
+    from tbptt_exp.core.engines import ENGINES
+    from tbptt_exp.core.model import build_model, make_optimizer
 
     # Free what an earlier experiment in this process left (sweeps run jobs in one
     # process), so that its tensors do not count in this one's peak memory.

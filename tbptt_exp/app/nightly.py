@@ -1,12 +1,12 @@
 """Nightly benchmark: a fixed matrix compared with a baseline, flagged when it regresses.
 
-Each job of ``sweep=nightly`` writes ``nightly_entry.json`` (a stable name from its
-overrides, its figures, the device fingerprint). ``NightlyReport`` gathers them at the end
-of the sweep into ``nightly_results.json``, compares every figure with a baseline — the
+Each job of ``sweep=nightly`` hands its sweep a nightly entry (a stable name from its
+overrides, its figures, the device fingerprint). ``report`` gathers them at the end of
+the sweep into ``nightly_results.json``, compares every figure with a baseline — the
 median of the previous nightly runs on the same device fingerprint, or a results file
 (``nightly.baseline=PATH``) — writes ``nightly_report.md`` and ``nightly_report.html``
-(with trend plots), logs them to MLflow and makes the process exit non-zero when a figure
-regressed beyond its threshold.
+(with trend plots), logs them to MLflow and returns the exit code: non-zero when a figure regressed beyond
+its threshold.
 """
 
 from __future__ import annotations
@@ -14,25 +14,18 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import os
 import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from tbptt_exp.core.config import NightlyConfig
 
-from tbptt_exp.config import NightlyConfig, TrackingConfig
-
-ENTRY_FILE = "nightly_entry.json"
 RESULTS_FILE = "nightly_results.json"
 # +1: higher is better; -1: lower is better.
 FIGURES = {"tokens_per_s": +1, "peak_memory_mb": -1, "val_loss": -1, "compile_time_s": -1, "epoch_time_s": -1}
 EXIT_REGRESSED = 4
-
-_outcome: dict[str, Any] = {"regressed": False, "error": None}
+EXIT_NO_BASELINE = 2
 
 
 class BaselineError(Exception):
@@ -206,65 +199,51 @@ def report_html(markdown: str, rows: list[Comparison], plots: list[Path]) -> str
             f"<th>change</th><th>threshold</th><th>verdict</th></tr>{table}</table>{images}</body></html>")
 
 
-class NightlyReport(Callback):
-    """Gathers the nightly entries, compares them with the baseline, reports and flags."""
+def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, parent) -> int:
+    """Compare tonight's entries with the baseline, write the report; the exit code.
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from tbptt_exp.tracking import PARENT_RUN_ENV, Tracker, git_commit
+    0: no regression; ``EXIT_REGRESSED``: a figure regressed beyond its threshold;
+    ``EXIT_NO_BASELINE``: the baseline cannot be used (another device, say).
+    """
+    from tbptt_exp.app.console import error, say
+    from tbptt_exp.app.run import git_commit
 
-        sweep_dir = Path(config.hydra.sweep.dir)
-        entries = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ENTRY_FILE}"))]
-        if not entries:
-            return
-        cfg: NightlyConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(NightlyConfig), config.nightly))
-        fingerprints = {e["device_fingerprint"] for e in entries}
-        fingerprint = entries[0]["device_fingerprint"]
-        results = {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
-            "device_fingerprint": fingerprint,
-            "entries": [{"name": e["name"], "figures": e["figures"]} for e in entries],
-        }
-        (sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    fingerprints = {e["device_fingerprint"] for e in entries}
+    fingerprint = entries[0]["device_fingerprint"]
+    results = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "device_fingerprint": fingerprint,
+        "entries": [{"name": e["name"], "figures": e["figures"]} for e in entries],
+    }
+    (sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1))
+    tracked = parent.run_id is not None
+    history: list[dict] = []
+    try:
+        if len(fingerprints) > 1:
+            raise BaselineError(f"the matrix ran on several devices: {sorted(fingerprints)}")
+        if cfg.baseline:
+            baseline, note = baseline_from_file(Path(cfg.baseline).expanduser(), fingerprint, cfg.allow_other_device)
+            if tracked:
+                _, _, history = baseline_from_history(tracker, fingerprint, parent.run_id, cfg.history_runs)
+        elif tracked:
+            baseline, note, history = baseline_from_history(tracker, fingerprint, parent.run_id, cfg.history_runs)
+        else:
+            baseline, note = {}, "no baseline: tracking is off and no nightly.baseline file was given"
+    except BaselineError as failure:
+        error(str(failure))
+        return EXIT_NO_BASELINE
 
-        tracking = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrackingConfig), config.tracking))
-        tracker = Tracker(tracking) if tracking.enabled else None
-        parent = os.environ.get(PARENT_RUN_ENV)
-        history: list[dict] = []
-        try:
-            if len(fingerprints) > 1:
-                raise BaselineError(f"the matrix ran on several devices: {sorted(fingerprints)}")
-            if cfg.baseline:
-                baseline, note = baseline_from_file(Path(cfg.baseline).expanduser(), fingerprint, cfg.allow_other_device)
-                if tracker is not None:
-                    _, _, history = baseline_from_history(tracker, fingerprint, parent, cfg.history_runs)
-            elif tracker is not None:
-                baseline, note, history = baseline_from_history(tracker, fingerprint, parent, cfg.history_runs)
-            else:
-                baseline, note = {}, "no baseline: tracking is off and no nightly.baseline file was given"
-        except BaselineError as error:
-            _outcome["error"] = str(error)
-            print(f"tbptt-exp: error: {error}", flush=True)
-            return
-
-        rows = compare({e["name"]: e["figures"] for e in entries}, baseline, cfg)
-        markdown = report_markdown(results, rows, note)
-        (sweep_dir / "nightly_report.md").write_text(markdown)
-        plots = trend_plots(history, results, sweep_dir)
-        (sweep_dir / "nightly_report.html").write_text(report_html(markdown, rows, plots))
-        print(markdown, flush=True)
-        print(f"[tbptt-exp] nightly report: {sweep_dir / 'nightly_report.html'}", flush=True)
-        regressed = [r for r in rows if r.verdict == "regressed"]
-        _outcome["regressed"] = bool(regressed)
-        if tracker is not None and parent:
-            tracker.set_tags(parent, {"tbptt_exp.kind": "nightly", "device.fingerprint": fingerprint,
-                                      "nightly.date": results["date"], "nightly.verdict": "regressed" if regressed else "ok"})
-            for path in [sweep_dir / RESULTS_FILE, sweep_dir / "nightly_report.md", sweep_dir / "nightly_report.html", *plots]:
-                tracker.client.log_artifact(parent, str(path))
-
-
-def exit_code() -> int:
-    """For ``python -m tbptt_exp``: non-zero when the nightly run regressed or had no usable baseline."""
-    if _outcome["error"]:
-        return 2
-    return EXIT_REGRESSED if _outcome["regressed"] else 0
+    rows = compare({e["name"]: e["figures"] for e in entries}, baseline, cfg)
+    markdown = report_markdown(results, rows, note)
+    (sweep_dir / "nightly_report.md").write_text(markdown)
+    plots = trend_plots(history, results, sweep_dir)
+    (sweep_dir / "nightly_report.html").write_text(report_html(markdown, rows, plots))
+    print(markdown, flush=True)
+    say(f"nightly report: {sweep_dir / 'nightly_report.html'}")
+    regressed = [r for r in rows if r.verdict == "regressed"]
+    parent.set_tags({"tbptt_exp.kind": "nightly", "device.fingerprint": fingerprint,
+                     "nightly.date": results["date"], "nightly.verdict": "regressed" if regressed else "ok"})
+    for path in [sweep_dir / RESULTS_FILE, sweep_dir / "nightly_report.md", sweep_dir / "nightly_report.html", *plots]:
+        parent.log_file(path)
+    return EXIT_REGRESSED if regressed else 0

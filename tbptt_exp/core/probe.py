@@ -1,4 +1,4 @@
-"""One batch-size probe, run as ``python -m tbptt_exp.probe`` in a fresh process.
+"""One batch-size probe, run as ``python -m tbptt_exp.core.probe`` in a fresh process.
 
 TensorFlow keeps GPU memory after an out-of-memory error until its process exits, so
 every probe gets a process of its own. It trains like the real thing — several
@@ -6,21 +6,21 @@ consecutive chunks with state carried and a per-row reset, optimizer steps (slot
 allocated), a validation pass — and prints one JSON line: the outcome, the allocator's
 peak memory and tokens/s. The parent classifies crashes and time-outs.
 
-Input (stdin, JSON): the experiment config as a dict, ``batch_size``, ``vocab_size``,
-``chunks``; ``{"describe": true}`` only reports the device.
+Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment, validated on
+arrival), ``batch_size``, ``vocab_size``, ``chunks``; ``{"describe": true}`` only reports
+the device. A probe imports the core only: neither Hydra nor MLflow.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import time
 import traceback
 
+from tbptt_exp.core.config import ExperimentConfig, from_dict
+
 MARKER = "TBPTT_PROBE_RESULT "
-PLANT_ENV = "TBPTT_EXP_PROBE_PLANT"  # fault injection for tests: "error:64", "hang:64", "oom:64"
 
 OOM_PATTERNS = re.compile(
     r"ResourceExhausted|RESOURCE_EXHAUSTED|out of memory|OOM when allocating|"
@@ -36,60 +36,34 @@ def classify_error(error: BaseException) -> str:
     return "oom" if OOM_PATTERNS.search(text) else "error"
 
 
-def emit(result: dict) -> None:
-    print(MARKER + json.dumps(result), flush=True)
+def describe() -> dict:
+    import tensorflow as tf
+
+    from tbptt_exp.core import measure
+
+    return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
 
-def planted(batch_size: int) -> None:
-    spec = os.environ.get(PLANT_ENV)
-    if not spec:
-        return
-    kind, _, at = spec.partition(":")
-    if batch_size < int(at or 0):
-        return
-    if kind == "hang":
-        time.sleep(3600)
-    if kind == "oom":
-        import tensorflow as tf
-
-        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (planted)")
-    if kind == "error":
-        raise RuntimeError(f"planted failure at batch_size={batch_size}")
-
-
-def run_probe(request: dict) -> dict:
-    from omegaconf import OmegaConf
-
-    from tbptt_exp.app import configure_device
-    from tbptt_exp.config import ExperimentConfig, ExperimentSchema
-
-    cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentSchema), request["config"]))
-    configure_device(cfg.device)  # before TensorFlow touches the GPU
-
+def run_probe(cfg: ExperimentConfig, batch_size: int, vocab_size: int, chunks: int) -> dict:
+    """Train ``chunks`` carried chunks per stream at ``batch_size``; outcome, peak, tokens/s."""
     import numpy as np
 
-    from tbptt_exp import measure
-    from tbptt_exp.engines import ENGINES
-    from tbptt_exp.layout import Corpus, build_layout
-    from tbptt_exp.model import build_model, make_optimizer
+    from tbptt_exp.core import measure
+    from tbptt_exp.core.engines import ENGINES
+    from tbptt_exp.core.layout import Corpus, build_layout
+    from tbptt_exp.core.model import build_model, make_optimizer
 
-    if request.get("describe"):
-        import tensorflow as tf
-
-        return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
-
-    b, k, chunks, vocab = request["batch_size"], cfg.k, request["chunks"], request["vocab_size"]
-    planted(b)
+    b, k = batch_size, cfg.k
     device = measure.training_device()
     measure.reset_peak_memory(device)
     rng = np.random.default_rng(0)
     # B streams of `chunks` chunks, then a second sequence in every other row: state is
     # carried across chunks and reset per row, as in training.
     lengths = [chunks * k] * b + [k] * (b // 2)
-    corpus = Corpus([rng.integers(1, vocab, n).astype("int32") for n in lengths],
-                    [rng.integers(1, vocab, n).astype("int32") for n in lengths])
+    corpus = Corpus([rng.integers(1, vocab_size, n).astype("int32") for n in lengths],
+                    [rng.integers(1, vocab_size, n).astype("int32") for n in lengths])
     layout = build_layout(corpus, k, b, "pack", "sequence")
-    model = build_model(cfg.model, vocab, b, k)
+    model = build_model(cfg.model, vocab_size, b, k)
     engine = ENGINES[cfg.engine.name](model, cfg.trainer, from_logits=not cfg.model.softmax_output,
                                       optimizer=make_optimizer(cfg.trainer))
     engine.train_epoch(layout)  # traces and compiles
@@ -103,17 +77,27 @@ def run_probe(request: dict) -> dict:
     return {"outcome": outcome, "peak_memory_mb": peak, "tokens_per_s": tokens_per_s}
 
 
-def main() -> None:
-    request = json.loads(sys.stdin.read())
+def answer(request: dict) -> dict:
+    """The probe's answer to one request; any failure is reported and classified."""
+    from tbptt_exp.core.device import configure_device, prepare_tensorflow
+
     try:
-        result = run_probe(request)
-    except Exception as error:  # reported, classified; the parent decides what it means
-        result = {
+        prepare_tensorflow()
+        cfg = from_dict(request["config"])
+        configure_device(cfg.device, say=lambda line: print(line, file=sys.stderr))  # before TensorFlow starts
+        if request.get("describe"):
+            return describe()
+        return run_probe(cfg, request["batch_size"], request["vocab_size"], request["chunks"])
+    except Exception as error:  # the parent decides what it means
+        return {
             "outcome": classify_error(error),
             "error": f"{type(error).__name__}: {error}".strip()[:2000],
             "traceback": traceback.format_exc()[-4000:],
         }
-    emit(result)
+
+
+def main() -> None:
+    print(MARKER + json.dumps(answer(json.loads(sys.stdin.read()))), flush=True)
 
 
 if __name__ == "__main__":

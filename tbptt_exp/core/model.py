@@ -12,7 +12,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tbptt_exp.config import ModelConfig, TrainerConfig
+from tbptt_exp.core.config import ModelConfig, TrainerConfig
 
 
 def build_model(

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tbptt_exp.config import CharsDataConfig, ConfigError, KeyRecallDataConfig
-from tbptt_exp.layout import Corpus
+from tbptt_exp.core.config import CharsDataConfig, ConfigError, KeyRecallDataConfig
+from tbptt_exp.core.layout import Corpus
 
 UNK_ID = 1
 FIRST_CHAR_ID = 2

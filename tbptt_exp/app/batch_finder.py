@@ -1,6 +1,6 @@
 """The largest workable batch size for a model and chunk length k: predicted, then verified.
 
-Each probe runs in a fresh process (``tbptt_exp.probe``) with a time-out, because
+Each probe runs in a fresh process (``tbptt_exp.core.probe``) with a time-out, because
 TensorFlow does not give device memory back after running out of it. The search:
 
 1. probe two small sizes and fit a linear memory model, peak(B) = fixed + per_row * B;
@@ -25,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tbptt_exp.config import BatchFinderConfig, ExperimentConfig
+from tbptt_exp.core.config import BatchFinderConfig, ExperimentConfig, to_dict
+
+PROBE_COMMAND = (sys.executable, "-m", "tbptt_exp.core.probe")  # a probe: the core in a fresh process
 
 FITS = ("ok",)
 TOO_BIG = ("oom", "budget", "timeout", "killed")
@@ -175,13 +177,14 @@ def recommended(max_batch: int, model: tuple[float, float] | None, budget_mb: fl
 # --- probes in processes ---------------------------------------------------------------
 
 
-def run_probe_process(request: dict, timeout_s: float) -> dict:
-    from tbptt_exp.probe import MARKER
+def run_probe_process(request: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
+    """Run one probe process on ``request``; its answer, or how it died."""
+    from tbptt_exp.core.probe import MARKER
 
     started = time.perf_counter()
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "tbptt_exp.probe"], input=json.dumps(request),
+            list(command), input=json.dumps(request),
             capture_output=True, text=True, timeout=timeout_s,
         )
     except subprocess.TimeoutExpired:
@@ -196,8 +199,8 @@ def run_probe_process(request: dict, timeout_s: float) -> dict:
     return {"outcome": "error", "error": f"probe exited {out.returncode}: " + " | ".join(tail), "seconds": seconds}
 
 
-def describe_device(config: dict, timeout_s: float) -> dict:
-    result = run_probe_process({"config": config, "describe": True}, timeout_s)
+def describe_device(config: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
+    result = run_probe_process({"config": config, "describe": True}, timeout_s, command)
     if result.get("outcome") != "describe":
         raise ProbeError(f"cannot start a probe: {result.get('error', result)}")
     return result
@@ -233,12 +236,16 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
 
 
 def find_max_batch(
-    cfg: ExperimentConfig, config_dict: dict, vocab_size: int,
+    cfg: ExperimentConfig, vocab_size: int,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
+    probe_command: tuple[str, ...] | None = None,
 ) -> Frontier:
-    """Search (or recall from the cache) the largest workable batch for ``cfg.k``."""
+    """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
+    ``probe_command`` runs a probe process (default ``PROBE_COMMAND``)."""
+    probe_command = probe_command or PROBE_COMMAND
     finder = cfg.batch_finder
-    device = describe_device(config_dict, finder.probe_timeout_s)
+    config_dict = to_dict(cfg)
+    device = describe_device(config_dict, finder.probe_timeout_s, probe_command)
     budget = budget_for(device["device"], cfg)
     key = fingerprint(cfg, config_dict, device["device"], device["tensorflow"], vocab_size)
     cached = cache_dir(finder) / f"{key}.json"
@@ -250,7 +257,7 @@ def find_max_batch(
 
     def probe(b: int) -> Probe:
         request = {"config": config_dict, "batch_size": b, "vocab_size": vocab_size, "chunks": finder.probe_chunks}
-        r = run_probe_process(request, finder.probe_timeout_s)
+        r = run_probe_process(request, finder.probe_timeout_s, probe_command)
         p = Probe(b, r["outcome"], r.get("peak_memory_mb"), r.get("tokens_per_s"), r.get("seconds", 0.0), r.get("error", ""))
         say(f"k={cfg.k} batch_size={b}: {p.outcome}"
             + (f", peak {p.peak_memory_mb:,.1f} MB" if p.peak_memory_mb is not None else "")

@@ -13,7 +13,7 @@ import dataclasses
 import itertools
 from typing import Iterable
 
-from tbptt_exp.config import ConfigError
+from tbptt_exp.core.config import ConfigError
 from tbptt_exp.paths import conf_dir, sweeps_dir
 
 GROUPS = ("data", "model", "engine", "trainer", "tracking", "device")
@@ -102,8 +102,8 @@ def check_optuna_sweeper(cfg) -> None:
         return
     from omegaconf import ListConfig
 
-    from tbptt_exp.config import objective_names
-    from tbptt_exp.study import PRUNERS, SAMPLERS
+    from tbptt_exp.core.config import objective_names
+    from tbptt_exp.app.study import PRUNERS, SAMPLERS
 
     if sweeper.sampler not in SAMPLERS:
         raise ConfigError("hydra.sweeper.sampler", sweeper.sampler, f"use one of {', '.join(SAMPLERS)}")
@@ -139,7 +139,7 @@ def preflight(argv: list[str]) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tbptt_exp.app import to_experiment
+    from tbptt_exp.app.hydra_app import to_experiment
 
     choices = _choices(_parse(args.overrides), args.multirun)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):

@@ -22,10 +22,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tbptt_exp.config import TrainerConfig
-from tbptt_exp.layout import Layout
-from tbptt_exp.measure import EpochTiming
-from tbptt_exp.model import get_states, reset_rows, set_states, stateful_layers, token_loss
+from tbptt_exp.core.config import TrainerConfig
+from tbptt_exp.core.layout import Layout
+from tbptt_exp.core.measure import EpochTiming
+from tbptt_exp.core.model import get_states, reset_rows, set_states, stateful_layers, token_loss
 
 
 Progress = Callable[[int], None]

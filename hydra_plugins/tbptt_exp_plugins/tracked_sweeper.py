@@ -1,0 +1,43 @@
+"""Hydra adapter: the grid sweeper behind ``-m k=10,25,50``.
+
+It takes the place of Hydra's basic sweeper (``hydra/sweeper=basic``, the default): the
+same sweeper with the same settings, whose jobs run under one MLflow parent run and hand
+their outcomes to ``tbptt_exp.app.sweep.tracked_sweep``. It is stored under Hydra's name
+rather than selected by an ``override`` in conf/config.yaml because a primary config's
+override would win over the sweep presets' ``override /hydra/sweeper: optuna``; and it is
+stored by ``store_config()`` after Hydra's plugin scan, since that scan re-executes
+Hydra's own basic sweeper module, which stores Hydra's ``basic`` again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class TrackedSweeperConf(BasicSweeperConf):
+    _target_: str = "hydra_plugins.tbptt_exp_plugins.tracked_sweeper.TrackedSweeper"
+
+
+def store_config() -> None:
+    ConfigStore.instance().store(group="hydra/sweeper", name="basic", node=TrackedSweeperConf, provider="tbptt_exp")
+
+
+class TrackedSweeper(BasicSweeper):
+    link_overrides: List[str] = []
+
+    def get_job_batch(self) -> List[List[str]]:
+        return [[*job, *self.link_overrides] for job in super().get_job_batch()]
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from tbptt_exp.app.sweep import tracked_sweep
+
+        def launch(link) -> list:
+            self.link_overrides = link.overrides()
+            return [ret for batch in super(TrackedSweeper, self).sweep(arguments) for ret in batch]
+
+        return tracked_sweep(self.config, launch)

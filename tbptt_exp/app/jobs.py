@@ -1,0 +1,218 @@
+"""The jobs a Hydra run executes: train one experiment, or find the largest workable batch.
+
+Each job gets one validated ``ExperimentConfig`` and a ``JobContext`` (everything it
+needs from Hydra and its sweep, as values), runs the core inside one tracked run and
+returns a ``JobOutcome`` for its sweep. Neither reads Hydra's globals or the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tbptt_exp.app.console import epoch_line, error, say, throttled
+from tbptt_exp.app.sweep import JobOutcome, SweepLink
+from tbptt_exp.core.config import ExperimentConfig, objective_names, to_dict
+
+EXIT_PROBE_ERROR = 3
+
+
+@dataclass
+class JobContext:
+    """What the Hydra entry point hands a job."""
+
+    overrides: list[str] = field(default_factory=list)  # the job's own task overrides
+    output_dir: Path = Path(".")
+    multirun: bool = False
+    link: SweepLink = field(default_factory=SweepLink)
+    sweeper: dict = field(default_factory=dict)  # the job's hydra.sweeper settings (Optuna: study, storage, pruner)
+    config_yaml: str = ""  # the resolved config, recorded as an artifact
+
+
+def run_params(experiment: ExperimentConfig) -> dict:
+    from tbptt_exp.app.run import flatten
+
+    return flatten(to_dict(experiment))
+
+
+def epoch_metrics(m) -> dict[str, float | None]:
+    """Every figure of an epoch, by its field name in ``EpochMetrics`` (a new field is a new metric)."""
+    return {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name != "epoch"}
+
+
+def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
+    """Train one experiment and track it; report each epoch to the job's Optuna trial."""
+    from tbptt_exp.app.run import environment_tags, make_tracker, result_record
+    from tbptt_exp.core.data import load_dataset
+    from tbptt_exp.core.device import configure_device
+    from tbptt_exp.core.train import check_dataset, train
+
+    started = time.perf_counter()
+    e = experiment
+    dataset = load_dataset(e.data, e.seed)
+    check_dataset(e, dataset)
+    say(
+        f"data: {dataset.source}: {len(dataset.train):,} train / {len(dataset.val):,} validation "
+        f"sequences, {dataset.train.num_tokens:,} training tokens, vocabulary {dataset.vocab_size}"
+    )
+    say(
+        f"k={e.k} batch_size={e.batch_size} padding={e.padding} reset={e.reset} "
+        f"engine={e.engine.name} model={e.model.preset} ({e.model.layers}x{e.model.units} LSTM) "
+        f"epochs={e.trainer.epochs}"
+    )
+    trial = None
+    if ctx.link.trial_id is not None:
+        from tbptt_exp.app.study import job_trial
+
+        trial = job_trial(ctx.sweeper, ctx.link.trial_id)
+    objectives = objective_names(e.objective)
+    configure_device(e.device, say)  # TensorFlow loads here, once the settings are known good
+    from tbptt_exp.core import measure
+
+    say(f"training on {measure.training_device()} ({measure.device_description()['device_name']})")
+    tracker = make_tracker(e.tracking)
+    with tracker.run(
+        name=e.tracking.run_name
+        or f"k={e.k} B={e.batch_size} {e.padding}/{e.reset} {e.engine.name} {e.model.preset}",
+        params=run_params(e),
+        tags={
+            **environment_tags(),
+            **measure.device_description(),
+            "tbptt_exp.kind": "experiment",
+            "hydra.overrides": " ".join(ctx.overrides),
+            "data.fingerprint": dataset.fingerprint,
+            **({"optuna.study": trial.study.study_name, "optuna.trial": trial.trial.number} if trial else {}),
+        },
+        parent_run_id=ctx.link.parent_run_id,
+    ) as run:
+        if ctx.config_yaml:
+            run.log_text(ctx.config_yaml, "config.yaml")
+        if dataset.vocabulary:
+            run.log_dict({"vocabulary": dataset.vocabulary, "padding_id": 0, "unknown_id": 1}, "vocabulary.json")
+
+        def on_epoch(m) -> None:
+            say(epoch_line(m, e.trainer.epochs))
+            run.log_metrics(epoch_metrics(m), step=m.epoch)
+            if trial is not None:
+                trial.report(getattr(m, objectives[0]), m.epoch)
+
+        progress = throttled(10.0, lambda epoch, done, total: say(f"epoch {epoch}: {done}/{total} batches"))
+        try:
+            result = train(e, on_epoch=on_epoch, dataset=dataset, progress=progress)
+        except Exception as pruned:
+            if trial is not None and type(pruned).__name__ == "TrialPruned":
+                say(f"trial {trial.trial.number} {pruned}")
+            raise
+
+        final = result.final
+        bpc = f" ({final.val_bits_per_char:.3f} bits/char)" if final.val_bits_per_char is not None else ""
+        say(f"done in {time.perf_counter() - started:.1f} s")
+        say(f"  val_loss {final.val_loss:.4f}{bpc}  train_loss {final.train_loss:.4f}")
+        say(f"  real tokens/s {final.tokens_per_s:,.0f} (padded {final.padded_tokens_per_s:,.0f}/s), "
+            f"first execution (tracing+compile) {result.compile_time_s:.1f} s")
+        say(f"  peak memory {final.peak_memory_mb:,.1f} MB on {result.device.get('device')} "
+            f"(TensorFlow allocator), process RSS {final.peak_rss_mb:,.0f} MB")
+        say(f"  padding waste {result.padding_waste:.1%} ({result.dummy_rows} dummy rows, "
+            f"{result.dropped_sequences} sequences dropped, {result.n_batches} batches/epoch)")
+        budget = e.device.memory_budget_mb
+        over_budget = None if budget is None else final.peak_memory_mb - budget
+        if over_budget is not None:
+            verdict = "over" if over_budget > 0 else "within"
+            say(f"  {verdict} the memory budget of {budget:,.0f} MB by {abs(over_budget):,.1f} MB")
+            if trial is not None:
+                trial.trial.set_constraint("peak_memory_over_budget_mb", over_budget)
+        values = [result.objective(name) for name in objectives]
+        run.log_metrics({
+            "compile_time_s": result.compile_time_s,
+            "padding_waste": result.padding_waste,
+            "num_params": result.num_params,
+            "tracking_overhead_s": run.logging_s,
+            "peak_memory_over_budget_mb": over_budget,
+            **{f"objective.{n}": v for n, v in zip(objectives, values)},
+        })
+        run.log_dict(result_record(result), "result.json")
+    if run.run_id:
+        say(f"  MLflow: {run.link}")
+        say(f"  see it: {run.ui}")
+    return JobOutcome(
+        values=values,
+        run_id=run.run_id,
+        summary={"val_loss": final.val_loss, "train_loss": final.train_loss, "tokens_per_s": final.tokens_per_s,
+                 "peak_memory_mb": final.peak_memory_mb, "padding_waste": result.padding_waste},
+        nightly_entry=nightly_entry(result, ctx.overrides) if e.nightly.record else None,
+    )
+
+
+def nightly_entry(result, overrides: list[str]) -> dict:
+    """A nightly matrix entry: a stable name and its figures, for the sweep's report."""
+    import importlib.metadata
+
+    from tbptt_exp.app.nightly import device_fingerprint, entry_name
+
+    final = result.final
+    return {
+        "name": entry_name(overrides),
+        "device_fingerprint": device_fingerprint(result.device, importlib.metadata.version("tensorflow")),
+        "figures": {
+            "tokens_per_s": final.tokens_per_s,
+            "peak_memory_mb": final.peak_memory_mb,
+            "val_loss": final.val_loss,
+            "compile_time_s": result.compile_time_s,
+            "epoch_time_s": final.epoch_time_s,
+        },
+    }
+
+
+def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
+    """Find the largest workable batch for this k; its outcome's value is that size (0: none)."""
+    from tbptt_exp.app.batch_finder import ProbeError, find_max_batch
+    from tbptt_exp.app.frontier import table, write_files
+    from tbptt_exp.app.run import environment_tags, make_tracker
+    from tbptt_exp.core.data import load_dataset
+
+    e = experiment
+    dataset = load_dataset(e.data, e.seed)
+    f = e.batch_finder
+    say(f"largest workable batch for k={e.k}, model={e.model.preset} ({e.model.layers}x{e.model.units}), "
+        f"engine={e.engine.name}: sizes {f.min_batch_size}..{f.max_batch_size} in steps of {f.granularity}, "
+        f"each probe in its own process")
+    tracker = make_tracker(e.tracking)
+    with tracker.run(
+        name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name}",
+        params=run_params(e),
+        tags={**environment_tags(), "tbptt_exp.kind": "max_batch", "hydra.overrides": " ".join(ctx.overrides)},
+        parent_run_id=ctx.link.parent_run_id,
+    ) as run:
+
+        def on_probe(p) -> None:
+            with tracker.run(f"probe B={p.batch_size}", params={"batch_size": p.batch_size, "k": e.k},
+                             tags={"outcome": p.outcome, "tbptt_exp.kind": "probe",
+                                   **({"error": p.error[:500]} if p.error else {})},
+                             parent_run_id=run.run_id) as child:
+                child.log_metrics({"peak_memory_mb": p.peak_memory_mb, "tokens_per_s": p.tokens_per_s,
+                                   "probe_seconds": p.seconds})
+
+        try:
+            frontier = find_max_batch(e, dataset.vocab_size, on_probe, say)
+        except ProbeError as failure:
+            run.set_tags({"error": str(failure)[:500]})
+            error(f"the search stopped on an error that is not out-of-memory: {failure}")
+            raise SystemExit(EXIT_PROBE_ERROR) from None
+        row = frontier.to_dict() | {"job": ctx.output_dir.name}
+        say(f"k={e.k}: largest workable batch {frontier.max_batch_size}, recommended {frontier.recommended_batch_size} "
+            f"({frontier.probes} probes{', cached' if frontier.cached else ''})")
+        if not ctx.multirun:
+            files = write_files([row], ctx.output_dir)
+            say("\n" + table([row]))
+            say(f"written to {files[0]}")
+        run.log_metrics({
+            "max_batch_size": frontier.max_batch_size,
+            "recommended_batch_size": frontier.recommended_batch_size,
+            "peak_memory_mb": frontier.peak_memory_mb,
+            "tokens_per_s": frontier.tokens_per_s,
+            "probes": frontier.probes,
+        })
+        run.log_dict(row, "batch_frontier.json")
+    return JobOutcome(values=[float(frontier.max_batch_size)], run_id=run.run_id, frontier_row=row)

@@ -1,0 +1,326 @@
+"""The one run lifecycle: every MLflow run this harness records starts and ends here.
+
+``Tracker.run(...)`` is a context manager for plain runs, sweep parents and children,
+Optuna trials, batch-finder runs and their probes, and nightly entries alike: it starts
+the run with its params and tags, hands out a ``TrackedRun`` to log metrics and
+artifacts, and on the way out maps the outcome to the run's final state in one place
+(``outcome_of``). A new run state or a new kind of failure is added there and nowhere
+else. With tracking off, ``NO_TRACKING.run(...)`` gives the same interface and records
+nothing, so callers never branch on it.
+
+Runs go through ``MlflowClient`` with explicit run ids (no global "active run"), so a
+job, a sweep and worker processes can each address the right run.
+
+The default store is a SQLite database plus an artifact folder under ``mlruns/``,
+addressed by absolute paths so that runs land in one place whatever the working
+directory (MLflow >= 3.13 refuses the old ``./mlruns`` file store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tbptt_exp.core.config import TrackingConfig
+from tbptt_exp.paths import REPO_DIR, default_store_dir, in_clone
+
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended: its MLflow status, the Optuna trial state it maps to, and why."""
+
+    status: str  # FINISHED | FAILED | KILLED
+    trial_state: str  # COMPLETE | PRUNED | FAIL
+    reason: str = ""
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """The single mapping from how a block ended to a run's final state.
+
+    No exception: FINISHED. A pruned trial: FINISHED (it ran correctly), state PRUNED.
+    Ctrl-C or SIGTERM (``KeyboardInterrupt``): KILLED. ``SystemExit(0)``: FINISHED.
+    Anything else, a non-zero exit included: FAILED, with its one-line reason.
+    """
+    if error is None:
+        return Outcome(FINISHED, "COMPLETE")
+    reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    if type(error).__name__ == "TrialPruned":  # optuna.TrialPruned, without importing Optuna
+        return Outcome(FINISHED, "PRUNED", str(error))
+    if isinstance(error, KeyboardInterrupt):
+        return Outcome(KILLED, "FAIL", reason)
+    if isinstance(error, SystemExit) and error.code in (0, None):
+        return Outcome(FINISHED, "COMPLETE")
+    return Outcome(FAILED, "FAIL", reason)
+
+
+def mask_credentials(text: str) -> str:
+    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
+    return re.sub(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]+@", r"\1:***@", text)
+
+
+def mask_credentials_in_logs() -> None:
+    """Mask passwords in every log record (Hydra logs each job's overrides, URLs included)."""
+    import logging
+
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_credentials", False):
+        return
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = mask_credentials(message), ()
+        return record
+
+    masked_record.masks_credentials = True
+    logging.setLogRecordFactory(masked_record)
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    if cfg.uri:
+        return cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = default_store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def local_store_lock(uri: str):
+    """Serialise creating a SQLite store and its experiment: MLflow's schema migration
+    and experiment creation race when several processes start on a new database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go beside it; a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+    return None
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {mask_credentials(uri)} in a browser"
+    return f"mlflow ui --backend-store-uri {mask_credentials(uri)}"
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"model.units": 256, ...}: every leaf one MLflow param."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def git_commit() -> str | None:
+    if not in_clone():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+class Tracker:
+    """An MLflow experiment and the runs logged to it."""
+
+    def __init__(self, cfg: TrackingConfig):
+        from mlflow import MlflowClient
+
+        self.uri = resolve_uri(cfg)
+        with local_store_lock(self.uri):  # workers starting together on a new SQLite store
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment = self.client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                self.experiment_id = self.client.create_experiment(
+                    cfg.experiment, artifact_location=artifact_location(self.uri)
+                )
+            else:
+                self.experiment_id = experiment.experiment_id
+        self.experiment_name = cfg.experiment
+
+    @contextlib.contextmanager
+    def run(
+        self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
+        parent_run_id: str | None = None, run_id: str | None = None,
+    ) -> Iterator["TrackedRun"]:
+        """Start a run (or take up ``run_id`` again), yield it, end it as ``outcome_of`` says.
+
+        The block may call ``run.leave_running()`` when the run outlives it (a study's
+        parent run that other workers still use); an exception always ends the run.
+        """
+        run = self._start(name, params or {}, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
+        try:
+            yield run
+        except BaseException as error:
+            run.end(outcome_of(error))
+            raise
+        if not run.left_running:
+            run.end(outcome_of(None))
+
+    def _start(self, name, params, tags, parent_run_id) -> "TrackedRun":
+        from mlflow.entities import Param
+
+        all_tags = {k: mask_credentials(str(v)) for k, v in tags.items() if v is not None}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        items = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
+        return TrackedRun(self, run_id, is_trial="optuna.trial" in all_tags)
+
+    def _resume(self, run_id: str) -> "TrackedRun":
+        self.client.update_run(run_id, status="RUNNING")
+        return TrackedRun(self, run_id)
+
+    def run_link(self, run_id: str) -> str:
+        return f"run {run_id} in experiment '{self.experiment_name}' at {mask_credentials(self.uri)}"
+
+
+class TrackedRun:
+    """One MLflow run while it is open: metrics, tags and artifacts, credentials masked."""
+
+    def __init__(self, tracker: Tracker | None, run_id: str | None, is_trial: bool = False):
+        self.tracker, self.run_id, self.is_trial = tracker, run_id, is_trial
+        self.left_running = False
+        self.logging_s = 0.0  # time spent recording, so its overhead can be reported
+
+    @property
+    def client(self):
+        return self.tracker.client
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        started = time.perf_counter()
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+        self.logging_s += time.perf_counter() - started
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, mask_credentials(text), path)
+
+    def log_dict(self, data: dict, path: str) -> None:
+        self.client.log_dict(self.run_id, json.loads(mask_credentials(json.dumps(data, default=str))), path)
+
+    def log_file(self, path: Path | str) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            if v is not None:
+                self.client.set_tag(self.run_id, k, mask_credentials(str(v)))
+
+    def leave_running(self) -> None:
+        self.left_running = True
+
+    def end(self, outcome: Outcome) -> None:
+        if outcome.reason and outcome.status != FINISHED:
+            self.set_tags({"fail_reason": outcome.reason})
+        if self.is_trial:
+            self.set_tags({"optuna.state": outcome.trial_state})
+        self.client.set_terminated(self.run_id, status=outcome.status)
+
+    @property
+    def link(self) -> str:
+        return self.tracker.run_link(self.run_id)
+
+    @property
+    def ui(self) -> str:
+        return ui_command(self.tracker.uri)
+
+
+class _NoRun(TrackedRun):
+    """Tracking off: the same calls, nothing recorded."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None)
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        pass
+
+    def log_text(self, text: str, path: str) -> None:
+        pass
+
+    def log_dict(self, data: dict, path: str) -> None:
+        pass
+
+    def log_file(self, path: Path | str) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def end(self, outcome: Outcome) -> None:
+        pass
+
+
+class _NoTracking:
+    """Stands in for a ``Tracker`` when ``tracking.enabled`` is false."""
+
+    uri = None
+
+    @contextlib.contextmanager
+    def run(self, *args: Any, **kwargs: Any) -> Iterator[TrackedRun]:
+        yield _NoRun()
+
+
+NO_TRACKING = _NoTracking()
+
+
+def make_tracker(cfg: TrackingConfig) -> Tracker | _NoTracking:
+    """The tracker a config asks for; ``NO_TRACKING`` when tracking is off."""
+    return Tracker(cfg) if cfg.enabled else NO_TRACKING
+
+
+def environment_tags() -> dict[str, str | None]:
+    """Versions and commit; device tags are added once TensorFlow is up."""
+    import importlib.metadata as md
+
+    return {
+        "tensorflow.version": md.version("tensorflow"),
+        "keras.version": md.version("keras"),
+        "python.version": platform.python_version(),
+        "git.commit": git_commit(),
+        "host": platform.node(),
+        "command": mask_credentials(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+    }
+
+
+def result_record(result) -> dict:
+    record = asdict(result)
+    return json.loads(json.dumps(record, default=str))
