@@ -203,3 +203,13 @@ def test_sweeps_run_on_tbptt_exps_sweepers(tmp_path, args, sweeper):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"_target_: hydra_plugins.tbptt_exp_plugins.{sweeper.lower().replace('sweeper', '_sweeper')}.{sweeper}" \
         in out.stdout
+
+
+def test_a_grid_sweep_starts_its_sweeper_in_a_fresh_process(tmp_path):
+    """The sweeper as a user's process builds it (Hydra's plugin scan included), tracking off."""
+    out = cli(["-m", "k=5,10", "data=key_recall", "data.num_sequences=24", "data.sequence_length=10",
+               "batch_size=8", "model.units=8", "model.embedding_dim=4", "trainer.epochs=1", "tracking=none"],
+              cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| k=")]
+    assert [row.split()[1] for row in rows] == ["k=5", "k=10"] and all("| FINISHED |" in r for r in rows)

@@ -23,6 +23,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySet
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
         self.settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudySettings), settings))
+        self.hydra_context: Optional[HydraContext] = None  # validate_batch_is_legal reads it
         self.config: Optional[DictConfig] = None
         self.launcher = None
         self.job_idx = 0
@@ -30,7 +31,7 @@ class OptunaSweeper(Sweeper):
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
-        self.config = config
+        self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )

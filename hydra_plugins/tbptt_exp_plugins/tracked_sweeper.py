@@ -6,10 +6,11 @@ their outcomes to ``tbptt_exp.app.sweep.tracked_sweep``. It is stored under Hydr
 rather than selected by an ``override`` in conf/config.yaml because a primary config's
 override would win over the sweep presets' ``override /hydra/sweeper: optuna``; and it is
 stored by ``store_config()`` after Hydra's plugin scan, since that scan re-executes
-Hydra's own basic sweeper module, which stores Hydra's ``basic`` again.
+Hydra's own basic sweeper module, which stores Hydra's ``basic`` again (and defines a new
+``BasicSweeper`` class, hence this module is imported after the scan too). No
+``from __future__ import annotations`` here: the scan executes this module before it is
+in ``sys.modules``, where dataclasses cannot resolve string annotations.
 """
-
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, List
@@ -36,8 +37,10 @@ class TrackedSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         from tbptt_exp.app.sweep import tracked_sweep
 
+        basic_sweep = super().sweep
+
         def launch(link) -> list:
             self.link_overrides = link.overrides()
-            return [ret for batch in super(TrackedSweeper, self).sweep(arguments) for ret in batch]
+            return [ret for batch in basic_sweep(arguments) for ret in batch]
 
         return tracked_sweep(self.config, launch)

@@ -40,6 +40,7 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
 
+    Plugins.instance()  # Hydra's plugin scan first: it re-executes the plugin modules it finds
     from hydra_plugins.tbptt_exp_plugins import tracked_sweeper
     from hydra_plugins.tbptt_exp_plugins.optuna_sweeper import OptunaSweeper
     from hydra_plugins.tbptt_exp_plugins.sweep_presets import SweepPresetsConfigSource
@@ -48,7 +49,7 @@ def register_configs() -> None:
 
     for plugin in (SweepPresetsConfigSource, OptunaSweeper, tracked_sweeper.TrackedSweeper):
         Plugins.instance().register(plugin)
-    tracked_sweeper.store_config()  # after Hydra's plugin scan (above), which stores Hydra's own "basic"
+    tracked_sweeper.store_config()  # after the scan, which stores Hydra's own "basic" again
     mask_credentials_in_logs()
     cs = ConfigStore.instance()
     cs.store(name="experiment_schema", node=ExperimentSchema)

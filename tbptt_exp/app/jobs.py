@@ -99,12 +99,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
                 trial.report(getattr(m, objectives[0]), m.epoch)
 
         progress = throttled(10.0, lambda epoch, done, total: say(f"epoch {epoch}: {done}/{total} batches"))
-        try:
-            result = train(e, on_epoch=on_epoch, dataset=dataset, progress=progress)
-        except Exception as pruned:
-            if trial is not None and type(pruned).__name__ == "TrialPruned":
-                say(f"trial {trial.trial.number} {pruned}")
-            raise
+        result = train(e, on_epoch=on_epoch, dataset=dataset, progress=progress)  # a pruned trial raises here
 
         final = result.final
         bpc = f" ({final.val_bits_per_char:.3f} bits/char)" if final.val_bits_per_char is not None else ""

@@ -224,7 +224,11 @@ class JobTrial:
             return  # Optuna prunes single-objective studies only
         self.trial.report(value, step=epoch)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({value:.4f})")
+            from tbptt_exp.app.console import say
+
+            pruned = optuna.TrialPruned(f"pruned at epoch {epoch} ({value:.4f})")
+            say(f"trial {self.trial.number} {pruned}")
+            raise pruned
 
 
 def job_trial(sweeper: dict, trial_id: int) -> JobTrial:
@@ -305,7 +309,7 @@ def run_study(settings: StudySettings, config, arguments: list[str], launch: Lau
                 name=f"study {s.study_name}",
                 params={f"sweeper.{k}": v for k, v in asdict(s).items() if k not in ("_target_", "storage", "params")}
                 | {f"search.{k}": v for k, v in s.params.items()},
-                tags={**environment_tags_for_study(s)},
+                tags=environment_tags_for_study(s),
             ) as created:
                 created.leave_running()
             parent_id = created.run_id
