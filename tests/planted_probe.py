@@ -15,7 +15,8 @@ KIND, _, AT = sys.argv[1].partition(":")
 real_run_probe = probe.run_probe
 
 
-def planted_run_probe(cfg, batch_size, vocab_size, chunks):
+def planted_run_probe(cfg, seconds):
+    batch_size = cfg.batch_size
     if batch_size >= int(AT or 0):
         if KIND == "hang":
             time.sleep(3600)
@@ -25,7 +26,7 @@ def planted_run_probe(cfg, batch_size, vocab_size, chunks):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor (planted)")
         if KIND == "error":
             raise RuntimeError(f"planted failure at batch_size={batch_size}")
-    return real_run_probe(cfg, batch_size, vocab_size, chunks)
+    return real_run_probe(cfg, seconds)
 
 
 probe.run_probe = planted_run_probe

@@ -93,8 +93,9 @@ def test_a_probe_process_imports_neither_mlflow_nor_hydra():
     """A real probe (train, evaluate, measure) on a tiny model, with its loaded modules listed."""
     from tbptt_exp.core.config import ExperimentConfig, KeyRecallDataConfig, ModelConfig, to_dict
 
-    config = to_dict(ExperimentConfig(k=5, data=KeyRecallDataConfig(), model=ModelConfig(units=8, embedding_dim=4)))
-    request = {"config": config, "batch_size": 8, "vocab_size": 13, "chunks": 2}
+    config = to_dict(ExperimentConfig(k=5, batch_size=8, data=KeyRecallDataConfig(num_sequences=32),
+                                      model=ModelConfig(units=8, embedding_dim=4)))
+    request = {"config": config, "seconds": 0.5}
     code = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr))\n"

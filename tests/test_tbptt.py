@@ -259,8 +259,8 @@ def test_run_reports_measurements():
     result = train(small_experiment(padding="pack"))
     assert len(result.epochs) == 2
     for m in result.epochs:
-        assert m.tokens_per_s > 0 and m.padded_tokens_per_s >= 0
-        assert m.peak_memory_mb >= 0 and m.peak_rss_mb > 0  # TF's CPU allocator skips tiny tensors
+        assert m.padded_tokens_per_s >= m.tokens_per_s > 0  # all timesteps, padding included
+        assert m.peak_memory_mb is not None and m.peak_rss_mb > 0  # a CPU peak is known (tiny tensors may not count)
         assert m.epoch_time_s >= m.first_execution_s > 0
         assert m.val_bits_per_char is None  # not a text corpus
     assert result.compile_time_s == result.epochs[0].first_execution_s

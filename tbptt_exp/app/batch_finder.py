@@ -1,46 +1,51 @@
-"""The largest workable batch size for a model and chunk length k: predicted, then verified.
+"""The largest workable batch size for a model and chunk length k, verified by probes.
 
 Each probe runs in a fresh process (``tbptt_exp.core.probe``) with a time-out, because
-TensorFlow does not give device memory back after running out of it. The search:
+TensorFlow does not give device memory back after running out of it. A probe is a real
+training run of the user's config at one batch size, shortened to a few seconds of steady
+state plus the validation pass, so the peak it measures is the peak a real run reaches.
 
-1. probe two small sizes and fit a linear memory model, peak(B) = fixed + per_row * B;
-2. predict the largest size under the memory budget (GPU: the card or its cap);
-3. verify it and the next size up; bisect between the largest size that worked and the
-   smallest that did not where the prediction was off.
-
-Sizes are multiples of ``granularity``. Out-of-memory in any form TensorFlow reports it,
-an exceeded budget, a time-out and a host-memory kill mean "too big"; any other error
-stops the search and is shown, since it is a bug, not a size. Results are cached by a
-fingerprint of everything that decides memory.
+The search bisects the multiples of ``granularity`` in [min, max]: at most
+ceil(log2(sizes)) + 2 probes (the smallest size, the bisection, the recommended size).
+Its answer is always verified: the largest size probed that fits, with the next size up
+probed and too big (or the top of the range fitting). Memory is not assumed to grow with
+the batch (kernels and allocators change with shapes); where the probes show it does not,
+the result says so. Out-of-memory in any form TensorFlow reports it, an exceeded budget,
+a time-out and a host-memory kill mean "too big"; any other error, or a peak the device
+cannot report while a budget is set, stops the search: a bug, not a size. Results are
+cached by a fingerprint of everything that decides memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from tbptt_exp.core.config import BatchFinderConfig, ExperimentConfig, to_dict
 
 PROBE_COMMAND = (sys.executable, "-m", "tbptt_exp.core.probe")  # a probe: the core in a fresh process
-
 FITS = ("ok",)
 TOO_BIG = ("oom", "budget", "timeout", "killed")
+MONOTONE_TOLERANCE = 0.05  # a peak this much below a smaller size's peak: memory is not monotone
 
 
 @dataclass
 class Probe:
     batch_size: int
-    outcome: str  # ok | oom | budget | timeout | killed | error
+    outcome: str  # ok | oom | budget | timeout | killed | unknown | error
     peak_memory_mb: float | None = None
     tokens_per_s: float | None = None
     seconds: float = 0.0
     error: str = ""
+    tokens_per_s_spread: float | None = None
+    padded_tokens_per_s: float | None = None
 
     @property
     def fits(self) -> bool:
@@ -52,15 +57,24 @@ class ProbeError(RuntimeError):
 
 
 @dataclass
+class SearchResult:
+    max_batch_size: int  # 0: not even the smallest size fits
+    recommended_batch_size: int  # probed; leaves ``headroom`` of the budget free (0: none does)
+    probes: list[Probe]
+    memory_monotone: bool  # False: a larger size measured clearly less than a smaller one
+
+
+@dataclass
 class Frontier:
     k: int
-    max_batch_size: int  # 0: not even the smallest size fits
+    max_batch_size: int
     recommended_batch_size: int
-    peak_memory_mb: float | None
-    tokens_per_s: float | None
+    peak_memory_mb: float | None  # at max_batch_size
+    tokens_per_s: float | None  # at max_batch_size: median of its windows
+    tokens_per_s_spread: float | None
     probes: int
     budget_mb: float | None
-    memory_model: dict = field(default_factory=dict)  # fixed_mb, per_row_mb
+    memory_monotone: bool = True
     probe_log: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     cached: bool = False
@@ -69,109 +83,95 @@ class Frontier:
         return asdict(self)
 
 
-def fit_memory_model(probes: list[Probe]) -> tuple[float, float] | None:
-    """Least squares over the probes that fit: peak = fixed + per_row * B."""
-    points = [(p.batch_size, p.peak_memory_mb) for p in probes if p.fits and p.peak_memory_mb]
-    if len({b for b, _ in points}) < 2:
-        return None
-    n = len(points)
-    mean_b = sum(b for b, _ in points) / n
-    mean_m = sum(m for _, m in points) / n
-    var = sum((b - mean_b) ** 2 for b, _ in points)
-    per_row = sum((b - mean_b) * (m - mean_m) for b, m in points) / var
-    return mean_m - per_row * mean_b, per_row
+def max_probes(cfg: BatchFinderConfig) -> int:
+    """The search's bound: ceil(log2(number of sizes)) + 2."""
+    lo, hi = size_range(cfg)
+    return math.ceil(math.log2((hi - lo) // cfg.granularity + 1)) + 2
 
 
-def local_model(probes: list[Probe], budget_mb: float) -> tuple[float, float] | None:
-    """A line through the two measured peaks nearest the budget (a secant step).
+def size_range(cfg: BatchFinderConfig) -> tuple[int, int]:
+    g = cfg.granularity
+    lo = max(g, -(-cfg.min_batch_size // g) * g)
+    return lo, max(lo, cfg.max_batch_size // g * g)
 
-    Peaks are measured for sizes that fit and for sizes over the budget; the points near
-    the budget predict best (a CPU allocator skips small tensors, so tiny sizes mislead).
-    """
-    points = sorted(
-        {(p.batch_size, p.peak_memory_mb) for p in probes if p.peak_memory_mb and p.outcome in ("ok", "budget")},
-        key=lambda bm: abs(bm[1] - budget_mb),
-    )
-    if len(points) < 2:
-        return None
-    (b1, m1), (b2, m2) = points[0], next(((b, m) for b, m in points[1:] if b != points[0][0]), (None, None))
-    if b2 is None or m2 == m1:
-        return None
-    per_row = (m2 - m1) / (b2 - b1)
-    return m1 - per_row * b1, per_row
+
+def is_monotone(probes: list[Probe]) -> bool:
+    peaks = [(p.batch_size, p.peak_memory_mb) for p in sorted(probes, key=lambda p: p.batch_size)
+             if p.outcome in ("ok", "budget") and p.peak_memory_mb is not None]
+    return all(later >= earlier * (1 - MONOTONE_TOLERANCE)
+               for i, (_, earlier) in enumerate(peaks) for _, later in peaks[i + 1:])
 
 
 def search(
     probe: Callable[[int], Probe], cfg: BatchFinderConfig, budget_mb: float | None,
     on_probe: Callable[[Probe], None] | None = None,
-) -> tuple[int, list[Probe], tuple[float, float] | None]:
-    """Largest multiple of ``granularity`` in [min, max] that fits; the probes it took.
-
-    With a budget, each step probes the size a memory model predicts (secant through the
-    measured peaks nearest the budget); a step that fails to halve the bracket is followed
-    by a bisection step, so the worst case stays near log2 of the range.
-    """
+) -> SearchResult:
+    """Bisect the sizes for the largest that fits; then probe the recommended size."""
     g = cfg.granularity
-    lo_size = max(g, -(-cfg.min_batch_size // g) * g)
-    hi_size = max(lo_size, cfg.max_batch_size // g * g)
+    lo, hi = size_range(cfg)
+    sizes = list(range(lo, hi + 1, g))
     probes: dict[int, Probe] = {}
 
     def run(b: int) -> Probe:
         if b not in probes:
             p = probe(b)
-            if p.outcome == "error":
-                raise ProbeError(f"batch_size={b}: {p.error}")
+            if p.outcome not in FITS + TOO_BIG:
+                raise ProbeError(f"batch_size={b}: {p.error or p.outcome}")
             probes[b] = p
             if on_probe:
                 on_probe(p)
         return probes[b]
 
-    def bounds() -> tuple[int, int]:
-        """Smallest size known not to fit (hi_size + g if none), largest known to fit below it.
-
-        Memory need not grow monotonically with the batch (kernels change with shapes), so
-        a size that fits above a failed one is not trusted: the answer is always a size that
-        fits with the next size up probed and failing.
-        """
-        bad = min((b for b, p in probes.items() if not p.fits), default=hi_size + g)
-        fit = max((b for b, p in probes.items() if p.fits and b < bad), default=0)
-        return fit, bad
-
-    if not run(lo_size).fits:
-        return 0, list(probes.values()), None
-    if hi_size > lo_size:
-        run(min(hi_size, lo_size * 4))
-    bisect_next = False
-    while True:
-        fit, bad = bounds()
-        if bad - fit <= g or fit >= hi_size:
-            break
-        model = local_model(list(probes.values()), budget_mb) if budget_mb is not None else None
-        if model is not None and model[1] > 0 and not bisect_next:
-            target = int((budget_mb - model[0]) / model[1]) // g * g
-            target = min(max(target, fit + g), bad - g, hi_size)
-        elif bad > hi_size:
-            target = min(hi_size, fit * 2 // g * g)  # nothing too big seen yet: gallop
+    if not run(lo).fits:
+        return SearchResult(0, 0, list(probes.values()), True)
+    fit_i, bad_i = 0, len(sizes)  # sizes[fit_i] fits; sizes[bad_i] is too big (len: none seen)
+    while bad_i - fit_i > 1:
+        mid = (fit_i + bad_i) // 2
+        if run(sizes[mid]).fits:
+            fit_i = mid
         else:
-            target = (fit + bad) // 2 // g * g
-        width = bad - fit
-        run(target)
-        fit, bad = bounds()
-        bisect_next = (bad - fit) > width / 2 and bad <= hi_size  # the model did not pay off
-    fit, _ = bounds()
-    return fit, list(probes.values()), fit_memory_model(list(probes.values()))
+            bad_i = mid
+    best = sizes[fit_i]
+    rec = recommend(best, probes, budget_mb, cfg, run)
+    return SearchResult(best, rec, sorted(probes.values(), key=lambda p: p.batch_size), is_monotone(list(probes.values())))
 
 
-def recommended(max_batch: int, model: tuple[float, float] | None, budget_mb: float | None,
-                cfg: BatchFinderConfig) -> int:
-    """The largest size whose predicted peak leaves ``headroom`` of the budget free."""
+def recommend(best: int, probes: dict[int, Probe], budget_mb: float | None, cfg: BatchFinderConfig,
+              run: Callable[[int], Probe]) -> int:
+    """The largest size that leaves ``headroom`` free, probed to confirm (one probe at most).
+
+    With a budget, the candidate is interpolated between the measured peaks on either side
+    of the line budget x (1 - headroom), aiming halfway into the headroom band; without a
+    budget (out-of-memory only), it is max x (1 - headroom). Where the candidate misses, the
+    largest probed size under the line is taken.
+    """
     g = cfg.granularity
-    if max_batch == 0:
-        return 0
-    if model is None or budget_mb is None or model[1] <= 0:
-        return max(g, int(max_batch * (1 - cfg.headroom)) // g * g)
-    limit = int((budget_mb * (1 - cfg.headroom) - model[0]) / model[1]) // g * g
-    return max(g, min(max_batch, limit))
+    line = None if budget_mb is None else budget_mb * (1 - cfg.headroom)
+
+    def fine(p: Probe) -> bool:
+        if not p.fits:
+            return False
+        return line is None or (p.peak_memory_mb is not None and p.peak_memory_mb <= line)
+
+    if line is None:
+        candidate = max(g, int(best * (1 - cfg.headroom)) // g * g)
+    else:
+        under = [p for p in probes.values() if fine(p) and p.batch_size <= best]
+        over = [p for p in probes.values() if p.peak_memory_mb is not None and p.peak_memory_mb > line]
+        if not under:
+            return 0
+        below = max(under, key=lambda p: p.batch_size)
+        above = min((p for p in over if p.batch_size > below.batch_size), key=lambda p: p.batch_size, default=None)
+        if above is None:
+            return below.batch_size
+        slope = (above.peak_memory_mb - below.peak_memory_mb) / (above.batch_size - below.batch_size)
+        aim = line - (budget_mb - line) / 2  # halfway into the headroom band: a chord rarely misses by that much
+        candidate = below.batch_size + max(0, int((aim - below.peak_memory_mb) / slope)) // g * g
+    candidate = min(candidate, best)
+    if candidate not in probes:
+        run(candidate)
+    ok = [b for b, p in probes.items() if fine(p) and b <= candidate]
+    return max(ok, default=0)
 
 
 # --- probes in processes ---------------------------------------------------------------
@@ -218,14 +218,15 @@ def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
     return None
 
 
-def fingerprint(cfg: ExperimentConfig, config_dict: dict, device: dict, tensorflow: str, vocab_size: int) -> str:
-    decisive = {
-        "model": config_dict["model"], "k": cfg.k, "dtype": "float32",
-        "engine": config_dict["engine"], "trainer": {k: config_dict["trainer"][k] for k in ("optimizer", "steps_per_execution", "jit_compile")},
-        "device": device, "memory_limit_mb": cfg.device.memory_limit_mb, "budget_mb": cfg.device.memory_budget_mb,
-        "tensorflow": tensorflow, "finder": {k: v for k, v in config_dict["batch_finder"].items() if k not in ("cache", "cache_dir", "probe_timeout_s")},
-        "vocab": vocab_size,
-    }
+def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str) -> str:
+    """Everything that decides a probe's answer: the config (the batch size aside), device, TensorFlow."""
+    config = to_dict(cfg)
+    for key in ("batch_size", "tracking", "nightly", "objective", "task"):
+        config.pop(key)
+    config["trainer"].pop("epochs")
+    for key in ("cache", "cache_dir", "probe_timeout_s"):
+        config["batch_finder"].pop(key)
+    decisive = {"config": config, "device": device, "tensorflow": tensorflow}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -236,18 +237,19 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
 
 
 def find_max_batch(
-    cfg: ExperimentConfig, vocab_size: int,
+    cfg: ExperimentConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
     probe_command: tuple[str, ...] | None = None,
 ) -> Frontier:
     """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
     ``probe_command`` runs a probe process (default ``PROBE_COMMAND``)."""
+    from tbptt_exp.app.console import spread_text
+
     probe_command = probe_command or PROBE_COMMAND
     finder = cfg.batch_finder
-    config_dict = to_dict(cfg)
-    device = describe_device(config_dict, finder.probe_timeout_s, probe_command)
+    device = describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
     budget = budget_for(device["device"], cfg)
-    key = fingerprint(cfg, config_dict, device["device"], device["tensorflow"], vocab_size)
+    key = fingerprint(cfg, device["device"], device["tensorflow"])
     cached = cache_dir(finder) / f"{key}.json"
     if finder.cache and cached.is_file():
         say(f"k={cfg.k}: cached result {cached.name} (device {device['device']['device_name']})")
@@ -256,26 +258,30 @@ def find_max_batch(
         say(f"k={cfg.k}: no memory budget known (set device.memory_budget_mb): searching by real out-of-memory only")
 
     def probe(b: int) -> Probe:
-        request = {"config": config_dict, "batch_size": b, "vocab_size": vocab_size, "chunks": finder.probe_chunks}
+        request = {"config": to_dict(replace(cfg, batch_size=b)), "seconds": finder.probe_seconds}
         r = run_probe_process(request, finder.probe_timeout_s, probe_command)
-        p = Probe(b, r["outcome"], r.get("peak_memory_mb"), r.get("tokens_per_s"), r.get("seconds", 0.0), r.get("error", ""))
+        p = Probe(b, r["outcome"], r.get("peak_memory_mb"), r.get("tokens_per_s"), r.get("seconds", 0.0),
+                  r.get("error", ""), r.get("tokens_per_s_spread"), r.get("padded_tokens_per_s"))
         say(f"k={cfg.k} batch_size={b}: {p.outcome}"
             + (f", peak {p.peak_memory_mb:,.1f} MB" if p.peak_memory_mb is not None else "")
-            + (f", {p.tokens_per_s:,.0f} tokens/s" if p.tokens_per_s else "")
+            + (f", {p.tokens_per_s:,.0f}{spread_text(p.tokens_per_s_spread)} tokens/s" if p.tokens_per_s else "")
             + (f" ({p.error})" if p.error and p.outcome != "ok" else "") + f" [{p.seconds:.1f} s]")
         return p
 
-    best, probes, model = search(probe, finder, budget, on_probe)
-    at_best = next((p for p in probes if p.batch_size == best), None)
+    found = search(probe, finder, budget, on_probe)
+    at_best = next((p for p in found.probes if p.batch_size == found.max_batch_size), None)
+    if not found.memory_monotone:
+        peaks = ", ".join(f"B={p.batch_size}: {p.peak_memory_mb:,.1f} MB" for p in found.probes
+                          if p.peak_memory_mb is not None)
+        say(f"k={cfg.k}: peak memory is not monotone in the batch size here ({peaks}); "
+            "the answer is verified by probes, not predicted")
     frontier = Frontier(
-        k=cfg.k, max_batch_size=best,
-        recommended_batch_size=recommended(best, model, budget, finder),
+        k=cfg.k, max_batch_size=found.max_batch_size, recommended_batch_size=found.recommended_batch_size,
         peak_memory_mb=at_best.peak_memory_mb if at_best else None,
         tokens_per_s=at_best.tokens_per_s if at_best else None,
-        probes=len(probes), budget_mb=budget,
-        memory_model={"fixed_mb": model[0], "per_row_mb": model[1]} if model else {},
-        probe_log=[asdict(p) for p in sorted(probes, key=lambda p: p.batch_size)],
-        fingerprint=key,
+        tokens_per_s_spread=at_best.tokens_per_s_spread if at_best else None,
+        probes=len(found.probes), budget_mb=budget, memory_monotone=found.memory_monotone,
+        probe_log=[asdict(p) for p in found.probes], fingerprint=key,
     )
     if finder.cache:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,19 @@ def throttled(every_s: float, fn: Callable[..., None]) -> Callable[..., None]:
     return call
 
 
+def mb(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:,.1f} MB"
+
+
+def spread_text(spread: float | None) -> str:
+    """A rate's interquartile range as ± half of it; nothing for a single window."""
+    return "" if spread is None else f" ± {spread / 2:,.0f}"
+
+
 def epoch_line(m, epochs: int) -> str:
     bpc = f" ({m.val_bits_per_char:.3f} bits/char)" if m.val_bits_per_char is not None else ""
     return (
         f"epoch {m.epoch}/{epochs}  train_loss {m.train_loss:.4f}  val_loss {m.val_loss:.4f}{bpc}  "
-        f"{m.tokens_per_s:,.0f} tokens/s  peak {m.peak_memory_mb:,.0f} MB  {m.epoch_time_s:.1f} s"
+        f"{m.tokens_per_s:,.0f}{spread_text(m.tokens_per_s_spread)} tokens/s  peak {mb(m.peak_memory_mb)}  "
+        f"{m.epoch_time_s:.1f} s"
     )

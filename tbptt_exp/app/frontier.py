@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 
-COLUMNS = ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s", "probes",
-           "budget_mb", "cached", "job")
+COLUMNS = ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
+           "tokens_per_s_spread", "probes", "budget_mb", "memory_monotone", "cached", "job")
 
 
 def table(rows: list[dict]) -> str:
@@ -40,44 +40,50 @@ def write_files(rows: list[dict], folder: Path) -> list[Path]:
 
 
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    """Peak memory vs batch (budget line, fitted model) and tokens/s vs batch, a line per k."""
+    """Peak memory vs batch (budget, max and recommended marked) and tokens/s vs batch with
+    each probe's spread, a colour per k; log-scaled batch axis, no lines between probes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig_m, ax_m = plt.subplots(figsize=(7, 4.5))
-    fig_t, ax_t = plt.subplots(figsize=(7, 4.5))
+    fig_m, ax_m = plt.subplots(figsize=(7.5, 4.8))
+    fig_t, ax_t = plt.subplots(figsize=(7.5, 4.8))
     budgets = set()
     for row in sorted(rows, key=lambda r: r["k"]):
-        label = f"k={row['k']}" + (f" {row['job']}" if row.get("job") and len(rows) > len({r['k'] for r in rows}) else "")
+        label = f"k={row['k']}" + (f" (job {row['job']})" if row.get("job") and len(rows) > len({r['k'] for r in rows}) else "")
         probes = sorted(row["probe_log"], key=lambda p: p["batch_size"])
-        ok = [p for p in probes if p["outcome"] == "ok"]
+        ok = [p for p in probes if p["outcome"] == "ok" and p.get("peak_memory_mb") is not None]
         bad = [p for p in probes if p["outcome"] != "ok"]
-        line = ax_m.plot([p["batch_size"] for p in ok], [p["peak_memory_mb"] for p in ok], "o", label=label)[0]
-        if bad:
-            ax_m.plot([p["batch_size"] for p in bad], [p.get("peak_memory_mb") or float("nan") for p in bad],
-                      "x", color=line.get_color())
-            for p in bad:
-                ax_m.axvline(p["batch_size"], color=line.get_color(), alpha=0.15)
-        model = row.get("memory_model") or {}
-        if model:
-            xs = [0, max(p["batch_size"] for p in probes)]
-            ax_m.plot(xs, [model["fixed_mb"] + model["per_row_mb"] * x for x in xs], "--", color=line.get_color(), alpha=0.6)
-        if ok:
-            ax_t.plot([p["batch_size"] for p in ok], [p["tokens_per_s"] for p in ok], "o-", label=label)
+        colour = ax_m.plot([p["batch_size"] for p in ok], [p["peak_memory_mb"] for p in ok], "o", label=label)[0].get_color()
+        ax_m.plot([p["batch_size"] for p in bad], [p.get("peak_memory_mb") or float("nan") for p in bad], "x",
+                  color=colour, markersize=9)
+        if row["max_batch_size"]:
+            ax_m.axvline(row["max_batch_size"], color=colour, linestyle="-", alpha=0.5)
+        if row["recommended_batch_size"]:
+            ax_m.axvline(row["recommended_batch_size"], color=colour, linestyle=":", alpha=0.8)
+        timed = [p for p in ok if p.get("tokens_per_s")]
+        ax_t.errorbar([p["batch_size"] for p in timed], [p["tokens_per_s"] for p in timed],
+                      yerr=[(p.get("tokens_per_s_spread") or 0) / 2 for p in timed], fmt="o", capsize=3, label=label)
         if row.get("budget_mb"):
             budgets.add(row["budget_mb"])
+    handles, _ = ax_m.get_legend_handles_labels()
+    handles += [Line2D([], [], marker="x", linestyle="", color="grey", label="too big"),
+                Line2D([], [], color="grey", alpha=0.5, label="largest that fits"),
+                Line2D([], [], color="grey", linestyle=":", label="recommended")]
     for budget in budgets:
-        ax_m.axhline(budget, color="red", linewidth=1, label=f"budget {budget:,.0f} MB")
-    ax_m.set(xlabel="batch size", ylabel="peak memory (MB)", title="Peak memory per probe (x: too big, --: fitted)")
-    ax_t.set(xlabel="batch size", ylabel="real tokens / s", title="Throughput of the probes that fit")
+        handles.append(ax_m.axhline(budget, color="red", linewidth=1, label=f"budget {budget:,.0f} MB"))
+    ax_m.legend(handles=handles, fontsize=8)
+    ax_t.legend(fontsize=8)
+    ax_m.set(xlabel="batch size", ylabel="peak memory (MB)", title="Peak memory per probe")
+    ax_t.set(xlabel="batch size", ylabel="real tokens / s (median, ± half IQR)", title="Throughput of the probes that fit")
     paths = []
     for fig, ax, name in ((fig_m, ax_m, "batch_memory.png"), (fig_t, ax_t, "batch_throughput.png")):
+        ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=100)
+        fig.savefig(folder / name, dpi=150)
         plt.close(fig)
         paths.append(folder / name)
     return paths

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tbptt_exp.app.console import epoch_line, error, say, throttled
+from tbptt_exp.app.console import epoch_line, error, mb, say, spread_text, throttled
 from tbptt_exp.app.sweep import JobOutcome, SweepLink
 from tbptt_exp.core.config import ExperimentConfig, objective_names, to_dict
 
@@ -83,6 +83,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
             "tbptt_exp.kind": "experiment",
             "hydra.overrides": " ".join(ctx.overrides),
             "data.fingerprint": dataset.fingerprint,
+            "mlflow.note.content": "\n".join(f"- **{name}**: {text}" for name, text in measure.DEFINITIONS.items()),
             **({"optuna.study": trial.study.study_name, "optuna.trial": trial.trial.number} if trial else {}),
         },
         parent_run_id=ctx.link.parent_run_id,
@@ -105,19 +106,23 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
         bpc = f" ({final.val_bits_per_char:.3f} bits/char)" if final.val_bits_per_char is not None else ""
         say(f"done in {time.perf_counter() - started:.1f} s")
         say(f"  val_loss {final.val_loss:.4f}{bpc}  train_loss {final.train_loss:.4f}")
-        say(f"  real tokens/s {final.tokens_per_s:,.0f} (padded {final.padded_tokens_per_s:,.0f}/s), "
+        say(f"  real tokens/s {final.tokens_per_s:,.0f}{spread_text(final.tokens_per_s_spread)} "
+            f"(all timesteps incl. padding {final.padded_tokens_per_s:,.0f}/s), "
             f"first execution (tracing+compile) {result.compile_time_s:.1f} s")
-        say(f"  peak memory {final.peak_memory_mb:,.1f} MB on {result.device.get('device')} "
-            f"(TensorFlow allocator), process RSS {final.peak_rss_mb:,.0f} MB")
+        say(f"  peak memory {mb(final.peak_memory_mb)} on {result.device.get('device')} "
+            f"(TensorFlow allocator, this run), process RSS {final.peak_rss_mb:,.0f} MB")
         say(f"  padding waste {result.padding_waste:.1%} ({result.dummy_rows} dummy rows, "
             f"{result.dropped_sequences} sequences dropped, {result.n_batches} batches/epoch)")
         budget = e.device.memory_budget_mb
-        over_budget = None if budget is None else final.peak_memory_mb - budget
-        if over_budget is not None:
+        over_budget = None
+        if budget is not None and final.peak_memory_mb is None:
+            say(f"  peak memory unknown on this device: the memory budget of {budget:,.0f} MB cannot be checked")
+        elif budget is not None:
+            over_budget = final.peak_memory_mb - budget
             verdict = "over" if over_budget > 0 else "within"
             say(f"  {verdict} the memory budget of {budget:,.0f} MB by {abs(over_budget):,.1f} MB")
-            if trial is not None:
-                trial.trial.set_constraint("peak_memory_over_budget_mb", over_budget)
+        if trial is not None and budget is not None:  # unknown is never feasible
+            trial.trial.set_constraint("peak_memory_over_budget_mb", budget if over_budget is None else over_budget)
         values = [result.objective(name) for name in objectives]
         run.log_metrics({
             "compile_time_s": result.compile_time_s,
@@ -162,17 +167,17 @@ def nightly_entry(result, overrides: list[str]) -> dict:
 
 def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
     """Find the largest workable batch for this k; its outcome's value is that size (0: none)."""
-    from tbptt_exp.app.batch_finder import ProbeError, find_max_batch
+    from tbptt_exp.app.batch_finder import ProbeError, find_max_batch, max_probes
     from tbptt_exp.app.frontier import table, write_files
     from tbptt_exp.app.run import environment_tags, make_tracker
     from tbptt_exp.core.data import load_dataset
 
     e = experiment
-    dataset = load_dataset(e.data, e.seed)
+    load_dataset(e.data, e.seed)  # data errors as one line here, not in every probe
     f = e.batch_finder
     say(f"largest workable batch for k={e.k}, model={e.model.preset} ({e.model.layers}x{e.model.units}), "
         f"engine={e.engine.name}: sizes {f.min_batch_size}..{f.max_batch_size} in steps of {f.granularity}, "
-        f"each probe in its own process")
+        f"each probe a {f.probe_seconds:g} s training run in its own process (at most {max_probes(f)} probes)")
     tracker = make_tracker(e.tracking)
     with tracker.run(
         name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name}",
@@ -187,10 +192,11 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
                                    **({"error": p.error[:500]} if p.error else {})},
                              parent_run_id=run.run_id) as child:
                 child.log_metrics({"peak_memory_mb": p.peak_memory_mb, "tokens_per_s": p.tokens_per_s,
-                                   "probe_seconds": p.seconds})
+                                   "tokens_per_s_spread": p.tokens_per_s_spread,
+                                   "padded_tokens_per_s": p.padded_tokens_per_s, "probe_seconds": p.seconds})
 
         try:
-            frontier = find_max_batch(e, dataset.vocab_size, on_probe, say)
+            frontier = find_max_batch(e, on_probe, say)
         except ProbeError as failure:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")
@@ -207,6 +213,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
             "recommended_batch_size": frontier.recommended_batch_size,
             "peak_memory_mb": frontier.peak_memory_mb,
             "tokens_per_s": frontier.tokens_per_s,
+            "tokens_per_s_spread": frontier.tokens_per_s_spread,
             "probes": frontier.probes,
         })
         run.log_dict(row, "batch_frontier.json")

@@ -116,7 +116,7 @@ class BatchFinderConfig:
     min_batch_size: int = 8
     max_batch_size: int = 4096
     headroom: float = 0.1  # the recommended size leaves this fraction of the budget free
-    probe_chunks: int = 4  # consecutive chunks a probe trains per stream
+    probe_seconds: float = 3.0  # steady-state seconds a probe trains (its throughput windows)
     probe_timeout_s: float = 300.0  # a probe that takes longer counts as too big
     cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
     cache_dir: Optional[str] = None  # None: mlruns/batch_cache
@@ -251,14 +251,16 @@ def validate(cfg: ExperimentConfig) -> None:
         if not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"nightly.thresholds.{figure}", value, "use a relative change such as 0.1 (10%)")
     f = cfg.batch_finder
-    for name in ("granularity", "min_batch_size", "max_batch_size", "probe_chunks"):
+    for name in ("granularity", "min_batch_size", "max_batch_size"):
         _positive(f"batch_finder.{name}", getattr(f, name))
     if f.max_batch_size < max(f.granularity, f.min_batch_size):
         raise ConfigError("batch_finder.max_batch_size", f.max_batch_size,
                           f"use at least batch_finder.granularity={f.granularity} and min_batch_size={f.min_batch_size}")
     _fraction("batch_finder.headroom", f.headroom)
-    if not isinstance(f.probe_timeout_s, (int, float)) or f.probe_timeout_s <= 0:
-        raise ConfigError("batch_finder.probe_timeout_s", f.probe_timeout_s, "use a positive number of seconds")
+    for name in ("probe_timeout_s", "probe_seconds"):
+        value = getattr(f, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"batch_finder.{name}", value, "use a positive number of seconds")
 
     d = cfg.data
     if isinstance(d, CharsDataConfig):

@@ -33,9 +33,8 @@ Progress = Callable[[int], None]
 
 @dataclass
 class EpochResult:
-    loss: float  # mean cross-entropy per real token (nats)
-    timing: EpochTiming
-    first_execution_batches: int  # batches inside the first (separately timed) execution
+    loss: float  # mean cross-entropy per real token (nats), over the batches trained
+    timing: EpochTiming  # marks: the first execution, then throughput windows (measure.py)
 
 
 class Engine:
@@ -68,8 +67,13 @@ class Engine:
             self._evaluate_steps, input_signature=spec, jit_compile=self.jit_compile
         )
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
-        """One pass over ``layout``; ``progress(batches_done)`` is called as it goes."""
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
+        """One pass over ``layout``; ``progress(batches_done)`` is called at each window.
+
+        ``stop_after_s``: train until this much steady-state time is measured, ending
+        mid-layout or going round it again (a batch-size probe: training exactly like an
+        epoch, for a set time). Batches are counted across rounds.
+        """
         raise NotImplementedError
 
     def _weighted_sums(self, targets, y_pred, weights):
@@ -140,20 +144,28 @@ class GraphEngine(Engine):
             weight_sum += batch_weight
         return loss_sum, weight_sum
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
         steps = self.cfg.steps_per_execution
-        timing = EpochTiming(start=EpochTiming.now())
-        sums = []
-        for arrays in executions(layout, steps):
-            sums.append(self._train_execution(*arrays))
-            if len(sums) == 1:
-                float(sums[0][0])  # wait for the first execution to finish
-                timing.first_done = EpochTiming.now()
-            if progress is not None:
-                progress(min(len(sums) * steps, layout.n_batches))
+        timing = EpochTiming()
+        sums, done = [], 0
+        while True:
+            for arrays in executions(layout, steps):
+                sums.append(self._train_execution(*arrays))
+                done += min(steps, layout.n_batches - done % layout.n_batches)
+                if timing.due():  # the one host sync: a window closes (the first one: compilation)
+                    float(sums[-1][0])
+                    timing.mark(done)
+                    if progress is not None:
+                        progress(done)
+                    if stop_after_s is not None and timing.steady_s >= stop_after_s:
+                        break
+            else:
+                if stop_after_s is not None:
+                    continue  # not measured long enough yet: once more round the layout
+            break
         loss = per_token_loss(sums)  # waits for the last execution
-        timing.end, timing.executions = EpochTiming.now(), len(sums)
-        return EpochResult(loss, timing, min(steps, layout.n_batches))
+        timing.finish(done)
+        return EpochResult(loss, timing)
 
 
 class ResetStatesOnNewGroup(keras.callbacks.Callback):
@@ -177,17 +189,20 @@ class ResetStatesOnNewGroup(keras.callbacks.Callback):
 class _TimeAndReport(keras.callbacks.Callback):
     _supports_tf_logs = True
 
-    def __init__(self, timing: EpochTiming, progress: Progress | None):
+    def __init__(self, timing: EpochTiming, progress: Progress | None, stop_after_s: float | None):
         super().__init__()
-        self.timing, self.progress = timing, progress
+        self.timing, self.progress, self.stop_after_s = timing, progress, stop_after_s
+        self.done = 0  # batches, counted across rounds
 
     def on_train_batch_end(self, batch, logs=None):
-        self.timing.executions += 1
-        if batch == 0:
-            float(logs["loss"])  # wait for the first step to finish
-            self.timing.first_done = EpochTiming.now()
-        if self.progress is not None:
-            self.progress(batch + 1)
+        self.done += 1
+        if self.timing.due():  # the one host sync: a window closes (the first one: compilation)
+            float(logs["loss"])
+            self.timing.mark(self.done)
+            if self.progress is not None:
+                self.progress(self.done)
+            if self.stop_after_s is not None and self.timing.steady_s >= self.stop_after_s:
+                self.model.stop_training = True
 
 
 class KerasFitEngine(Engine):
@@ -195,21 +210,22 @@ class KerasFitEngine(Engine):
 
     name = "keras_fit"
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
         k = layout.k
-        timing = EpochTiming(start=EpochTiming.now())
+        timing = EpochTiming()
+        clock = _TimeAndReport(timing, progress, stop_after_s)
         history = self.model.fit(
             layout.inputs.reshape(-1, k),
             layout.targets.reshape(-1, k),
             sample_weight=layout.sample_weights.reshape(-1, k),
             batch_size=layout.batch_size,
-            epochs=1,
+            epochs=1 if stop_after_s is None else 1_000_000,  # a timed run ends from the callback
             shuffle=False,
             verbose=0,
-            callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), _TimeAndReport(timing, progress)],
+            callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), clock],
         )
-        timing.end = EpochTiming.now()
-        return EpochResult(float(history.history["token_loss"][0]), timing, 1)
+        timing.finish(clock.done)
+        return EpochResult(float(history.history["token_loss"][-1]), timing)
 
 
 ENGINES = {engine.name: engine for engine in (GraphEngine, KerasFitEngine)}

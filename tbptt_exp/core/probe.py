@@ -1,14 +1,15 @@
 """One batch-size probe, run as ``python -m tbptt_exp.core.probe`` in a fresh process.
 
 TensorFlow keeps GPU memory after an out-of-memory error until its process exits, so
-every probe gets a process of its own. It trains like the real thing — several
-consecutive chunks with state carried and a per-row reset, optimizer steps (slots
-allocated), a validation pass — and prints one JSON line: the outcome, the allocator's
-peak memory and tokens/s. The parent classifies crashes and time-outs.
+every probe gets a process of its own. A probe *is* the real thing, shortened: the
+user's data, layout, engine and resets, optimizer steps, a validation pass, measured by
+``core.measure`` as every run is. It prints one JSON line: the outcome, the allocator's
+peak memory and tokens/s with their spread. The parent classifies crashes and time-outs.
 
-Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment, validated on
-arrival), ``batch_size``, ``vocab_size``, ``chunks``; ``{"describe": true}`` only reports
-the device. A probe imports the core only: neither Hydra nor MLflow.
+Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment at the batch
+size to try, validated on arrival) and ``seconds`` (steady-state time to measure);
+``{"describe": true}`` only reports the device. A probe imports the core only: neither
+Hydra nor MLflow.
 """
 
 from __future__ import annotations
@@ -44,37 +45,24 @@ def describe() -> dict:
     return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
 
-def run_probe(cfg: ExperimentConfig, batch_size: int, vocab_size: int, chunks: int) -> dict:
-    """Train ``chunks`` carried chunks per stream at ``batch_size``; outcome, peak, tokens/s."""
-    import numpy as np
+def run_probe(cfg: ExperimentConfig, seconds: float) -> dict:
+    """One epoch of ``cfg``'s real training, cut after ``seconds`` of steady state, then the
+    validation pass: the same layout, engine, resets and measurements as a training run,
+    so its peak memory is the peak a real run reaches."""
+    from dataclasses import replace
 
-    from tbptt_exp.core import measure
-    from tbptt_exp.core.engines import ENGINES
-    from tbptt_exp.core.layout import Corpus, build_layout
-    from tbptt_exp.core.model import build_model, make_optimizer
+    from tbptt_exp.core.train import train
 
-    b, k = batch_size, cfg.k
-    device = measure.training_device()
-    measure.reset_peak_memory(device)
-    rng = np.random.default_rng(0)
-    # B streams of `chunks` chunks, then a second sequence in every other row: state is
-    # carried across chunks and reset per row, as in training.
-    lengths = [chunks * k] * b + [k] * (b // 2)
-    corpus = Corpus([rng.integers(1, vocab_size, n).astype("int32") for n in lengths],
-                    [rng.integers(1, vocab_size, n).astype("int32") for n in lengths])
-    layout = build_layout(corpus, k, b, "pack", "sequence")
-    model = build_model(cfg.model, vocab_size, b, k)
-    engine = ENGINES[cfg.engine.name](model, cfg.trainer, from_logits=not cfg.model.softmax_output,
-                                      optimizer=make_optimizer(cfg.trainer))
-    engine.train_epoch(layout)  # traces and compiles
-    timed = engine.train_epoch(layout)  # steady state
-    engine.evaluate(build_layout(Corpus(corpus.inputs[:b], corpus.targets[:b]), k, b, "dummy"))
-    peak = measure.peak_memory_mb(device)
-    real = layout.real_tokens
-    tokens_per_s = real / timed.timing.wall_s if timed.timing.wall_s > 0 else float("nan")
+    result = train(replace(cfg, trainer=replace(cfg.trainer, epochs=1)), epoch_seconds=seconds)
+    m = result.final
     budget = cfg.device.memory_budget_mb
-    outcome = "budget" if budget is not None and peak > budget else "ok"
-    return {"outcome": outcome, "peak_memory_mb": peak, "tokens_per_s": tokens_per_s}
+    answer = {"peak_memory_mb": m.peak_memory_mb, "tokens_per_s": m.tokens_per_s,
+              "tokens_per_s_spread": m.tokens_per_s_spread, "padded_tokens_per_s": m.padded_tokens_per_s}
+    if m.peak_memory_mb is None and budget is not None:
+        device = result.device.get("device")
+        return answer | {"outcome": "unknown", "error": f"TensorFlow's allocator on {device} reports no peak "
+                         "memory, so device.memory_budget_mb cannot be checked"}
+    return answer | {"outcome": "budget" if budget is not None and m.peak_memory_mb > budget else "ok"}
 
 
 def answer(request: dict) -> dict:
@@ -87,7 +75,7 @@ def answer(request: dict) -> dict:
         configure_device(cfg.device, say=lambda line: print(line, file=sys.stderr))  # before TensorFlow starts
         if request.get("describe"):
             return describe()
-        return run_probe(cfg, request["batch_size"], request["vocab_size"], request["chunks"])
+        return run_probe(cfg, request["seconds"])
     except Exception as error:  # the parent decides what it means
         return {
             "outcome": classify_error(error),

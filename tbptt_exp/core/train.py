@@ -19,13 +19,16 @@ from tbptt_exp.core.layout import build_layout, epoch_order
 
 @dataclass
 class EpochMetrics:
+    """One epoch's figures, each defined in ``measure`` (a new field is logged as a new metric)."""
+
     epoch: int
     train_loss: float
     val_loss: float
-    tokens_per_s: float  # real tokens per second, steady state
-    padded_tokens_per_s: float  # padded timesteps per second (computed but wasted)
-    peak_memory_mb: float  # TensorFlow allocator peak on the training device
-    peak_rss_mb: float  # process peak resident memory so far
+    tokens_per_s: float  # real tokens per second: median of steady-state windows
+    padded_tokens_per_s: float  # all timesteps computed per second (real + padding), median
+    tokens_per_s_spread: Optional[float]  # interquartile range of the windows' real-token rates
+    peak_memory_mb: Optional[float]  # allocator peak on the training device since the run started; None: unknown
+    peak_rss_mb: float  # process resident-set high-water mark since the run started
     epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
     first_execution_s: float  # the first execution, timed on its own
     val_bits_per_char: Optional[float] = None
@@ -57,13 +60,6 @@ class RunResult:
         return asdict(self)
 
 
-def steady_throughput(real: float, padded: float, timing, first_real: float, first_padded: float):
-    """Tokens/s over the executions after the first; the whole epoch if there was one only."""
-    if timing.executions > 1 and timing.steady_s > 0:
-        return (real - first_real) / timing.steady_s, (padded - first_padded) / timing.steady_s
-    return real / timing.wall_s, padded / timing.wall_s
-
-
 def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
     """Settings that can only be checked against the data, before any training."""
     if cfg.padding == "drop" and len(dataset.train) < cfg.batch_size:
@@ -79,8 +75,13 @@ def train(
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     dataset: Dataset | None = None,
     progress: Callable[[int, int, int], None] | None = None,
+    epoch_seconds: float | None = None,
 ) -> RunResult:
-    """Train ``cfg``; ``progress(epoch, batches_done, n_batches)`` reports within epochs."""
+    """Train ``cfg``; ``progress(epoch, batches_done, n_batches)`` reports within epochs.
+
+    ``epoch_seconds`` ends each epoch once that much steady-state time is measured: a
+    batch-size probe is this same run, shortened.
+    """
     validate(cfg)
     dataset = dataset or load_dataset(cfg.data, cfg.seed)
     check_dataset(cfg, dataset)
@@ -99,6 +100,9 @@ def train(
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(cfg.seed)
+    device = measure.training_device()
+    measure.reset_peak_memory(device)  # this run's peak: the model, training and validation
+    measure.reset_peak_rss()
     model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k)
     engine = ENGINES[cfg.engine.name](
         model, cfg.trainer, from_logits=not cfg.model.softmax_output, optimizer=make_optimizer(cfg.trainer)
@@ -107,7 +111,6 @@ def train(
     val_layout = build_layout(
         dataset.val, cfg.k, cfg.batch_size, "dummy" if cfg.padding == "drop" else cfg.padding, cfg.reset
     )
-    device = measure.training_device()
     epochs: list[EpochMetrics] = []
     first_layout = None
     compile_time_s = 0.0
@@ -115,30 +118,23 @@ def train(
         order = epoch_order(len(dataset.train), cfg.seed, epoch, cfg.trainer.shuffle)
         layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
         first_layout = first_layout or layout
-        measure.reset_peak_memory(device)
         report = None
         if progress is not None:
             report = lambda done, e=epoch + 1, n=layout.n_batches: progress(e, done, n)  # noqa: E731
-        result = engine.train_epoch(layout, report)
-        peak = measure.peak_memory_mb(device)
+        result = engine.train_epoch(layout, report, stop_after_s=epoch_seconds)
         val_loss = engine.evaluate(val_layout)
-
         t = result.timing
-        first = result.first_execution_batches
-        first_real = float(layout.sample_weights[:first].sum())
-        first_padded = layout.sample_weights[:first].size - first_real
-        tokens_per_s, padded_per_s = steady_throughput(
-            layout.real_tokens, layout.padded_tokens, t, first_real, first_padded
-        )
+        speed = measure.throughput(t, layout.real_tokens_per_batch, layout.batch_size * layout.k)
         if epoch == 0:
             compile_time_s = t.first_execution_s
         metrics = EpochMetrics(
             epoch=epoch + 1,
             train_loss=result.loss,
             val_loss=val_loss,
-            tokens_per_s=tokens_per_s,
-            padded_tokens_per_s=padded_per_s,
-            peak_memory_mb=peak,
+            tokens_per_s=speed.tokens_per_s,
+            padded_tokens_per_s=speed.padded_tokens_per_s,
+            tokens_per_s_spread=speed.tokens_per_s_spread,
+            peak_memory_mb=measure.peak_memory_mb(device),
             peak_rss_mb=measure.peak_rss_mb(),
             epoch_time_s=t.wall_s,
             first_execution_s=t.first_execution_s,
