@@ -117,8 +117,8 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
 
 def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
     """The classic recipe's engine: probes use its dummy-row layout and callback resets."""
-    frontier = find_max_batch(replace(small(25, tmp_path, max_batch_size=96), engine=EngineConfig("keras_fit")))
-    assert 8 <= frontier.max_batch_size <= 96 and frontier.probes <= max_probes(BatchFinderConfig(max_batch_size=96))
+    frontier = find_max_batch(replace(small(25, tmp_path, max_batch_size=48), engine=EngineConfig("keras_fit")))
+    assert 8 <= frontier.max_batch_size <= 48 and frontier.probes <= max_probes(BatchFinderConfig(max_batch_size=48))
     assert {p["outcome"] for p in frontier.probe_log} <= {"ok", "budget"}
 
 
