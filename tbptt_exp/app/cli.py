@@ -1,4 +1,4 @@
-"""``python -m tbptt_exp [overrides]``: check the settings, then hand over to Hydra.
+"""``python -m tbptt_exp [overrides]``: check the settings and the stores, then hand over to Hydra.
 
 Exit codes: 0 done; 2 a setting cannot work (one line on stderr), or a nightly baseline
 cannot be used; 3 the batch-size search stopped on an error that is not out-of-memory;
@@ -7,16 +7,33 @@ cannot be used; 3 the batch-size search stopped on an error that is not out-of-m
 
 from __future__ import annotations
 
+import os
 import sys
 
 from tbptt_exp.app import signals
 
 
 def main() -> None:
+    signals.install()  # first: a SIGTERM during start-up ends as cleanly as one later
+    try:
+        _main()
+    except KeyboardInterrupt:
+        print(
+            "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
+            + "; open MLflow runs were marked KILLED",
+            file=sys.stderr,
+        )
+        sys.exit(143 if signals.terminated() else 130)
+
+
+def _main() -> None:
     from tbptt_exp.core.device import prepare_tensorflow
 
     prepare_tensorflow()
-    signals.install()
+    # A tracking server that stops answering mid-run fails within seconds, not after
+    # MLflow's default 7 retries with backoff (minutes); the start-up check is separate.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from tbptt_exp.app.console import error
     from tbptt_exp.app.hydra_app import main as hydra_main
     from tbptt_exp.app.hydra_app import register_configs
@@ -25,16 +42,8 @@ def main() -> None:
 
     register_configs()
     try:
-        preflight(sys.argv[1:])
+        sys.argv[1:] = preflight(sys.argv[1:])  # store passwords move to the environment here
     except ConfigError as bad:
         error(str(bad))
         sys.exit(2)
-    try:
-        hydra_main()
-    except KeyboardInterrupt:
-        print(
-            "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
-            + "; the MLflow run was marked KILLED",
-            file=sys.stderr,
-        )
-        sys.exit(143 if signals.terminated() else 130)
+    hydra_main()

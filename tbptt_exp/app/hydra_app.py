@@ -83,13 +83,13 @@ def job_context(cfg: DictConfig) -> "JobContext":
 def main(cfg: DictConfig) -> Any:
     """One job. A tbptt-exp sweeper gets the whole ``JobOutcome``, any other the objective."""
     from tbptt_exp.app.console import error
-    from tbptt_exp.app.jobs import max_batch_job, train_job
+    from tbptt_exp.app.jobs import cleanup_job, max_batch_job, train_job
     from tbptt_exp.core.config import ConfigError
 
     ctx = job_context(cfg)
     try:
         experiment = to_experiment(cfg)
-        job = max_batch_job if experiment.task == "max_batch" else train_job
+        job = {"max_batch": max_batch_job, "cleanup": cleanup_job}.get(experiment.task, train_job)
         outcome = job(experiment, ctx)  # settings that only the data can check raise here
     except ConfigError as bad:
         if ctx.multirun:

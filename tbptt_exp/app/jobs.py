@@ -218,3 +218,34 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
         })
         run.log_dict(row, "batch_frontier.json")
     return JobOutcome(values=[float(frontier.max_batch_size)], run_id=run.run_id, frontier_row=row)
+
+
+def cleanup_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
+    """Close what dead processes left open: MLflow runs (KILLED) and Optuna trials (FAIL).
+
+    Every start of the harness does this for the tracking store it opens; this task does
+    it on demand, for the study storage too (``hydra/sweeper=optuna hydra.sweeper.storage=...``
+    names a shared one; by default ``mlruns/optuna.db``).
+    """
+    import os
+
+    from tbptt_exp.app.run import Tracker
+
+    e = experiment
+    closed: list = []
+    if e.tracking.enabled:
+        tracker = Tracker(e.tracking)  # opening the store closes the runs of dead processes
+        closed = tracker.closed_runs
+        for run_id, reason in closed:
+            say(f"run {run_id}: KILLED ({reason})")
+        say(f"MLflow: {len(closed)} run(s) of dead processes closed at {tracker.link_to_store}")
+    storage = ctx.sweeper.get("storage") if "study_name" in ctx.sweeper else None
+    from tbptt_exp.app.study import default_storage_url, fail_orphans_in_storage
+
+    url = storage or default_storage_url(create=False)
+    if storage or os.path.exists(url[len("sqlite:///"):]):
+        failed = fail_orphans_in_storage(url)
+        for study_name, numbers in failed.items():
+            say(f"study '{study_name}': trial(s) {', '.join(map(str, numbers))} had no live worker, marked FAIL")
+        say(f"Optuna: {sum(map(len, failed.values()))} trial(s) of dead workers failed")
+    return JobOutcome(values=[float(len(closed))])

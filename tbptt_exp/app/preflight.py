@@ -127,14 +127,57 @@ def check_optuna_sweeper(cfg) -> None:
         )
 
 
-def preflight(argv: list[str]) -> None:
-    """Raise ConfigError for the first run of ``argv`` that cannot work."""
+def _take_secrets(first) -> dict[str, str]:
+    """The composed store URLs' passwords moved to the environment (``stores.take_secrets``):
+    {setting: URL without its password} for each setting that held one."""
+    from tbptt_exp.app.stores import take_secrets
+
+    urls = {"tracking.uri": first.tracking.uri}
+    if _is_optuna(first):
+        urls["hydra.sweeper.storage"] = first.hydra.sweeper.get("storage")
+    return take_secrets(urls)
+
+
+def _replace(lines: list[str], cleaned: dict[str, str]) -> list[str]:
+    """Override lines with each cleaned setting given once, without its password, so the
+    password given on the command line or in a config file never reaches Hydra."""
+    kept = [a for a in lines if a.split("=", 1)[0].lstrip("+~") not in cleaned]
+    return kept + [f"{key}='{url}'" for key, url in cleaned.items()]
+
+
+def _is_optuna(cfg) -> bool:
+    return str(cfg.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
+
+
+def check_stores(cfg, multirun: bool) -> None:
+    """Open the tracking store (and a study's storage) once, before TensorFlow loads."""
+    import os
+
+    from tbptt_exp.app.stores import check_storage_url, check_tracking_uri
+    from tbptt_exp.paths import default_store_dir
+
+    if cfg.tracking.enabled:
+        if cfg.tracking.uri:
+            check_tracking_uri(cfg.tracking.uri)
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
+        else:
+            check_tracking_uri(f"sqlite:///{default_store_dir() / 'mlflow.db'}", "the default store (tracking.uri)")
+    if multirun and _is_optuna(cfg):
+        storage = cfg.hydra.sweeper.get("storage")
+        check_storage_url(storage or f"sqlite:///{default_store_dir() / 'optuna.db'}",
+                          "hydra.sweeper.storage")
+
+
+def preflight(argv: list[str]) -> list[str]:
+    """Raise ConfigError for the first run of ``argv`` that cannot work; return ``argv``
+    with any store password taken out (into the environment its client reads)."""
     from hydra._internal.utils import get_args_parser
 
     args, _ = get_args_parser().parse_known_args(argv)
     if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion,
             args.config_path, args.config_name, args.config_dir, args.experimental_rerun]):
-        return  # Hydra's own commands and custom config trees: Hydra checks those
+        return argv  # Hydra's own commands and custom config trees: Hydra checks those
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -149,6 +192,12 @@ def preflight(argv: list[str]) -> None:
         except (HydraException, OmegaConfBaseException) as error:
             raise _composition_error(error, base) from None
         check_optuna_sweeper(first)
+        cleaned = _take_secrets(first)
+        if cleaned:
+            argv = _replace(argv, cleaned)
+            choices = _choices(_parse(_replace(list(args.overrides), cleaned)), args.multirun)
+            base = [c[0] for c in choices]
+            first = compose("config", overrides=base, return_hydra_config=True)
         params = first.hydra.sweeper.get("params") or {}
         if args.multirun and params:
             given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}
@@ -160,3 +209,5 @@ def preflight(argv: list[str]) -> None:
             except (HydraException, OmegaConfBaseException) as error:
                 raise _composition_error(error, combo) from None
             to_experiment(cfg)
+        check_stores(first, args.multirun)
+    return argv

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.paths import REPO_DIR, default_store_dir, in_clone
 
@@ -66,8 +67,9 @@ def outcome_of(error: BaseException | None) -> Outcome:
 
 
 def mask_credentials(text: str) -> str:
-    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``)."""
-    return re.sub(r"(\w[\w+.-]*://[^:/@\s]*):[^@\s]+@", r"\1:***@", text)
+    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``),
+    Hydra's escaped form (``scheme\\://user\\:secret@host``) included."""
+    return re.sub(r"(\w[\w+.-]*\\?:(?:\\?/){2}[^:/@\s\\]*)\\?:[^@\s]+@", r"\1:***@", text)
 
 
 def mask_credentials_in_logs() -> None:
@@ -94,9 +96,7 @@ def resolve_uri(cfg: TrackingConfig) -> str:
         return cfg.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    store = default_store_dir()
-    store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"  # its folder is made when the store is opened
 
 
 @contextlib.contextmanager
@@ -114,6 +114,16 @@ def local_store_lock(uri: str):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_cleaned_stores: dict[str, list] = {}
+
+
+def close_dead_runs_once(client, uri: str) -> list[tuple[str, str]]:
+    """Close runs of dead processes the first time this process opens a store."""
+    if uri not in _cleaned_stores:
+        _cleaned_stores[uri] = close_dead_runs(client)
+    return _cleaned_stores[uri]
 
 
 def artifact_location(uri: str) -> str | None:
@@ -170,6 +180,8 @@ class Tracker:
             else:
                 self.experiment_id = experiment.experiment_id
         self.experiment_name = cfg.experiment
+        self.closed_runs = close_dead_runs_once(self.client, self.uri)
+
 
     @contextlib.contextmanager
     def run(
@@ -196,15 +208,23 @@ class Tracker:
         all_tags = {k: mask_credentials(str(v)) for k, v in tags.items() if v is not None}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[this_process().key] = f"{time.time():.0f}"  # the run is alive while this process is
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        HEARTBEATS.hold(self.client, run_id)
         items = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(run_id, params=items[start : start + 100])
         return TrackedRun(self, run_id, is_trial="optuna.trial" in all_tags)
 
     def _resume(self, run_id: str) -> "TrackedRun":
+        self.client.set_tag(run_id, this_process().key, f"{time.time():.0f}")  # before it is RUNNING again
         self.client.update_run(run_id, status="RUNNING")
+        HEARTBEATS.hold(self.client, run_id)
         return TrackedRun(self, run_id)
+
+    @property
+    def link_to_store(self) -> str:
+        return f"experiment '{self.experiment_name}' store {mask_credentials(self.uri)}"
 
     def run_link(self, run_id: str) -> str:
         return f"run {run_id} in experiment '{self.experiment_name}' at {mask_credentials(self.uri)}"
@@ -246,13 +266,16 @@ class TrackedRun:
                 self.client.set_tag(self.run_id, k, mask_credentials(str(v)))
 
     def leave_running(self) -> None:
+        """The run outlives this block (other workers hold it); this process stops holding it."""
         self.left_running = True
+        HEARTBEATS.release(self.run_id)
 
     def end(self, outcome: Outcome) -> None:
         if outcome.reason and outcome.status != FINISHED:
             self.set_tags({"fail_reason": outcome.reason})
         if self.is_trial:
             self.set_tags({"optuna.state": outcome.trial_state})
+        HEARTBEATS.release(self.run_id)
         self.client.set_terminated(self.run_id, status=outcome.status)
 
     @property

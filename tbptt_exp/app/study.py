@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,17 +131,17 @@ def make_pruner(name: str, warmup_epochs: int, startup_trials: int) -> optuna.pr
 # --- storage and the study lock --------------------------------------------------------------
 
 
-def default_storage_url() -> str:
+def default_storage_url(create: bool = True) -> str:
     from tbptt_exp.paths import default_store_dir
 
     store = default_store_dir()
-    store.mkdir(parents=True, exist_ok=True)
+    if create:
+        store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'optuna.db'}"
 
 
-def make_storage(url: str, heartbeat_s: int, grace_s: int) -> optuna.storages.BaseStorage:
-    """RDB storage with heartbeats, so trials of a killed worker can be told apart."""
-    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s)
+def make_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(url)
 
 
 @contextlib.contextmanager
@@ -180,28 +179,127 @@ def counted_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
-class Heartbeat:
-    """Records a heartbeat for the trials this worker is running, from a thread."""
+def _study_key(study_name: str) -> int:
+    return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:4], "big", signed=True)
 
-    def __init__(self, storage: optuna.storages.BaseStorage, trial_ids: list[int], interval_s: int):
-        self.storage, self.trial_ids, self.interval_s = storage, trial_ids, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while True:
-            for trial_id in self.trial_ids:
-                self.storage.record_heartbeat(trial_id)
-            if self._stop.wait(self.interval_s):
-                return
+class TrialLocks:
+    """A lock per running trial, held by the worker that runs it, visible to every worker.
 
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
+    PostgreSQL: a session advisory lock on (study, trial id), on a connection this worker
+    keeps open; SQLite: an exclusive ``flock`` on a file beside the database. The operating
+    system or the database drops the lock the moment the worker dies, however it dies, so
+    a RUNNING trial whose lock can be taken has no worker: ``fail_orphaned_trials`` fails
+    it at once, with no heartbeat grace period to wait out.
+    """
 
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str):
+        self.storage, self.study_name = storage, study_name
+        self.url = str(storage.url) if hasattr(storage, "url") else ""
+        self.held: dict[int, Any] = {}
+
+    def _path(self, trial_id: int) -> Path:
+        db = Path(self.url[len("sqlite:///"):])
+        return db.with_name(f"{db.name}.{hashlib.sha1(self.study_name.encode()).hexdigest()[:8]}.trial-{trial_id}.lock")
+
+    def acquire(self, trial_id: int) -> None:
+        if self.url.startswith("postgresql"):
+            from sqlalchemy import text
+
+            conn = self.storage.engine.connect()
+            conn.execute(text("SELECT pg_advisory_lock(:s, :t)"), {"s": _study_key(self.study_name), "t": trial_id})
+            conn.commit()
+            self.held[trial_id] = conn
+        else:
+            handle = open(self._path(trial_id), "a")
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.held[trial_id] = handle
+
+    def release(self, trial_id: int) -> None:
+        holder = self.held.pop(trial_id, None)
+        if holder is None:
+            return
+        if self.url.startswith("postgresql"):
+            from sqlalchemy import text
+
+            holder.execute(text("SELECT pg_advisory_unlock(:s, :t)"), {"s": _study_key(self.study_name), "t": trial_id})
+            holder.commit()
+            holder.close()
+        else:
+            with contextlib.suppress(OSError):
+                self._path(trial_id).unlink()
+            holder.close()  # unlocks
+
+    def release_all(self) -> None:
+        for trial_id in list(self.held):
+            self.release(trial_id)
+
+    def orphaned(self, trial_id: int) -> bool:
+        """True when no live worker holds this trial's lock (checked by taking it briefly)."""
+        if trial_id in self.held:
+            return False
+        if self.url.startswith("postgresql"):
+            from sqlalchemy import text
+
+            key = {"s": _study_key(self.study_name), "t": trial_id}
+            with self.storage.engine.connect() as conn:
+                free = conn.execute(text("SELECT pg_try_advisory_lock(:s, :t)"), key).scalar()
+                if free:
+                    conn.execute(text("SELECT pg_advisory_unlock(:s, :t)"), key)
+                conn.commit()
+            return bool(free)
+        path = self._path(trial_id)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return True
+
+
+def fail_orphaned_trials(study: optuna.Study, locks: TrialLocks) -> list[int]:
+    """Fail RUNNING trials that no live worker holds (call under ``study_lock``); their numbers."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not locks.orphaned(trial._trial_id):
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "its worker stopped")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed.append(trial.number)
+    return failed
+
+
+def fail_orphans_in_storage(url: str) -> dict[str, list[int]]:
+    """``fail_orphaned_trials`` for every study in a storage: {study name: trial numbers}."""
+    storage = make_storage(url)
+    failed = {}
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        study = optuna.load_study(study_name=summary.study_name, storage=storage)
+        with study_lock(storage, summary.study_name):
+            numbers = fail_orphaned_trials(study, TrialLocks(storage, summary.study_name))
+        if numbers:
+            failed[summary.study_name] = numbers
+    return failed
+
+
+def sampler_seed(seed: int | None, start: int) -> int | None:
+    """The sampler's seed for the ``start``-th start of a study (0 for the first).
+
+    A sampler rebuilt with the same seed on a resumed study, or in N workers together,
+    would propose the same points again; each start gets its own seed, derived from the
+    study's, so one uninterrupted worker still reproduces its study exactly.
+    """
+    if seed is None:
+        return None
+    if start == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:{start}".encode()).digest()[:4], "big")
+
+
+STARTS_KEY = "tbptt_exp_starts"  # the study's user attr counting the workers that started on it
 
 
 # --- the job's side ----------------------------------------------------------------------------
@@ -262,8 +360,6 @@ class StudySettings:
     pruner_warmup_epochs: int = 1  # epochs before a trial may be pruned
     pruner_startup_trials: int = 2  # trials that finish before the median pruner prunes
     max_failure_rate: float = 0.5  # stop the study when more trials than this fail
-    heartbeat_interval_s: int = 30  # running trials of a killed worker turn FAIL after
-    heartbeat_grace_s: int = 90  # this long without a heartbeat
     params: Dict[str, str] = field(default_factory=dict)
 
 
@@ -280,22 +376,29 @@ def run_study(settings: StudySettings, config, arguments: list[str], launch: Lau
 
     s = settings
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats are recorded by this module's Heartbeat, not by optimize().
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     directions = list(s.direction) if isinstance(s.direction, (list, tuple)) else [s.direction]
     space, fixed = search_space([f"{k}={v}" for k, v in s.params.items()] + list(arguments))
     storage_url = s.storage or default_storage_url()
-    storage = make_storage(storage_url, s.heartbeat_interval_s, s.heartbeat_grace_s)
+    storage = make_storage(storage_url)
     study = optuna.create_study(
         study_name=s.study_name,
         storage=storage,
-        sampler=make_sampler(s.sampler, s.seed, space),
         pruner=make_pruner(s.pruner, s.pruner_warmup_epochs, s.pruner_startup_trials),
         directions=directions,
         load_if_exists=True,
     )
-    optuna.storages.fail_stale_trials(study)  # trials left RUNNING by a killed worker
+    locks = TrialLocks(storage, s.study_name)
+    with study_lock(storage, s.study_name):
+        orphans = fail_orphaned_trials(study, locks)  # trials left RUNNING by a worker that died
+        start = study.user_attrs.get(STARTS_KEY, 0)
+        study.set_user_attr(STARTS_KEY, start + 1)
+    if orphans:
+        say(f"trial(s) {', '.join(map(str, orphans))} had no live worker: marked FAIL, not counted")
+    seed = sampler_seed(s.seed, start)
+    study.sampler = make_sampler(s.sampler, seed, space)
+    if s.seed is not None and start:
+        say(f"sampler seed {seed} (start {start + 1} of this study, derived from seed={s.seed})")
     n_trials = s.n_trials
     grid_size = getattr(study.sampler, "grid_size", None)
     if grid_size is not None and grid_size < n_trials:
@@ -322,13 +425,17 @@ def run_study(settings: StudySettings, config, arguments: list[str], launch: Lau
             f"{counted_trials(study)}/{n_trials} trials so far, sampler={s.sampler}, pruner={s.pruner}")
         while True:
             with study_lock(storage, s.study_name):
+                fail_orphaned_trials(study, locks)
                 room = n_trials - counted_trials(study)
                 if room <= 0:
                     break
                 trials = [study.ask(space) for _ in range(min(s.n_jobs, room))]
                 for trial in trials:
-                    storage.record_heartbeat(trial._trial_id)
-            run_trials(study, storage, trials, fixed, parent.run_id, launch, s.heartbeat_interval_s)
+                    locks.acquire(trial._trial_id)  # before the study lock goes: never seen orphaned
+            try:
+                run_trials(study, trials, fixed, parent.run_id, launch)
+            finally:
+                locks.release_all()
             check_failure_rate(study, s)
         if not study_done(study, n_trials):
             parent.leave_running()  # other workers are still running trials
@@ -350,8 +457,9 @@ def environment_tags_for_study(s: StudySettings) -> dict:
             "optuna.storage": s.storage or "default"}
 
 
-def run_trials(study, storage, trials, fixed, parent_run_id, launch: Launch, heartbeat_s: int) -> None:
-    """Launch one job per trial (heartbeats running meanwhile) and tell the study how each ended."""
+def run_trials(study, trials, fixed, parent_run_id, launch: Launch) -> None:
+    """Launch one job per trial and tell the study how each ended; on Ctrl-C or SIGTERM
+    the trials fail with the reason before the interrupt goes on."""
     from hydra.core.utils import JobStatus
 
     from tbptt_exp.app.console import say
@@ -363,8 +471,15 @@ def run_trials(study, storage, trials, fixed, parent_run_id, launch: Launch, hea
          *SweepLink(parent_run_id=parent_run_id, trial_id=trial._trial_id, returns_outcome=True).overrides()]
         for trial in trials
     ]
-    with Heartbeat(storage, [t._trial_id for t in trials], heartbeat_s):
+    try:
         returns = launch(batch)
+    except BaseException as error:
+        outcome = outcome_of(error)
+        for trial in trials:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                trial.set_user_attr("fail_reason", outcome.reason)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
     for trial, ret in zip(trials, returns):
         if ret.status == JobStatus.COMPLETED:
             study.tell(trial, ret.return_value.values)

@@ -137,7 +137,7 @@ class NightlyConfig:
     allow_other_device: bool = False  # compare with a baseline file from another device
 
 
-TASKS = ("train", "max_batch")
+TASKS = ("train", "max_batch", "cleanup")
 
 
 @dataclass
@@ -148,7 +148,7 @@ class ExperimentConfig:
     reset: str = "sequence"
     seed: int = 0
     objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
-    task: str = "train"  # train: one experiment; max_batch: find the largest workable batch
+    task: str = "train"  # train: one experiment; max_batch: the largest workable batch; cleanup: close dead runs
     data: Any = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -238,8 +238,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _positive("batch_size", cfg.batch_size)
     _one_of("padding", cfg.padding, PADDINGS)
     _one_of("reset", cfg.reset, RESETS)
-    if not isinstance(cfg.seed, int):
-        raise ConfigError("seed", cfg.seed, "use a whole number")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError("seed", cfg.seed, "use a whole number from 0 to 4294967295 (NumPy's seed range)")
     for name in objective_names(cfg.objective):
         _one_of("objective", name, OBJECTIVES)
     _one_of("task", cfg.task, TASKS)
@@ -275,6 +275,8 @@ def validate(cfg: ExperimentConfig) -> None:
     elif isinstance(d, KeyRecallDataConfig):
         for name in ("num_sequences", "sequence_length", "num_keys", "num_noise_tokens"):
             _positive(f"data.{name}", getattr(d, name))
+        if d.num_sequences < 2:
+            raise ConfigError("data.num_sequences", d.num_sequences, "use 2 or more (one at least for validation)")
     else:
         raise ConfigError("data", type(d).__name__, "use data=chars or data=key_recall")
     _fraction("data.val_fraction", d.val_fraction)

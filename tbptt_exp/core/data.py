@@ -82,11 +82,25 @@ def read_documents(path: str | None, max_chars: int) -> tuple[list[str], str]:
             raise ConfigError("data.path", path, "use an existing text file or folder")
         source = str(p.resolve())
     documents, total = [], 0
+    skipped: list[str] = []  # files that are not text or cannot be read
+    replaced = 0  # files read with invalid UTF-8 bytes replaced
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
+            raw = f.read_bytes()
+        except OSError as error:
+            skipped.append(f"{f.name} ({error.strerror or error})")
             continue
+        if b"\x00" in raw[:8192]:
+            skipped.append(f"{f.name} (binary)")
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            if text.count("\ufffd") > 0.01 * len(text):  # mostly not UTF-8: another encoding or binary
+                skipped.append(f"{f.name} (not UTF-8)")
+                continue
+            replaced += 1  # a stray bad byte in real text: keep the text
         if len(text) < 2:
             continue
         text = text[: max_chars - total]
@@ -94,12 +108,21 @@ def read_documents(path: str | None, max_chars: int) -> tuple[list[str], str]:
         total += len(text)
         if total >= max_chars:
             break
+    notes = []
+    if path is not None and total >= max_chars:
+        size = sum(f.stat().st_size for f in files if f.is_file())
+        notes.append(f"first {total:,} characters of about {size:,} bytes (data.max_chars)")
+    if skipped:
+        notes.append(f"{len(skipped)} file(s) skipped: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}")
+    if replaced:
+        notes.append(f"{replaced} file(s) with invalid UTF-8 bytes, read with U+FFFD in their place")
     if total < 2:
         raise ConfigError(
             "data.path", path,
-            f"it holds no readable UTF-8 text; use files ending in {', '.join(TEXT_SUFFIXES)}",
+            f"it holds no readable UTF-8 text{' (' + '; '.join(notes) + ')' if notes else ''}; "
+            f"use files ending in {', '.join(TEXT_SUFFIXES)}",
         )
-    return documents, source
+    return documents, source + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def build_vocabulary(texts: list[str], max_vocab: int) -> list[str]:
@@ -130,16 +153,23 @@ def chars(cfg: CharsDataConfig, seed: int) -> Dataset:
     fingerprint = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
     if cfg.cut == "documents":
         pieces = [d for d in documents if len(d) >= 2]
+        if len(pieces) < 2:
+            raise ConfigError(
+                "data.cut", "documents",
+                f"{cfg.path or 'the corpus'} holds {len(pieces)} document(s), and a train/validation split "
+                "needs 2 or more; use data.cut=fixed for one long text, or a folder of files",
+            )
     else:
         # Consecutive windows of sequence_length + 1 characters overlapping by one, so
         # every character but the first is a target exactly once.
         text = "".join(documents)
         step = cfg.sequence_length
         n = (len(text) - 1) // step
-        if n == 0:
+        if n < 2:  # one sequence to train on and one to validate on, at the least
             raise ConfigError(
                 "data.sequence_length", step,
-                f"use fewer than the {len(text)} characters of text, or give more text",
+                f"the text has {len(text):,} characters, which make {n} sequence(s) of this length; "
+                f"use at most {max(1, (len(text) - 1) // 2)} (two sequences), or give more text",
             )
         pieces = [text[i * step : i * step + step + 1] for i in range(n)]
     if cfg.max_sequences is not None:

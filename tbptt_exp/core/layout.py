@@ -149,11 +149,7 @@ def build_layout(
         raise ValueError(f"reset={reset!r} is not one of {', '.join(RESETS)}")
     order = np.arange(len(corpus)) if order is None else np.asarray(order, dtype=np.int64)
     n_chunks = -(-corpus.lengths // k)  # chunks each sequence occupies
-
-    if padding == "pack":
-        placements, dropped, dummy_rows = _pack(order, n_chunks, batch_size), 0, 0
-    else:
-        placements, dropped, dummy_rows = _groups(order, n_chunks, batch_size, padding)
+    placements, dropped, dummy_rows = _place(order, n_chunks, batch_size, padding)
     if len(placements) == 0:
         raise ValueError(
             f"no sequence fits: {len(corpus)} sequences with batch_size={batch_size} "
@@ -193,6 +189,23 @@ def build_layout(
         dropped_sequences=dropped,
         dummy_rows=dummy_rows,
     )
+
+
+def _place(order: np.ndarray, n_chunks: np.ndarray, batch_size: int, padding: str):
+    """(placements: rows of (sequence, row, first batch), dropped sequences, dummy rows)."""
+    if padding == "pack":
+        return _pack(order, n_chunks, batch_size), 0, 0
+    return _groups(order, n_chunks, batch_size, padding)
+
+
+def planned_batches(corpus: Corpus, k: int, batch_size: int, padding: str) -> int:
+    """Batches ``build_layout`` would make (in corpus order), computed without allocating them."""
+    n_chunks = -(-corpus.lengths // k)
+    placements, _, _ = _place(np.arange(len(corpus)), n_chunks, batch_size, padding)
+    if len(placements) == 0:
+        return 0
+    seqs, _, first = placements.T
+    return int((first + n_chunks[seqs]).max())
 
 
 def epoch_order(num_sequences: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -60,14 +60,38 @@ class RunResult:
         return asdict(self)
 
 
+MAX_LAYOUT_BYTES = 4 * 2**30  # a laid-out corpus larger than this is refused before it is built
+
+
 def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
-    """Settings that can only be checked against the data, before any training."""
+    """Settings that can only be checked against the data, before any training or allocation."""
+    longest = int(max(dataset.train.lengths.max(), dataset.val.lengths.max()))
+    if cfg.k > longest:
+        raise ConfigError("k", cfg.k, f"use a chunk length up to the longest sequence ({longest:,} steps): "
+                                      "longer chunks only add padding")
+    size = max(layout_bytes(dataset.train, cfg.k, cfg.batch_size, cfg.padding),
+               layout_bytes(dataset.val, cfg.k, cfg.batch_size, cfg.padding))
+    if size > MAX_LAYOUT_BYTES:
+        raise ConfigError(
+            "batch_size", cfg.batch_size,
+            f"with k={cfg.k} and padding={cfg.padding} the laid-out data would take {size / 2**30:,.1f} GiB "
+            f"(limit {MAX_LAYOUT_BYTES / 2**30:.0f} GiB); lower batch_size or k, use padding=pack, "
+            "or read less text (data.max_chars)",
+        )
     if cfg.padding == "drop" and len(dataset.train) < cfg.batch_size:
         raise ConfigError(
             "batch_size", cfg.batch_size,
             f"padding=drop keeps only whole batches of the {len(dataset.train)} training sequences; "
             "use a smaller batch_size or padding=dummy/pack",
         )
+
+
+def layout_bytes(corpus, k: int, batch_size: int, padding: str) -> int:
+    """Bytes ``build_layout`` would allocate for ``corpus`` (inputs, targets, weights and
+    their batched copies), from the placements alone."""
+    from tbptt_exp.core.layout import planned_batches
+
+    return planned_batches(corpus, k, batch_size, padding) * batch_size * k * 12 * 2
 
 
 def train(

@@ -1,0 +1,162 @@
+"""The tracking store and the study storage: checked before TensorFlow loads, secrets kept
+out of every file.
+
+``take_secrets`` moves a password found in ``tracking.uri`` or ``hydra.sweeper.storage``
+into the environment variable its client reads anyway (``MLFLOW_TRACKING_PASSWORD`` for an
+MLflow server, ``PGPASSWORD`` for PostgreSQL) and leaves the URL without it, so the
+password never enters the composed config: not Hydra's ``.hydra/*.yaml`` or
+``multirun.yaml``, not a param, tag or artifact, not a printed line. Giving the secret in
+the environment (or ``~/.pgpass``) in the first place is the documented way.
+
+``check_tracking_uri`` and ``check_storage_url`` open each store once, with a short
+timeout, and raise ``ConfigError`` (one line, the setting named) for an unknown scheme,
+a server or database that does not answer, a folder that cannot be written or a SQLite
+file that is not a database.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from tbptt_exp.core.config import ConfigError
+
+TIMEOUT_S = 5
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql")
+STORAGE_SCHEMES = ("sqlite", "postgresql")
+PASSWORD_VARIABLES = {"http": "MLFLOW_TRACKING_PASSWORD", "https": "MLFLOW_TRACKING_PASSWORD",
+                      "postgresql": "PGPASSWORD"}
+
+
+def scheme(url: str) -> str:
+    """``postgresql+psycopg://...`` -> ``postgresql``; ``sqlite:///x`` -> ``sqlite``."""
+    return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
+
+
+def split_password(url: str) -> tuple[str, str | None, str | None]:
+    """``scheme://user:pw@host/db`` -> (``scheme://user@host/db``, user, pw)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, parts.username, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username
+    clean = urlunsplit(parts._replace(netloc=f"{user}@{netloc}" if user else netloc))
+    return clean, unquote(user) if user else None, unquote(parts.password)
+
+
+def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> dict[str, str]:
+    """{setting: url} -> {setting: url without its password}, the password moved to the
+    environment variable its client reads. Only settings that held a password are returned."""
+    environ = os.environ if environ is None else environ
+    cleaned: dict[str, str] = {}
+    given: dict[str, str] = {}
+    for setting, url in urls.items():
+        if not url:
+            continue
+        clean, user, password = split_password(url)
+        if password is None:
+            continue
+        kind = scheme(url)
+        variable = PASSWORD_VARIABLES.get(kind)
+        if variable is None:
+            raise ConfigError(setting, mask(url), "a password is only taken from http(s):// or postgresql:// URLs")
+        if given.setdefault(variable, password) != password:
+            raise ConfigError(setting, mask(url), f"a second, different password for {variable}; "
+                                                  "give PostgreSQL passwords in ~/.pgpass instead")
+        environ[variable] = password
+        if kind in ("http", "https") and user:
+            environ["MLFLOW_TRACKING_USERNAME"] = user
+        cleaned[setting] = clean
+    return cleaned
+
+
+def mask(url: str) -> str:
+    from tbptt_exp.app.run import mask_credentials
+
+    return mask_credentials(url)
+
+
+def _check_sqlite(setting: str, url: str) -> None:
+    if not url.startswith("sqlite:///"):
+        raise ConfigError(setting, url, "use sqlite:////absolute/path/file.db (three slashes, then the path)")
+    path = Path(url[len("sqlite:///"):])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tbptt-exp-write-check"):
+            pass
+    except OSError as error:
+        raise ConfigError(setting, url, f"its folder cannot be written ({error.strerror or error}); "
+                                        "use a writable path") from None
+    if not path.exists():
+        return
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)
+        try:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as error:
+        verdict = str(error)
+    if verdict != "ok":
+        raise ConfigError(setting, url, f"{path.name} is not a usable SQLite database ({verdict}); "
+                                        "move it aside or point to another file")
+
+
+def _check_postgresql(setting: str, url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        engine = create_engine(url, connect_args={"connect_timeout": TIMEOUT_S})
+    except (ImportError, ModuleNotFoundError) as error:
+        raise ConfigError(setting, mask(url), f"its driver is missing ({error}); pip install -e \".[postgres]\"") from None
+    except SQLAlchemyError as error:
+        raise ConfigError(setting, mask(url), f"not a database URL ({str(error).splitlines()[0]})") from None
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except SQLAlchemyError as error:
+        detail = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        raise ConfigError(setting, mask(url), f"the database does not answer ({detail})") from None
+    finally:
+        engine.dispose()
+
+
+def _check_http(setting: str, url: str) -> None:
+    request = urllib.request.Request(url.rstrip("/") + "/health")
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        request.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
+    try:
+        urllib.request.urlopen(request, timeout=TIMEOUT_S).close()
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            raise ConfigError(setting, mask(url), f"the server refused the credentials (HTTP {error.code}); "
+                                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        # any other answer: a server is there; MLflow reports what it does not like
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(setting, mask(url), f"no MLflow server answers there within {TIMEOUT_S} s ({reason}); "
+                                              "start it (mlflow server ...) or fix the address") from None
+
+
+def check_tracking_uri(uri: str, setting: str = "tracking.uri") -> None:
+    kind = scheme(uri)
+    if kind not in TRACKING_SCHEMES:
+        raise ConfigError(setting, mask(uri), "use sqlite:////path/mlflow.db, http(s)://host:port (an MLflow "
+                                              "server) or postgresql://host/db, or null for mlruns/")
+    {"sqlite": _check_sqlite, "postgresql": _check_postgresql}.get(kind, _check_http)(setting, uri)
+
+
+def check_storage_url(url: str, setting: str = "hydra.sweeper.storage") -> None:
+    kind = scheme(url)
+    if kind not in STORAGE_SCHEMES:
+        raise ConfigError(setting, mask(url), "use sqlite:////path/optuna.db or postgresql+psycopg://host/db, "
+                                              "or null for mlruns/optuna.db")
+    {"sqlite": _check_sqlite, "postgresql": _check_postgresql}[kind](setting, url)
