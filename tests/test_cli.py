@@ -213,3 +213,29 @@ def test_a_grid_sweep_starts_its_sweeper_in_a_fresh_process(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("| k=")]
     assert [row.split()[1] for row in rows] == ["k=5", "k=10"] and all("| FINISHED |" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_sweep_then_any_start_leaves_no_running_run(tmp_path, store):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "-m", "k=5,10", *[a for a in TINY if not a.startswith(("k=", "trainer."))],
+         "trainer.epochs=500", f"tracking.uri={store}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    try:
+        for line in proc.stdout:
+            if "epoch 1/500" in line:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert sorted(r.info.status for r in runs(store)) == ["RUNNING", "RUNNING"]  # the parent and the first job
+    out = cli([*TINY, "trainer.epochs=1", f"tracking.uri={store}"], cwd=tmp_path)  # any start against the store
+    assert out.returncode == 0, out.stderr[-2000:]
+    statuses = {r.data.tags.get("tbptt_exp.kind"): r.info.status for r in runs(store) if r.info.status != "FINISHED"}
+    assert statuses == {"sweep": "KILLED", "experiment": "KILLED"}
+    for run in runs(store):
+        if run.info.status == "KILLED":
+            assert f"pid {proc.pid} on" in run.data.tags["fail_reason"]

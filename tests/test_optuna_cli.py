@@ -108,11 +108,13 @@ def test_failing_trials_are_recorded_with_their_reason_until_the_failure_rate_st
     assert all(r.info.status != "RUNNING" for r in runs)
 
 
-def test_killed_study_resumes_to_exactly_n_trials(tmp_path):
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_killed_study_rerun_at_once_reaches_exactly_n_trials_without_repeats(tmp_path, how):
+    """No grace period: the dead worker's trial lock is gone, so its trial fails at once;
+    the resumed sampler gets a seed of its own, so no point is proposed twice."""
     args = study_args(
         tmp_path, "resume", None, "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler=random",
-        "hydra.sweeper.heartbeat_interval_s=1", "hydra.sweeper.heartbeat_grace_s=2",
-        "batch_size=choice(4, 8)", "trainer.epochs=6",
+        "hydra.sweeper.seed=0", "trainer.learning_rate=interval(0.001, 0.01)", "trainer.epochs=6",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "tbptt_exp", "-m", *args], cwd=tmp_path, env=env(),
@@ -122,22 +124,27 @@ def test_killed_study_resumes_to_exactly_n_trials(tmp_path):
     for line in proc.stdout:
         finished += "done in" in line
         if finished == 1 and "epoch 2/6" in line:  # well into the second trial
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(how)
             break
-    proc.wait(timeout=60)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == (-9 if how == signal.SIGKILL else 143), rest
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    assert [t.state for t in load("resume", storage).trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+    left = TrialState.RUNNING if how == signal.SIGKILL else TrialState.FAIL  # SIGTERM fails its trial itself
+    assert [t.state for t in load("resume", storage).trials] == [TrialState.COMPLETE, left]
 
-    time.sleep(3)  # past the grace period: the RUNNING trial's worker is gone
-    out = cli(args, cwd=tmp_path)
+    out = cli(args, cwd=tmp_path)  # at once: no heartbeat grace to wait out
     assert out.returncode == 0, out.stderr[-3000:]
-    states = [t.state for t in load("resume", storage).trials]
-    assert states.count(TrialState.COMPLETE) == 3
-    assert states[1] == TrialState.FAIL  # left RUNNING by the killed worker
+    trials = load("resume", storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs["fail_reason"]
+    rates = [t.params["trainer.learning_rate"] for t in trials]
+    assert len(set(rates)) == 4, rates  # the resumed start does not replay the first start's points
     again = cli(args, cwd=tmp_path)  # at the target already: nothing more runs
     assert again.returncode == 0 and len(load("resume", storage).trials) == 4
     _, runs = mlflow_runs(tmp_path)
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 4 + ["KILLED"]  # parent + 3, killed one
+    (killed,) = [r for r in runs if r.info.status == "KILLED"]
+    assert killed.data.tags["optuna.trial"] == "1" and killed.data.tags["optuna.state"] == "FAIL"
 
 
 def postgres_available():
@@ -222,3 +229,70 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     client, runs = mlflow_runs(tmp_path)
     (parent,) = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "study"]
     assert {"pareto_front.md", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def start_mlflow_server(tmp_path):
+    """A real ``mlflow server`` on a free port, with its own SQLite store and artifact root."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+         "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.time() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return server, port
+        except OSError:
+            assert time.time() < deadline, "mlflow server did not start"
+            time.sleep(1)
+
+
+@needs_postgres
+def test_passwords_in_urls_reach_no_file_store_or_stream(tmp_path):
+    """Passwords in the tracking URI (Hydra-escaped) and the study storage move to the
+    environment: none is in the outputs, Hydra's files, the server's store or the streams."""
+    (tmp_path / "server").mkdir()
+    server, port = start_mlflow_server(tmp_path)
+    tracking_secret, storage_secret = "TrackPw-91x", "StorePw-47q"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "tbptt_exp", "-m", "hydra/sweeper=optuna",
+             f"hydra.sweeper.study_name=secrets-{uuid.uuid4().hex[:8]}",
+             f"hydra.sweeper.storage={PG_URL.format(password=storage_secret)}",
+             f"tracking.uri=http\\://alice\\:{tracking_secret}@127.0.0.1\\:{port}",
+             f"hydra.sweep.dir={tmp_path / 'multirun'}", "hydra.sweeper.n_trials=2",
+             "hydra.sweeper.sampler=random", "batch_size=choice(4, 8)", *TINY[:-1], "trainer.epochs=1"],
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        grid = subprocess.run(  # a grid sweep writes multirun.yaml and a results table too
+            [sys.executable, "-m", "tbptt_exp", "-m", "k=5,10", f"hydra.sweep.dir={tmp_path / 'grid'}",
+             f"tracking.uri=http://alice:{tracking_secret}@127.0.0.1:{port}",
+             *[a for a in TINY if not a.startswith(("k=", "trainer.epochs"))], "trainer.epochs=1"],
+            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+        )
+        assert grid.returncode == 0, grid.stderr[-3000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        runs = client.search_runs([client.get_experiment_by_name("tbptt-exp").experiment_id])
+        assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    streams = out.stdout + out.stderr + grid.stdout + grid.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "multirun.yaml" for p in files) and any(p.name == "hydra.yaml" for p in files)
+    assert any("artifacts" in p.parts for p in files)  # the server stored the runs' artifacts
+    for secret in (tracking_secret, storage_secret):
+        assert secret not in streams
+        leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+        assert leaks == []

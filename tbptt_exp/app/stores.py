@@ -70,8 +70,11 @@ def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> di
             raise ConfigError(setting, mask(url), f"a second, different password for {variable}; "
                                                   "give PostgreSQL passwords in ~/.pgpass instead")
         environ[variable] = password
-        if kind in ("http", "https") and user:
-            environ["MLFLOW_TRACKING_USERNAME"] = user
+        if kind in ("http", "https"):  # MLflow reads both from the environment; the URL keeps neither
+            parts = urlsplit(clean)
+            clean = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+            if user:
+                environ["MLFLOW_TRACKING_USERNAME"] = user
         cleaned[setting] = clean
     return cleaned
 
@@ -129,7 +132,9 @@ def _check_postgresql(setting: str, url: str) -> None:
 
 
 def _check_http(setting: str, url: str) -> None:
-    request = urllib.request.Request(url.rstrip("/") + "/health")
+    parts = urlsplit(url)
+    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
+                                     + "/health")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
     if user and password:
         request.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())

@@ -1,0 +1,236 @@
+"""Nothing lost, nothing leaked: runs and trials of dead processes are closed at once,
+resumed samplers do not replay, bad stores fail in one line, passwords leave the URLs."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tbptt_exp.app.liveness import HOLDER_PREFIX, STALE_AFTER_S, Holder, dead_reason, this_process
+from tbptt_exp.app.run import Tracker, mask_credentials
+from tbptt_exp.app.stores import take_secrets
+from tbptt_exp.app.study import TrialLocks, fail_orphaned_trials, sampler_seed, study_lock
+from tbptt_exp.core.config import ConfigError, TrackingConfig
+
+from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
+
+
+def dead_holder() -> Holder:
+    """A holder naming a process of this host that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    me = this_process()
+    start = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    child.wait()
+    return Holder(me.host, me.boot, child.pid, start)
+
+
+def test_a_run_is_alive_while_any_holder_lives():
+    now = time.time()
+    me, dead = this_process(), dead_holder()
+    assert dead_reason({me.key: str(now)}) is None
+    assert f"pid {dead.pid}" in dead_reason({dead.key: str(now)})
+    assert dead_reason({dead.key: str(now), me.key: str(now)}) is None  # a study parent another worker holds
+    assert dead_reason({"mlflow.runName": "x"}) is None  # not opened by tbptt-exp: left alone
+    # A reused pid is another process: same pid, other start time.
+    assert dead_reason({Holder(me.host, me.boot, me.pid, "1").key: str(now)}) is not None
+    remote = Holder("another-host", "b00t", 4242, "99")
+    assert dead_reason({remote.key: str(now - 10)}) is None  # its heartbeat is fresh
+    assert dead_reason({remote.key: str(now - STALE_AFTER_S - 1)}) is not None
+
+
+def test_kill_9_leaves_a_running_run_that_the_next_start_closes(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from tbptt_exp.app.run import Tracker
+        from tbptt_exp.core.config import TrackingConfig
+        with Tracker(TrackingConfig(uri={uri!r})).run("doomed") as run:
+            print(run.run_id, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    tracker = Tracker(TrackingConfig(uri=uri))
+    with tracker.run("alive") as alive:  # held by this live process: must stay open
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+        assert out.returncode == -signal.SIGKILL
+        run_id = out.stdout.split()[0]
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"  # what kill -9 leaves
+        cleanup = cli(["task=cleanup", f"tracking.uri={uri}"], cwd=tmp_path, timeout=120)
+        assert cleanup.returncode == 0, cleanup.stderr[-2000:]
+        assert f"run {run_id}: KILLED" in cleanup.stdout and "1 run(s) of dead processes closed" in cleanup.stdout
+        assert tracker.client.get_run(alive.run_id).info.status == "RUNNING"
+    dead = tracker.client.get_run(run_id)
+    assert dead.info.status == "KILLED" and "ended without closing the run" in dead.data.tags["fail_reason"]
+    assert tracker.client.get_run(alive.run_id).info.status == "FINISHED"
+
+
+def trial_lock_worker(storage_url: str, study: str) -> subprocess.Popen:
+    """A worker that asks for a trial, holds its lock and waits to be killed."""
+    script = textwrap.dedent(f"""
+        import sys, time, optuna
+        from tbptt_exp.app.study import TrialLocks, make_storage, study_lock
+        storage = make_storage({storage_url!r})
+        study = optuna.load_study(study_name={study!r}, storage=storage)
+        locks = TrialLocks(storage, {study!r})
+        with study_lock(storage, {study!r}):
+            trial = study.ask()
+            locks.acquire(trial._trial_id)
+        print("holding", flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def postgres_url():
+    if os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"):
+        return "postgresql+psycopg://root@127.0.0.1:5432/test"
+    try:
+        import psycopg
+
+        psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root", connect_timeout=3).close()
+    except Exception:
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)")
+    return "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_trial_is_orphaned_exactly_when_its_worker_dies(tmp_path, backend):
+    import uuid
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else postgres_url()
+    name = f"locks-{uuid.uuid4().hex[:8]}"
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.create_study(study_name=name, storage=storage)
+    worker = trial_lock_worker(url, name)
+    locks = TrialLocks(storage, name)
+    try:
+        with study_lock(storage, name):
+            assert fail_orphaned_trials(study, locks) == []  # its worker lives: still RUNNING
+        assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    finally:
+        worker.kill()
+        worker.wait()
+    with study_lock(storage, name):
+        assert fail_orphaned_trials(study, locks) == [0]  # no grace period
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs["fail_reason"] == "its worker stopped"
+
+
+def test_each_start_of_a_study_samples_with_its_own_seed():
+    seeds = [sampler_seed(0, start) for start in range(20)]
+    assert seeds[0] == 0 and len(set(seeds)) == 20  # one uninterrupted worker: the study's own seed
+    assert sampler_seed(None, 3) is None
+    assert [sampler_seed(7, s) for s in range(3)] == [sampler_seed(7, s) for s in range(3)]  # reproducible
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("http://alice:pw@host:5000/x", "http://alice:***@host:5000/x"),
+    ("tracking.uri=http\\://alice\\:pw@host\\:5000", "tracking.uri=http\\://alice:***@host\\:5000"),
+    ("postgresql+psycopg://root:s3cret@db/optuna", "postgresql+psycopg://root:***@db/optuna"),
+    ("http://host:5000 and sqlite:////a/b.db", "http://host:5000 and sqlite:////a/b.db"),
+])
+def test_credentials_are_masked_in_plain_and_hydra_escaped_form(text, masked):
+    assert mask_credentials(text) == masked
+
+
+def test_passwords_move_from_urls_to_the_variables_their_clients_read():
+    environ = {}
+    cleaned = take_secrets({
+        "tracking.uri": "http://alice:p%40ss@mlflow.example:5000",
+        "hydra.sweeper.storage": "postgresql+psycopg://root:pg-pw@db:5432/optuna",
+        "other": "sqlite:////tmp/x.db",
+    }, environ)
+    assert cleaned == {"tracking.uri": "http://mlflow.example:5000",
+                       "hydra.sweeper.storage": "postgresql+psycopg://root@db:5432/optuna"}
+    assert environ == {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "p@ss",
+                       "PGPASSWORD": "pg-pw"}
+    with pytest.raises(ConfigError, match="second, different password for PGPASSWORD"):
+        take_secrets({"tracking.uri": "postgresql://a:one@db/m", "hydra.sweeper.storage": "postgresql://a:two@db/o"}, {})
+
+
+def truncated_sqlite(path):
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x TEXT)")
+    db.executemany("INSERT INTO t VALUES (?)", [("x" * 500,)] * 2000)
+    db.commit()
+    db.close()
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+
+
+@pytest.mark.parametrize("make_args, setting, says", [
+    (lambda p: ["tracking.uri=garbage://x"], "tracking.uri=", "use sqlite:////path/mlflow.db"),
+    (lambda p: ["tracking.uri=http://127.0.0.1:9"], "tracking.uri=", "no MLflow server answers"),
+    (lambda p: [f"tracking.uri=sqlite:///{p / 'a-file' / 'mlflow.db'}"], "tracking.uri=", "cannot be written"),
+    (lambda p: [f"tracking.uri=sqlite:///{p / 'broken.db'}"], "tracking.uri=", "not a usable SQLite database"),
+    (lambda p: ["-m", "hydra/sweeper=optuna", "hydra.sweeper.storage=postgresql+psycopg://root:pw@127.0.0.1:1/x",
+                f"tracking.uri=sqlite:///{p / 'mlflow.db'}"], "hydra.sweeper.storage=", "does not answer"),
+    (lambda p: ["-m", "hydra/sweeper=optuna", "hydra.sweeper.storage=redis://127.0.0.1/0",
+                f"tracking.uri=sqlite:///{p / 'mlflow.db'}"], "hydra.sweeper.storage=", "postgresql"),
+])
+def test_a_store_that_cannot_work_is_one_line_before_tensorflow_loads(tmp_path, make_args, setting, says):
+    (tmp_path / "a-file").write_text("not a folder")
+    truncated_sqlite(tmp_path / "broken.db")
+    started = time.monotonic()
+    out = cli([*make_args(tmp_path), "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"tbptt-exp: error: {setting}") and says in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "pw@" not in out.stderr
+    assert time.monotonic() - started < 60  # a short timeout, not MLflow's minutes of retries
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args, setting", [
+    (["seed=-1"], "seed="),
+    (["seed=99999999999999999999"], "seed="),
+    (["data.cut=documents", "k=1000000000", "batch_size=2"], "k="),
+    (["data.cut=documents", "k=200000", "batch_size=4096"], "batch_size="),
+    (["data.path=short.txt"], "data.sequence_length="),
+    (["data.path=short.txt", "data.cut=documents"], "data.cut="),
+    (["data=key_recall", "data.num_sequences=1"], "data.num_sequences="),
+])
+def test_bounds_and_tiny_data_are_one_line_before_allocating(tmp_path, args, setting):
+    (tmp_path / "short.txt").write_text("a short text. " * 21)  # about 300 characters
+    out = cli([*args, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"tbptt-exp: error: {setting}")
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert runs(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+
+
+def test_files_that_cannot_be_read_are_reported_not_dropped(tmp_path):
+    from tbptt_exp.core.data import read_documents
+
+    (tmp_path / "a.txt").write_text("plain text that reads well\n" * 3)
+    (tmp_path / "b.txt").write_bytes(b"text with one bad byte \xff in the middle\n" + b"and plenty more of it\n" * 9)
+    (tmp_path / "c.txt").write_bytes(b"\x00\x01\x02 a binary blob")
+    documents, source = read_documents(str(tmp_path), 10_000)
+    assert len(documents) == 2 and "\ufffd" in documents[1]
+    assert "1 file(s) skipped: c.txt (binary)" in source and "1 file(s) with invalid UTF-8 bytes" in source
+    _, capped = read_documents(str(tmp_path), 50)
+    assert "first 50 characters of about" in capped  # a cap says so
+
+
+@pytest.mark.parametrize("after_s", [0.5, 1.5, 3.0])
+def test_sigterm_during_start_up_is_one_line_not_a_traceback(tmp_path, after_s):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "trainer.epochs=1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (143, -signal.SIGTERM), err  # -15: before Python ran any of tbptt-exp
+    assert "Traceback" not in err
+    if proc.returncode == 143:
+        assert err.strip().splitlines()[-1].startswith("tbptt-exp: stopped by SIGTERM")
