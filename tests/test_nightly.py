@@ -8,7 +8,11 @@ import sys
 import pytest
 
 from tbptt_exp.core.config import NightlyConfig
-from tbptt_exp.app.nightly import BaselineError, baseline_from_file, compare, entry_name, threshold_for
+import numpy as np
+
+from tbptt_exp.app.nightly import (
+    EXIT_REGRESSED, BaselineError, baseline_from_file, compare, entry_name, last_good, night_verdict, samples_of,
+)
 
 
 def test_entry_names_are_stable_and_leave_out_tracking_and_hydra():
@@ -17,23 +21,85 @@ def test_entry_names_are_stable_and_leave_out_tracking_and_hydra():
     assert a == b == "engine=graph k=25"
 
 
-def test_verdicts_follow_each_figures_direction():
-    cfg = NightlyConfig()
-    baseline = {"e": {"tokens_per_s": [1000.0], "peak_memory_mb": [100.0], "val_loss": [2.0]}}
-    rows = {r.figure: r for r in compare({"e": {"tokens_per_s": 800.0, "peak_memory_mb": 80.0, "val_loss": 2.01}}, baseline, cfg)}
-    assert rows["tokens_per_s"].verdict == "regressed"  # -20% throughput, threshold 15%
-    assert rows["peak_memory_mb"].verdict == "improved"  # -20% memory
-    assert rows["val_loss"].verdict == "ok"
-    assert compare({"new entry": {"val_loss": 1.0}}, baseline, cfg)[0].verdict == "new"
+def samples(median, spread, n=5, seed=1):
+    """n samples around ``median`` with a relative spread (deterministic)."""
+    rng = np.random.default_rng(seed)
+    return list(median * (1 + spread * rng.uniform(-1, 1, n)))
 
 
-def test_thresholds_widen_with_the_baselines_noise():
-    cfg = NightlyConfig()
-    assert threshold_for("tokens_per_s", cfg, [1000.0]) == 0.15
-    noisy = [1000.0, 1300.0, 700.0, 1200.0, 800.0]
-    assert threshold_for("tokens_per_s", cfg, noisy) > 0.5
-    rows = compare({"e": {"tokens_per_s": 750.0}}, {"e": {"tokens_per_s": noisy}}, cfg)
-    assert rows[0].verdict == "ok"  # -25% is within this baseline's own spread
+def judged(now, base, figure="tokens_per_s", **cfg):
+    (row,) = compare({"e": {figure: now}}, {"e": {figure: base}}, NightlyConfig(**cfg))
+    return row
+
+
+def test_a_20_percent_slowdown_with_low_noise_is_flagged():
+    row = judged(samples(800, 0.02, seed=2), samples(1000, 0.02))
+    assert row.verdict == "regressed" and -0.23 < row.change < -0.17
+    assert row.interval[1] < 0  # the interval excludes no change
+
+
+def test_the_same_slowdown_inside_wide_noise_is_inconclusive_not_ok():
+    row = judged(samples(800, 0.6, seed=2), samples(1000, 0.6))
+    assert row.verdict == "inconclusive" and row.interval[0] < 0 < row.interval[1]
+    widened = judged(samples(800, 0.6, seed=2), samples(1000, 0.6), noise_sigmas=3.0)
+    assert widened.threshold == pytest.approx(2 * 0.15)  # widened by the noise, but capped (max_widening)
+
+
+def test_identical_distributions_are_ok_and_directions_are_per_figure():
+    assert judged(samples(1000, 0.05), samples(1000, 0.05)).verdict == "ok"
+    assert judged(samples(80, 0.01, seed=3), samples(100, 0.01), figure="peak_memory_mb").verdict == "improved"
+    assert judged([2.2] * 3, [2.0] * 3, figure="val_loss").verdict == "regressed"  # deterministic: no spread
+    assert judged([800.0], [1000.0]).verdict == "inconclusive"  # one sample each: no interval to trust
+
+
+def test_missing_renamed_and_invalid_entries_are_gaps():
+    base = {"a": {"val_loss": [1.0, 1.0]}, "b": {"val_loss": [1.0, 1.0]}}
+    tonight = {"a": {"val_loss": [1.0, 1.0]}, "b renamed": {"val_loss": [1.0, 1.0]}}
+    rows = compare(tonight, base, NightlyConfig())
+    assert {(r.entry, r.verdict) for r in rows} == {("a", "ok"), ("b", "missing"), ("b renamed", "added")}
+    assert night_verdict(rows, True) == "gap"
+    for bad in ([float("nan"), 1.0], [0.0, 0.0]):
+        rows = compare({"a": {"val_loss": bad}}, {"a": {"val_loss": [1.0, 1.0]}}, NightlyConfig())
+        assert rows[0].verdict == "invalid" and night_verdict(rows, True) == "gap"
+    assert night_verdict(compare(tonight, {}, NightlyConfig()), False) == "first"  # the first night sets the baseline
+
+
+def test_a_lasting_regression_stays_flagged_against_the_last_good_night():
+    good = {"entries": [{"name": "e", "figures": {}, "samples": {"tokens_per_s": samples(1000, 0.02)}}]}
+    slow = {"entries": [{"name": "e", "figures": {}, "samples": {"tokens_per_s": samples(750, 0.02)}}]}
+    nights = [({"nightly.verdict": "regressed"}, lambda: slow)] * 4 + [({"nightly.verdict": "ok"}, lambda: good)]
+    index, baseline = last_good(nights)  # newest first: four red nights, then the good one
+    assert index == 4 and baseline is good
+    rows = compare({"e": {"tokens_per_s": samples(750, 0.02, seed=9)}}, samples_of(baseline), NightlyConfig())
+    assert rows[0].verdict == "regressed"  # the fifth slow night is still red
+    assert last_good([({"nightly.verdict": "accepted"}, lambda: slow), *nights])[1] is slow  # until accepted
+
+
+def entries_of(tokens_per_s: list[float], fingerprint="CPU | 1 MB | TensorFlow 2.21.0"):
+    return [{"name": "engine=graph", "device_fingerprint": fingerprint,
+             "figures": {"tokens_per_s": t, "val_loss": 1.5}} for t in tokens_per_s]
+
+
+def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
+    from tbptt_exp.app.run import _NoRun
+    from tbptt_exp.app.nightly import report
+
+    pinned = tmp_path / "baseline.json"
+    cfg = NightlyConfig(record=True, baseline=str(pinned), accept=True)
+    assert report(entries_of(samples(1000, 0.02, 3)), tmp_path, cfg, None, _NoRun()) == 0
+    first = json.loads(pinned.read_text())
+    assert first["rounds"] == 3 and len(first["entries"][0]["samples"]["tokens_per_s"]) == 3
+
+    cfg = NightlyConfig(record=True, baseline=str(pinned))
+    assert report(entries_of(samples(700, 0.02, 3, seed=5)), tmp_path, cfg, None, _NoRun()) == EXIT_REGRESSED
+    assert json.loads(pinned.read_text()) == first  # a red night does not move the baseline
+    text = (tmp_path / "nightly_report.md").read_text()
+    assert "REGRESSED" in text and "| engine=graph | tokens_per_s |" in text and "interval" in text
+
+    accepted = NightlyConfig(record=True, baseline=str(pinned), accept=True)
+    assert report(entries_of(samples(700, 0.02, 3, seed=5)), tmp_path, accepted, None, _NoRun()) == 0
+    assert json.loads(pinned.read_text()) != first and "ACCEPTED" in (tmp_path / "nightly_report.md").read_text()
+    assert report(entries_of(samples(700, 0.02, 3, seed=6)), tmp_path, cfg, None, _NoRun()) == 0
 
 
 def test_a_baseline_file_from_another_device_is_refused_unless_allowed(tmp_path):
@@ -47,8 +113,7 @@ def test_a_baseline_file_from_another_device_is_refused_unless_allowed(tmp_path)
 
 
 TINY = ["-m", "sweep=nightly", "engine=graph,keras_fit", "model=lstm", "k=10", "data.max_chars=8000",
-        "data.sequence_length=40", "model.units=32", "nightly.thresholds.tokens_per_s=0.95",
-        "nightly.thresholds.epoch_time_s=0.95", "nightly.thresholds.compile_time_s=0.95"]
+        "data.sequence_length=40", "model.units=128"]
 
 
 def nightly(tmp_path, *extra):
@@ -60,44 +125,40 @@ def nightly(tmp_path, *extra):
 
 
 @pytest.mark.slow
-def test_nightly_first_run_passes_then_compares_then_flags_planted_regressions(tmp_path):
+def test_back_to_back_nights_pass_and_a_planted_faster_baseline_is_flagged(tmp_path):
     first, report = nightly(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     text = report.read_text()
-    assert "no previous nightly run on this device" in text and "becomes the baseline" in text
+    assert "no good night on this device yet" in text and "tonight becomes the baseline" in text
     results = json.loads((report.parent / "nightly_results.json").read_text())
     names = [e["name"] for e in results["entries"]]
     assert len(names) == 2 and all("engine=" in n for n in names)
     for e in results["entries"]:
         assert {"tokens_per_s", "peak_memory_mb", "val_loss", "compile_time_s"} <= set(e["figures"])
+        assert len(e["samples"]["tokens_per_s"]) == 3  # three rounds
     assert (report.parent / "nightly_report.html").is_file()
     assert (report.parent / "nightly_trend_tokens_per_s.png").is_file()
 
-    second, report2 = nightly(tmp_path)
+    second, report2 = nightly(tmp_path)  # the same code again, back to back: no false alarm
     assert second.returncode == 0, second.stdout[-3000:]
     text2 = report2.read_text()
-    assert "median of the 1 previous nightly run(s) on this device" in text2
-    assert "| new |" not in text2  # every figure compared with the first night
+    assert "the last good night" in text2 and "| new |" not in text2 and "REGRESSED" not in text2
 
-    planted = dict(results)
-    planted["entries"] = [
-        {"name": e["name"], "figures": {**e["figures"], "tokens_per_s": e["figures"]["tokens_per_s"] * 100,
-                                        "val_loss": e["figures"]["val_loss"] / 2}}
+    planted = dict(results, entries=[
+        {**e, "samples": {**e["samples"], "tokens_per_s": [v * 1.3 for v in e["samples"]["tokens_per_s"]]}}
         for e in results["entries"]
-    ]
+    ])  # a baseline 1.3x faster than tonight's code
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(planted))
     third, report3 = nightly(tmp_path, f"nightly.baseline={baseline}")
-    assert third.returncode == 4
+    assert third.returncode == 4, third.stdout[-3000:]
     text3 = report3.read_text()
-    assert "REGRESSED" in text3
-    for name in names:
-        assert f"| {name} | tokens_per_s |" in text3 and f"| {name} | val_loss |" in text3
-    regressed_lines = [line for line in text3.splitlines() if line.endswith("| regressed |")]
-    assert {line.split(" | ")[1] for line in regressed_lines} == {"tokens_per_s", "val_loss"}
+    regressed = {(line.split(" | ")[0].lstrip("| "), line.split(" | ")[1])
+                 for line in text3.splitlines() if line.endswith("| regressed |")}
+    assert {figure for _, figure in regressed} == {"tokens_per_s"} and "REGRESSED" in text3
 
     other = dict(results, device_fingerprint="GPU NVIDIA H100 | 81559 MB | TensorFlow 2.21.0")
     (tmp_path / "other.json").write_text(json.dumps(other))
-    fourth, _ = nightly(tmp_path, f"nightly.baseline={tmp_path / 'other.json'}")
+    fourth, _ = nightly(tmp_path, f"nightly.baseline={tmp_path / 'other.json'}", "nightly.rounds=2", "engine=graph")
     assert fourth.returncode == 2
     assert "was measured on 'GPU NVIDIA H100" in fourth.stdout + fourth.stderr

@@ -29,18 +29,27 @@ def store_config() -> None:
 
 
 class TrackedSweeper(BasicSweeper):
+    """Hydra's basic sweeper, repeated ``rounds`` times round after round (a nightly's repeats),
+    each job carrying its sweep's link."""
+
     link_overrides: List[str] = []
+    rounds: int = 1
 
     def get_job_batch(self) -> List[List[str]]:
-        return [[*job, *self.link_overrides] for job in super().get_job_batch()]
+        batch = self.overrides[self.batch_index % len(self.overrides)]
+        self.batch_index += 1
+        return [[*job, *self.link_overrides] for job in batch]
+
+    def is_done(self) -> bool:
+        return self.batch_index >= len(self.overrides) * self.rounds
 
     def sweep(self, arguments: List[str]) -> Any:
         from tbptt_exp.app.sweep import tracked_sweep
 
         basic_sweep = super().sweep
 
-        def launch(link) -> list:
-            self.link_overrides = link.overrides()
+        def launch(link, rounds: int) -> list:
+            self.link_overrides, self.rounds = link.overrides(), rounds
             return [ret for batch in basic_sweep(arguments) for ret in batch]
 
         return tracked_sweep(self.config, launch)

@@ -103,11 +103,12 @@ def section(config, key: str, schema: type[T]) -> T:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config[key]))
 
 
-def tracked_sweep(config, launch: Callable[[SweepLink], list]) -> list:
+def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
     """Run a grid sweep under one MLflow parent run and report on its jobs.
 
-    ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch`` starts
-    every job with the given link and returns Hydra's ``JobReturn``s. Raises
+    ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch(link,
+    rounds)`` starts every job with the given link, the whole grid ``rounds`` times (a
+    nightly's repeats; else once), and returns Hydra's ``JobReturn``s. Raises
     ``SystemExit`` with the nightly verdict's code when that is not 0.
     """
     from hydra.core.utils import JobStatus
@@ -133,7 +134,11 @@ def tracked_sweep(config, launch: Callable[[SweepLink], list]) -> list:
     ) as parent:
         if parent.run_id:
             say(f"sweep tracked as parent {parent.link}")
-        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_outcome=True))
+        nightly_cfg = section(config, "nightly", NightlyConfig)
+        rounds = nightly_cfg.rounds if nightly_cfg.record else 1
+        if rounds > 1:
+            say(f"nightly: the matrix runs {rounds} times, round after round")
+        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_outcome=True), rounds)
         outcomes = [r.return_value if r.status == JobStatus.COMPLETED else None for r in returns]
         done = [o for o in outcomes if o is not None]
         rows = [o.frontier_row for o in done if o.frontier_row is not None]
@@ -141,7 +146,7 @@ def tracked_sweep(config, launch: Callable[[SweepLink], list]) -> list:
         if rows:
             frontier.report(rows, sweep_dir, parent)
         elif entries:
-            exit_code = nightly.report(entries, sweep_dir, section(config, "nightly", NightlyConfig), tracker, parent)
+            exit_code = nightly.report(entries, sweep_dir, nightly_cfg, tracker, parent)
         else:
             jobs = [(list(r.overrides), "FINISHED" if o else "FAILED", o) for r, o in zip(returns, outcomes)]
             table = results_table(jobs)

@@ -22,6 +22,7 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 CUTS = ("fixed", "documents")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "selu", "softsign", "linear")
 OBJECTIVES = ("val_loss", "train_loss", "tokens_per_s", "peak_memory_mb", "epoch_time_s")
+NIGHTLY_FIGURES = ("tokens_per_s", "peak_memory_mb", "val_loss", "compile_time_s", "epoch_time_s")
 
 
 class ConfigError(ValueError):
@@ -124,16 +125,22 @@ class BatchFinderConfig:
 
 @dataclass
 class NightlyConfig:
-    """``sweep=nightly``: the baseline a nightly run is compared with, and its thresholds."""
+    """``sweep=nightly``: repeats, the baseline a night is judged against, and the verdict's rules."""
 
     record: bool = False  # set by sweep=nightly: each job records its figures for the report
-    baseline: Optional[str] = None  # a nightly_results.json; None: previous nightly runs
-    history_runs: int = 7  # previous runs (same device fingerprint) whose median is the baseline
+    rounds: int = 3  # the whole matrix runs this often, round after round, so drift hits every entry alike
+    baseline: Optional[str] = None  # a pinned nightly_results.json; None: the last good night on this device
+    accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
+    history_runs: int = 7  # previous nights drawn in the trend plots
     thresholds: Dict[str, float] = field(default_factory=lambda: {
         "tokens_per_s": 0.15, "peak_memory_mb": 0.10, "val_loss": 0.05,
         "compile_time_s": 0.50, "epoch_time_s": 0.20,
-    })  # relative change beyond which a figure regresses
-    noise_sigmas: float = 3.0  # thresholds widen to this many robust sigmas of the baseline's spread
+    })  # the figures judged, and the relative change beyond which each regresses
+    # The interval already carries the noise; a threshold may also widen to this many robust
+    # sigmas of the samples' spread (0: never), to at most max_widening times itself.
+    noise_sigmas: float = 0.0
+    max_widening: float = 2.0
+    confidence: float = 0.9  # a regression's bootstrap interval on the change, at this level, excludes no change
     allow_other_device: bool = False  # compare with a baseline file from another device
 
 
@@ -244,10 +251,20 @@ def validate(cfg: ExperimentConfig) -> None:
         _one_of("objective", name, OBJECTIVES)
     _one_of("task", cfg.task, TASKS)
     n = cfg.nightly
-    if n.baseline is not None and not Path(n.baseline).expanduser().is_file():
-        raise ConfigError("nightly.baseline", n.baseline, "use the path of a nightly_results.json, or null")
+    if n.baseline is not None and not Path(n.baseline).expanduser().is_file() and not n.accept:
+        raise ConfigError("nightly.baseline", n.baseline,
+                          "use the path of a nightly_results.json, or null (with nightly.accept=true it is written)")
     _positive("nightly.history_runs", n.history_runs)
+    if not isinstance(n.rounds, int) or isinstance(n.rounds, bool) or n.rounds < 2:
+        raise ConfigError("nightly.rounds", n.rounds, "use 2 or more: a verdict needs the spread of repeated samples")
+    if not isinstance(n.noise_sigmas, (int, float)) or n.noise_sigmas < 0:
+        raise ConfigError("nightly.noise_sigmas", n.noise_sigmas, "use 0 (no widening) or a positive number")
+    if not isinstance(n.max_widening, (int, float)) or n.max_widening < 1:
+        raise ConfigError("nightly.max_widening", n.max_widening, "use 1 (never widen) or more")
+    if not isinstance(n.confidence, (int, float)) or not 0.5 <= n.confidence < 1:
+        raise ConfigError("nightly.confidence", n.confidence, "use a level from 0.5 up to (not including) 1, e.g. 0.9")
     for figure, value in n.thresholds.items():
+        _one_of("nightly.thresholds", figure, NIGHTLY_FIGURES)
         if not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"nightly.thresholds.{figure}", value, "use a relative change such as 0.1 (10%)")
     f = cfg.batch_finder
