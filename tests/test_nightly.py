@@ -100,6 +100,10 @@ def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
     assert report(entries_of(samples(700, 0.02, 3, seed=5)), tmp_path, accepted, None, _NoRun()) == 0
     assert json.loads(pinned.read_text()) != first and "ACCEPTED" in (tmp_path / "nightly_report.md").read_text()
     assert report(entries_of(samples(700, 0.02, 3, seed=6)), tmp_path, cfg, None, _NoRun()) == 0
+    accepted_once = json.loads(pinned.read_text())
+    advancing = NightlyConfig(record=True, baseline=str(pinned), advance=True)
+    assert report(entries_of(samples(900, 0.02, 3, seed=7)), tmp_path, advancing, None, _NoRun()) == 0  # improved
+    assert json.loads(pinned.read_text()) != accepted_once  # a good night becomes the baseline
 
 
 def test_a_baseline_file_from_another_device_is_refused_unless_allowed(tmp_path):
@@ -112,7 +116,7 @@ def test_a_baseline_file_from_another_device_is_refused_unless_allowed(tmp_path)
     assert baseline == {"e": {"val_loss": [1.0]}} and "another device" in note
 
 
-TINY = ["-m", "sweep=nightly", "engine=graph,keras_fit", "model=lstm", "k=10", "data.max_chars=8000",
+TINY = ["-m", "sweep=nightly", "engine=graph,keras_fit", "model=lstm", "k=10", "data.max_chars=60000",
         "data.sequence_length=40", "model.units=128"]
 
 

@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 2 a setting cannot work (one line on stderr), or a nightly baseline
 cannot be used; 3 the batch-size search stopped on an error that is not out-of-memory;
-4 a nightly figure regressed; 130 Ctrl-C; 143 SIGTERM.
+4 a nightly figure regressed or the nightly matrix has a gap; 130 Ctrl-C; 143 SIGTERM.
 """
 
 from __future__ import annotations

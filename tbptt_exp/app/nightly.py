@@ -15,9 +15,9 @@ figure against the baseline's samples:
   or added), a figure that is NaN, infinite or not positive.
 
 The baseline is the last night judged good on this device (first, ok, improved or
-accepted), or a pinned results file (``nightly.baseline=PATH``), never a median that a
-lasting regression would join: a regression stays red until it is fixed or accepted with
-``nightly.accept=true`` (which rewrites a pinned file). ``report`` writes
+accepted), or a pinned results file (``nightly.baseline=PATH``; with ``nightly.advance=true`` each
+good night rewrites it), never a median that a lasting regression would join: a
+regression stays red until it is fixed or accepted with ``nightly.accept=true``. ``report`` writes
 ``nightly_results.json`` (every sample), ``nightly_report.md`` and ``.html`` with trend
 plots, logs them to MLflow and returns the exit code.
 """
@@ -388,7 +388,8 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
     (sweep_dir / "nightly_report.html").write_text(report_html(markdown, rows, plots))
     print(markdown, flush=True)
     say(f"nightly report: {sweep_dir / 'nightly_report.html'}")
-    if pinned is not None and (verdict == "accepted" or not pinned.is_file()):
+    if pinned is not None and (verdict == "accepted" or not pinned.is_file()
+                               or (cfg.advance and verdict in GOOD_NIGHTS)):
         pinned.parent.mkdir(parents=True, exist_ok=True)
         pinned.write_text(json.dumps(results, indent=1))
         say(f"baseline written to {pinned}")

@@ -131,6 +131,7 @@ class NightlyConfig:
     rounds: int = 3  # the whole matrix runs this often, round after round, so drift hits every entry alike
     baseline: Optional[str] = None  # a pinned nightly_results.json; None: the last good night on this device
     accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
+    advance: bool = False  # a good night rewrites the baseline file, which then holds the last good night
     history_runs: int = 7  # previous nights drawn in the trend plots
     thresholds: Dict[str, float] = field(default_factory=lambda: {
         "tokens_per_s": 0.15, "peak_memory_mb": 0.10, "val_loss": 0.05,
@@ -251,9 +252,9 @@ def validate(cfg: ExperimentConfig) -> None:
         _one_of("objective", name, OBJECTIVES)
     _one_of("task", cfg.task, TASKS)
     n = cfg.nightly
-    if n.baseline is not None and not Path(n.baseline).expanduser().is_file() and not n.accept:
-        raise ConfigError("nightly.baseline", n.baseline,
-                          "use the path of a nightly_results.json, or null (with nightly.accept=true it is written)")
+    if n.baseline is not None and not Path(n.baseline).expanduser().is_file() and not (n.accept or n.advance):
+        raise ConfigError("nightly.baseline", n.baseline, "use the path of a nightly_results.json, or null "
+                                                          "(with nightly.accept or nightly.advance it is written)")
     _positive("nightly.history_runs", n.history_runs)
     if not isinstance(n.rounds, int) or isinstance(n.rounds, bool) or n.rounds < 2:
         raise ConfigError("nightly.rounds", n.rounds, "use 2 or more: a verdict needs the spread of repeated samples")
