@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 # about 1 MB): at k=25 the peak jumps from about 42 MB (B=80) to 52 MB (B=88), at k=10 from
 # about 35 MB (B=208) to 54 MB (B=216), so a 47 MB budget sits MBs away from both answers.
 SMALL = [
-    "data=key_recall", "data.num_noise_tokens=2000", "model.units=64", "model.embedding_dim=16",
+    "data=key_recall", "data.num_sequences=256", "data.sequence_length=40", "data.num_noise_tokens=2000", "model.units=64", "model.embedding_dim=16",
     "batch_finder.max_batch_size=224", "batch_finder.probe_seconds=1.5", "device.memory_budget_mb=47",
 ]
 
@@ -51,7 +51,7 @@ def sweep_dir(cwd: Path) -> Path:
 def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> ExperimentConfig:
     """``SMALL`` as a config object."""
     return ExperimentConfig(
-        k=k, data=KeyRecallDataConfig(num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
+        k=k, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40, num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
         batch_finder=BatchFinderConfig(max_batch_size=max_batch_size, probe_seconds=1.5,
                                        cache_dir=str(tmp_path / "cache"), **finder),
         device=DeviceConfig(memory_budget_mb=47),

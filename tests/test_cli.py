@@ -96,6 +96,9 @@ def test_multirun_gives_one_parent_with_a_finished_child_per_k(tmp_path, store):
         (["data.path=/no/such/folder"], "data.path="),
         (["engine=keras_fit", "padding=pack"], "padding="),
         (["engine=keras_fit", "trainer.steps_per_execution=4"], "trainer.steps_per_execution="),
+        (["engine=keras_fit", "padding=stream", "data.cut=documents"], "padding="),
+        (["data.max_sequence_length=100"], "data.max_sequence_length="),
+        (["padding=stream", "batch_size=4096", "data.max_chars=20000"], "batch_size="),
     ],
 )
 def test_bad_values_exit_2_with_one_line_and_leave_no_run(tmp_path, store, args, setting):

@@ -195,7 +195,7 @@ def test_a_store_that_cannot_work_is_one_line_before_tensorflow_loads(tmp_path, 
     (["data.cut=documents", "k=1000000000", "batch_size=2"], "k="),
     (["data.cut=documents", "k=200000", "batch_size=4096"], "batch_size="),
     (["data.path=short.txt"], "data.sequence_length="),
-    (["data.path=short.txt", "data.cut=documents"], "data.cut="),
+    (["data.path=short.txt", "data.cut=documents", "k=1000"], "k="),  # one file works, but not with k past its length
     (["data=key_recall", "data.num_sequences=1"], "data.num_sequences="),
 ])
 def test_bounds_and_tiny_data_are_one_line_before_allocating(tmp_path, args, setting):

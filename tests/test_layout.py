@@ -70,7 +70,7 @@ def test_every_real_token_trained_exactly_once_per_epoch(case):
         return
     trained = lay.inputs[lay.sample_weights == 1]
     kept = [s for s, _, _ in lay.placements]
-    expected = np.concatenate([corpus.inputs[s] for s in kept])
+    expected = np.concatenate([lay.sequences.inputs[s] for s in kept])
     assert len(trained) == len(np.unique(trained)) == len(expected)
     assert set(trained.tolist()) == set(expected.tolist())
     # Inputs and targets stay paired.
@@ -78,19 +78,20 @@ def test_every_real_token_trained_exactly_once_per_epoch(case):
     if case["padding"] == "drop":
         assert lay.dropped_sequences == len(corpus) % case["batch_size"]
     else:
-        assert lay.dropped_sequences == 0 and len(kept) == len(corpus)
+        assert lay.dropped_sequences == 0 and len(trained) == corpus.num_tokens
+        assert case["padding"] == "stream" or len(kept) == len(corpus)
 
 
 @settings(max_examples=300, deadline=None)
 @given(layouts)
 def test_row_of_next_batch_continues_the_same_stream(case):
-    """Each sequence sits in one row, chunk after chunk, in consecutive batches."""
+    """Each sequence (a piece, for streams) sits in one row, chunk after chunk, in consecutive batches."""
     corpus, lay = make(case)
     if lay is None:
         return
     k = case["k"]
     for s, row, first in lay.placements:
-        x = corpus.inputs[s]
+        x = lay.sequences.inputs[s]
         n_chunks = -(-len(x) // k)
         stream = lay.inputs[first : first + n_chunks, row].reshape(-1)
         assert np.array_equal(stream[: len(x)], x)
@@ -106,7 +107,7 @@ def test_reset_flags_sit_exactly_at_sequence_starts(case):
     starts = np.zeros_like(lay.reset)
     starts[0, :] = True
     for _, row, first in lay.placements:
-        if case["padding"] == "pack":
+        if case["padding"] in ("pack", "stream"):
             starts[first, row] = True
         else:  # a group starts all its rows together, dummy rows included
             starts[first, :] = True
@@ -128,7 +129,7 @@ def test_no_row_is_overwritten(case):
     k = case["k"]
     occupied = np.zeros(lay.reset.shape, dtype=int)
     for s, row, first in lay.placements:
-        occupied[first : first + -(-len(corpus.inputs[s]) // k), row] += 1
+        occupied[first : first + -(-len(lay.sequences.inputs[s]) // k), row] += 1
     assert occupied.max() <= 1
 
 
@@ -160,6 +161,38 @@ def test_pack_balances_variable_lengths_better_than_dummy():
     assert pack.padding_waste < dummy.padding_waste / 2
 
 
+@settings(max_examples=300, deadline=None)
+@given(layouts.filter(lambda case: case["padding"] == "stream") | st.fixed_dictionaries({
+    "lengths": st.lists(st.integers(1, 60), min_size=1, max_size=25), "k": st.integers(1, 12),
+    "batch_size": st.integers(1, 8), "padding": st.just("stream"), "reset": st.sampled_from(RESETS),
+    "seed": st.integers(0, 3)}))
+def test_streams_carry_the_text_in_order_row_after_row(case):
+    """Row r of batch b+1 continues row r of batch b for the whole epoch: reading the rows
+    one after the other gives back the text in epoch order; resets only where a document
+    starts (reset=sequence) or at the epoch's start."""
+    corpus, lay = make(case)
+    order = epoch_order(len(corpus), case["seed"], epoch=1)
+    text = np.concatenate([corpus.inputs[s] for s in order])
+    rows = lay.inputs.transpose(1, 0, 2).reshape(lay.batch_size, -1)
+    weights = lay.sample_weights.transpose(1, 0, 2).reshape(lay.batch_size, -1)
+    assert np.array_equal(np.concatenate([row[w == 1] for row, w in zip(rows, weights)]), text)
+    per_row = -(-sum(-(-n // case["k"]) for n in case["lengths"]) // case["batch_size"])
+    assert lay.n_batches == per_row  # B equal parts
+    if case["reset"] == "sequence":  # a reset where a document starts, or where a row starts
+        doc_starts = {int(corpus.inputs[s][0]) for s in range(len(corpus))}
+        for b in range(lay.n_batches):
+            for r in range(lay.batch_size):
+                first = lay.inputs[b, r, 0]
+                assert lay.reset[b, r] == (b == 0 or (lay.sample_weights[b, r, 0] == 1 and int(first) in doc_starts))
+
+
+def test_one_long_text_is_cut_into_batch_size_contiguous_streams_as_batchify_does():
+    lay = build_layout(unique_corpus([1000]), k=10, batch_size=4, padding="stream", reset="sequence")
+    assert lay.n_batches == 25 and lay.padded_tokens == 0
+    assert lay.reset[0].all() and not lay.reset[1:].any()  # carried for the whole epoch
+    assert [int(lay.inputs[0, r, 0]) for r in range(4)] == [1, 251, 501, 751]
+
+
 def test_epoch_order_shuffles_between_epochs_and_is_reproducible():
     assert np.array_equal(epoch_order(50, 3, 0), epoch_order(50, 3, 0))
     assert not np.array_equal(epoch_order(50, 3, 0), epoch_order(50, 3, 1))
@@ -171,7 +204,7 @@ def test_epoch_order_shuffles_between_epochs_and_is_reproducible():
     [
         ({"k": 0}, "k must be a positive"),
         ({"batch_size": -1}, "batch_size must be positive"),
-        ({"padding": "zeros"}, "padding='zeros' is not one of dummy, drop, pack"),
+        ({"padding": "zeros"}, "padding='zeros' is not one of dummy, drop, pack, stream"),
         ({"reset": "always"}, "reset='always' is not one of sequence, chunk, never"),
     ],
 )

@@ -296,6 +296,21 @@ def test_key_recall_needs_state_carried_across_chunks():
     assert carried < 0.3 and carried < no_carry / 3
 
 
+def test_streams_carry_the_key_in_training_and_in_evaluation():
+    """With padding=stream each row is one stream for the whole epoch: the key opening a
+    sequence is carried across its chunks in training and in the streamed validation."""
+    data = KeyRecallDataConfig(num_sequences=256, sequence_length=4 * 10, num_keys=4)
+    cfg = ExperimentConfig(
+        k=10, batch_size=32, padding="stream", data=data,
+        model=ModelConfig(embedding_dim=16, units=32),
+        trainer=TrainerConfig(epochs=12, learning_rate=0.01),
+    )
+    carried = train(cfg).final.val_loss
+    no_carry = train(dataclasses.replace(cfg, reset="chunk")).final.val_loss
+    assert no_carry > 0.9  # 3 of 4 chunks cannot see the key: >= 3/4 log(4)
+    assert carried < 0.3 and carried < no_carry / 3
+
+
 def test_the_schema_lists_exactly_the_engines_that_exist():
     from tbptt_exp.core import config
 

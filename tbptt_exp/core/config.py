@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-PADDINGS = ("dummy", "drop", "pack")
+PADDINGS = ("dummy", "drop", "pack", "stream")
 RESETS = ("sequence", "chunk", "never")
 ENGINES = ("graph", "keras_fit")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
@@ -42,7 +42,8 @@ class CharsDataConfig:
     path: Optional[str] = None  # a text file or folder; None = the embedded corpus
     cut: str = "fixed"  # fixed: sequences of sequence_length; documents: one file each
     sequence_length: int = 200  # timesteps per sequence when cut=fixed
-    max_sequences: Optional[int] = None  # cap on the number of sequences (None = all)
+    max_sequence_length: Optional[int] = None  # cut=documents: longer documents are cut (state resets at a cut)
+    max_sequences: Optional[int] = None  # cap on the number of sequences, training and validation each
     max_chars: int = 400_000  # cap on the characters read
     max_vocab: int = 200  # most frequent characters kept; the rest map to one unknown id
     val_fraction: float = 0.1
@@ -53,8 +54,10 @@ class KeyRecallDataConfig:
     """Synthetic: a key opens each sequence and is every target; needs carried state."""
 
     name: str = "key_recall"
-    num_sequences: int = 256
-    sequence_length: int = 40
+    # Sized to show the point in about 30 s per run on 2 CPU cores with the default model:
+    # after 3 epochs val_loss is ~0.001 with reset=sequence and ~1.05 with reset=chunk.
+    num_sequences: int = 2048
+    sequence_length: int = 100
     num_keys: int = 4
     num_noise_tokens: int = 8
     val_fraction: float = 0.25
@@ -290,6 +293,11 @@ def validate(cfg: ExperimentConfig) -> None:
         _positive("data.max_vocab", d.max_vocab)
         if d.max_sequences is not None:
             _positive("data.max_sequences", d.max_sequences)
+        if d.max_sequence_length is not None:
+            _positive("data.max_sequence_length", d.max_sequence_length)
+            if d.cut != "documents":
+                raise ConfigError("data.max_sequence_length", d.max_sequence_length,
+                                  "applies to data.cut=documents only (cut=fixed has data.sequence_length)")
     elif isinstance(d, KeyRecallDataConfig):
         for name in ("num_sequences", "sequence_length", "num_keys", "num_noise_tokens"):
             _positive(f"data.{name}", getattr(d, name))

@@ -147,44 +147,74 @@ def encode(text: str, vocabulary: list[str]) -> np.ndarray:
     return ids
 
 
-def chars(cfg: CharsDataConfig, seed: int) -> Dataset:
-    """Character-level language modelling: predict character t+1 from characters ≤ t."""
-    documents, source = read_documents(cfg.path, cfg.max_chars)
-    fingerprint = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
-    if cfg.cut == "documents":
-        pieces = [d for d in documents if len(d) >= 2]
-        if len(pieces) < 2:
-            raise ConfigError(
-                "data.cut", "documents",
-                f"{cfg.path or 'the corpus'} holds {len(pieces)} document(s), and a train/validation split "
-                "needs 2 or more; use data.cut=fixed for one long text, or a folder of files",
-            )
-    else:
-        # Consecutive windows of sequence_length + 1 characters overlapping by one, so
-        # every character but the first is a target exactly once.
-        text = "".join(documents)
-        step = cfg.sequence_length
-        n = (len(text) - 1) // step
-        if n < 2:  # one sequence to train on and one to validate on, at the least
+def split_tail(documents: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """The last ``val_fraction`` of the text (documents in order) as validation: one
+    contiguous block, so no validation character sits between training characters. The
+    document the cut falls in is split there."""
+    total = sum(map(len, documents))
+    cut = total - max(2, round(total * val_fraction))
+    train, val, seen = [], [], 0
+    for d in documents:
+        if seen + len(d) <= cut:
+            train.append(d)
+        elif seen >= cut:
+            val.append(d)
+        else:
+            train.append(d[: cut - seen])
+            val.append(d[cut - seen :])
+        seen += len(d)
+    return [d for d in train if len(d) >= 2], [d for d in val if len(d) >= 2]
+
+
+def cut_text(documents: list[str], cfg: CharsDataConfig, side: str) -> list[str]:
+    """Documents -> sequences of characters (each one longer than its training steps: its
+    last character is only a target). Pieces overlap by one character, so every character
+    but a sequence's first is a target exactly once."""
+    if cfg.cut == "fixed":
+        text, step = "".join(documents), cfg.sequence_length
+        pieces = [text[i * step : i * step + step + 1] for i in range((len(text) - 1) // step)]
+        if not pieces:
+            longest = max(1, len(text) - 1)
             raise ConfigError(
                 "data.sequence_length", step,
-                f"the text has {len(text):,} characters, which make {n} sequence(s) of this length; "
-                f"use at most {max(1, (len(text) - 1) // 2)} (two sequences), or give more text",
+                f"the {side} text has {len(text):,} characters, too few for one sequence of this length; "
+                f"use at most {longest}, a different data.val_fraction, or more text",
             )
-        pieces = [text[i * step : i * step + step + 1] for i in range(n)]
+        return pieces
+    step = cfg.max_sequence_length
+    pieces = []
+    for d in documents:
+        if step is None or len(d) <= step + 1:
+            pieces.append(d)
+        else:  # a long document in pieces of at most ``step`` steps; state resets at each cut
+            pieces += [d[i : i + step + 1] for i in range(0, len(d) - 1, step) if len(d[i : i + step + 1]) >= 2]
+    return pieces
+
+
+def chars(cfg: CharsDataConfig, seed: int) -> Dataset:  # noqa: ARG001 - the split is by position, not random
+    """Character-level language modelling: predict character t+1 from characters ≤ t.
+
+    Validation is the last ``val_fraction`` of the text, cut the same way as training.
+    """
+    documents, source = read_documents(cfg.path, cfg.max_chars)
+    fingerprint = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()
+    train_docs, val_docs = split_tail(documents, cfg.val_fraction)
+    if not train_docs or not val_docs:
+        raise ConfigError("data.val_fraction", cfg.val_fraction,
+                          f"the text ({sum(map(len, documents)):,} characters) leaves no training or no validation "
+                          "text; use a fraction that leaves both, or more text")
+    train_pieces, val_pieces = cut_text(train_docs, cfg, "training"), cut_text(val_docs, cfg, "validation")
     if cfg.max_sequences is not None:
-        pieces = pieces[: cfg.max_sequences]
+        train_pieces, val_pieces = train_pieces[: cfg.max_sequences], val_pieces[: cfg.max_sequences]
+    vocabulary = build_vocabulary(train_pieces, cfg.max_vocab)
 
-    train_idx, val_idx = split_indices(len(pieces), cfg.val_fraction, seed)
-    vocabulary = build_vocabulary([pieces[i] for i in train_idx], cfg.max_vocab)
-    encoded = [encode(p, vocabulary) for p in pieces]
-
-    def corpus(idx: np.ndarray) -> Corpus:
-        return Corpus([encoded[i][:-1] for i in idx], [encoded[i][1:] for i in idx])
+    def corpus(pieces: list[str]) -> Corpus:
+        encoded = [encode(p, vocabulary) for p in pieces]
+        return Corpus([e[:-1] for e in encoded], [e[1:] for e in encoded])
 
     return Dataset(
-        train=corpus(train_idx),
-        val=corpus(val_idx),
+        train=corpus(train_pieces),
+        val=corpus(val_pieces),
         vocab_size=len(vocabulary) + FIRST_CHAR_ID,
         vocabulary=vocabulary,
         source=source,

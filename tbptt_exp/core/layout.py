@@ -24,6 +24,14 @@ Padding strategies (what to do when B does not divide the number of sequences N)
   goes to the stream that is shortest so far, and its row resets exactly where it starts.
   B need not divide N, and rows are not padded to their neighbours' lengths: padding is
   only the tail of each sequence's last chunk and the end of each stream.
+- ``stream``: the canonical layout for long text (char-rnn's loader, PyTorch's
+  word_language_model ``batchify``): the sequences, in order, are concatenated (each
+  starting at a chunk boundary) and the whole is cut into B equal contiguous parts, one per
+  row, so state is carried along each row for the whole epoch and resets only where a
+  sequence (a document) starts. A sequence that crosses a part boundary is split: its
+  continuation opens the next row, from a zero state, as in ``batchify``. One long text
+  thus trains as B streams; padding is only each sequence's last-chunk tail and the end of
+  the last row.
 
 Reset policies (when a row's state is zeroed; every row starts the epoch from zero):
 
@@ -91,6 +99,7 @@ class Layout:
     placements: np.ndarray  # (n_placed, 3) int64: sequence, row, first batch
     dropped_sequences: int
     dummy_rows: int  # all-padding rows added to fill the last group (``dummy`` only)
+    sequences: Corpus | None = None  # what placements index: the corpus, or its pieces (``stream``)
 
     @property
     def n_batches(self) -> int:
@@ -148,6 +157,8 @@ def build_layout(
     if reset not in RESETS:
         raise ValueError(f"reset={reset!r} is not one of {', '.join(RESETS)}")
     order = np.arange(len(corpus)) if order is None else np.asarray(order, dtype=np.int64)
+    if padding == "stream":  # sequences split at the row boundaries: the pieces are laid out
+        corpus, order = stream_pieces(corpus, order, k, batch_size)
     n_chunks = -(-corpus.lengths // k)  # chunks each sequence occupies
     placements, dropped, dummy_rows = _place(order, n_chunks, batch_size, padding)
     if len(placements) == 0:
@@ -173,7 +184,7 @@ def build_layout(
     if reset == "sequence":
         # A group (dummy/drop) starts all its rows together, dummy rows included, so a
         # whole-batch reset (the classic callback) and per-row flags agree.
-        flags[first, slice(None) if padding != "pack" else rows] = True
+        flags[first, rows if padding in ("pack", "stream") else slice(None)] = True
     elif reset == "chunk":
         flags[:] = True
 
@@ -188,6 +199,7 @@ def build_layout(
         placements=placements,
         dropped_sequences=dropped,
         dummy_rows=dummy_rows,
+        sequences=corpus,
     )
 
 
@@ -195,11 +207,54 @@ def _place(order: np.ndarray, n_chunks: np.ndarray, batch_size: int, padding: st
     """(placements: rows of (sequence, row, first batch), dropped sequences, dummy rows)."""
     if padding == "pack":
         return _pack(order, n_chunks, batch_size), 0, 0
+    if padding == "stream":
+        return _rows_in_order(order, n_chunks, batch_size), 0, 0
     return _groups(order, n_chunks, batch_size, padding)
+
+
+def stream_chunks(corpus: Corpus, k: int, batch_size: int) -> int:
+    """Chunks per row of the ``stream`` layout: all sequences' chunks over B rows, rounded up."""
+    return max(1, -(-int((-(-corpus.lengths // k)).sum()) // batch_size))
+
+
+def stream_pieces(corpus: Corpus, order: np.ndarray, k: int, batch_size: int) -> tuple[Corpus, np.ndarray]:
+    """The sequences in ``order`` cut where the B equal rows of the ``stream`` layout end.
+
+    Pieces keep the order; each is a view of its sequence (no copy). A sequence's pieces
+    start at chunk boundaries of it, so every real token lands exactly once.
+    """
+    per_row = stream_chunks(corpus, k, batch_size)
+    inputs, targets = [], []
+    used = 0  # chunks filled in the current row
+    for s in order:
+        x, y = corpus.inputs[s], corpus.targets[s]
+        start = 0
+        while start < len(x):
+            take = min(-(-(len(x) - start) // k), per_row - used)  # chunks of this piece
+            end = min(len(x), start + take * k)
+            inputs.append(x[start:end])
+            targets.append(y[start:end])
+            start, used = end, (used + take) % per_row
+    return Corpus(inputs, targets), np.arange(len(inputs))
+
+
+def _rows_in_order(order: np.ndarray, n_chunks: np.ndarray, batch_size: int) -> np.ndarray:
+    """``stream``: pieces fill row 0, then row 1, ..., each row the same number of chunks."""
+    per_row = -(-int(n_chunks[order].sum()) // batch_size)
+    placements = np.empty((len(order), 3), dtype=np.int64)
+    row = used = 0
+    for i, s in enumerate(order):
+        if used >= per_row:
+            row, used = row + 1, 0
+        placements[i] = (s, row, used)
+        used += int(n_chunks[s])
+    return placements
 
 
 def planned_batches(corpus: Corpus, k: int, batch_size: int, padding: str) -> int:
     """Batches ``build_layout`` would make (in corpus order), computed without allocating them."""
+    if padding == "stream":
+        return stream_chunks(corpus, k, batch_size)
     n_chunks = -(-corpus.lengths // k)
     placements, _, _ = _place(np.arange(len(corpus)), n_chunks, batch_size, padding)
     if len(placements) == 0:

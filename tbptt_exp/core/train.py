@@ -78,6 +78,16 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
             f"(limit {MAX_LAYOUT_BYTES / 2**30:.0f} GiB); lower batch_size or k, use padding=pack, "
             "or read less text (data.max_chars)",
         )
+    if cfg.padding == "stream":
+        chunks = int((-(-dataset.train.lengths // cfg.k)).sum())
+        if chunks < cfg.batch_size:
+            raise ConfigError("batch_size", cfg.batch_size,
+                              f"padding=stream cuts the training text into batch_size rows, and it makes only "
+                              f"{chunks} chunks of k={cfg.k}; use batch_size up to {chunks}, or a smaller k")
+        if cfg.engine.name == "keras_fit" and cfg.reset == "sequence" and len(dataset.train) > 1:
+            raise ConfigError("padding", "stream",
+                              "engine=keras_fit resets all rows at once, and streams reset each row where its "
+                              "document starts; use engine=graph (or one text, or reset=never)")
     if cfg.padding == "drop" and len(dataset.train) < cfg.batch_size:
         raise ConfigError(
             "batch_size", cfg.batch_size,
