@@ -88,7 +88,7 @@ def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
     cfg = NightlyConfig(record=True, baseline=str(pinned), accept=True)
     assert report(entries_of(samples(1000, 0.02, 3)), tmp_path, cfg, None, _NoRun()) == 0
     first = json.loads(pinned.read_text())
-    assert first["rounds"] == 3 and len(first["entries"][0]["samples"]["tokens_per_s"]) == 3
+    assert first["rounds"] == 5 and len(first["entries"][0]["samples"]["tokens_per_s"]) == 3
 
     cfg = NightlyConfig(record=True, baseline=str(pinned))
     assert report(entries_of(samples(700, 0.02, 3, seed=5)), tmp_path, cfg, None, _NoRun()) == EXIT_REGRESSED
@@ -141,7 +141,7 @@ def test_back_to_back_nights_pass_and_a_planted_faster_baseline_is_flagged(tmp_p
     assert len(names) == 2 and all("engine=" in n for n in names)
     for e in results["entries"]:
         assert {"tokens_per_s", "peak_memory_mb", "val_loss", "compile_time_s"} <= set(e["figures"])  # all recorded
-        assert len(e["samples"]["tokens_per_s"]) == 3  # three rounds
+        assert len(e["samples"]["tokens_per_s"]) == 5  # five rounds
     assert (report.parent / "nightly_report.html").is_file()
     assert (report.parent / "nightly_trend_tokens_per_s.png").is_file()
 
@@ -150,10 +150,13 @@ def test_back_to_back_nights_pass_and_a_planted_faster_baseline_is_flagged(tmp_p
     text2 = report2.read_text()
     assert "the last good night" in text2 and "| new |" not in text2 and "REGRESSED" not in text2
 
+    second_results = json.loads((report2.parent / "nightly_results.json").read_text())
+    samples_2 = {e["name"]: e["samples"]["tokens_per_s"] for e in second_results["entries"]}
     planted = dict(results, entries=[
-        {**e, "samples": {**e["samples"], "tokens_per_s": [v * 1.3 for v in e["samples"]["tokens_per_s"]]}}
+        {**e, "samples": {**e["samples"],
+                          "tokens_per_s": [v * 1.3 for v in e["samples"]["tokens_per_s"] + samples_2[e["name"]]]}}
         for e in results["entries"]
-    ])  # a baseline 1.3x faster than tonight's code
+    ])  # a baseline 1.3x faster than tonight's code: both earlier nights' samples, sped up
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(planted))
     third, report3 = nightly(tmp_path, f"nightly.baseline={baseline}")

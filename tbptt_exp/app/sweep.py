@@ -100,7 +100,10 @@ def section(config, key: str, schema: type[T]) -> T:
     """One settings group of a sweep's composed config (a sweep has no single experiment)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), config[key]))
+    node = config[key]
+    if OmegaConf.get_type(node) is schema:  # typed by the schema already: keep deletions (~key.entry)
+        return OmegaConf.to_object(node)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
 
 
 def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:

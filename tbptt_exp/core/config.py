@@ -131,7 +131,7 @@ class NightlyConfig:
     """``sweep=nightly``: repeats, the baseline a night is judged against, and the verdict's rules."""
 
     record: bool = False  # set by sweep=nightly: each job records its figures for the report
-    rounds: int = 3  # the whole matrix runs this often, round after round, so drift hits every entry alike
+    rounds: int = 5  # the whole matrix runs this often, round after round, so drift hits every entry alike
     baseline: Optional[str] = None  # a pinned nightly_results.json; None: the last good night on this device
     accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
     advance: bool = False  # a good night rewrites the baseline file, which then holds the last good night
