@@ -8,13 +8,13 @@ file under FOLDER, oldest first) and judges them with the nightly's own rules:
   s (divided by 1 + s) — the share of entries judged *regressed*, per s.
 
     python -m tbptt_exp -m sweep=nightly ...   # N times, unchanged code
-    python benchmarks/nightly_sensitivity.py multirun/
+    python benchmarks/nightly_sensitivity.py multirun/ [--without peak_memory_mb]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from tbptt_exp.app.nightly import compare, night_verdict, samples_of
@@ -28,10 +28,11 @@ def slowed(samples: dict, s: float) -> dict:
             for name, figures in samples.items()}
 
 
-def main(folder: str) -> None:
+def main(folder: str, without: list[str]) -> None:
     files = sorted(Path(folder).rglob("nightly_results.json"), key=lambda p: json.loads(p.read_text())["date"])
     nights = [samples_of(json.loads(p.read_text())) for p in files]
     cfg = NightlyConfig()
+    cfg.thresholds = {f: t for f, t in cfg.thresholds.items() if f not in without}  # as ~nightly.thresholds.F
     pairs = list(zip(nights, nights[1:]))
     print(f"{len(nights)} nights, {len(pairs)} back-to-back comparisons, "
           f"{len(nights[0])} entries, {len(next(iter(nights[0].values()))['tokens_per_s'])} rounds each\n")
@@ -47,4 +48,8 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "multirun")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", nargs="?", default="multirun")
+    parser.add_argument("--without", action="append", default=[], help="a figure not judged (repeatable)")
+    args = parser.parse_args()
+    main(args.folder, args.without)
