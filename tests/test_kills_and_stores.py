@@ -20,6 +20,7 @@ from tbptt_exp.app.study import TrialLocks, fail_orphaned_trials, sampler_seed, 
 from tbptt_exp.core.config import ConfigError, TrackingConfig
 
 from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
+from test_optuna_cli import postgres_available  # noqa: E402
 
 
 def dead_holder() -> Holder:
@@ -90,13 +91,7 @@ def trial_lock_worker(storage_url: str, study: str) -> subprocess.Popen:
 
 
 def postgres_url():
-    if os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"):
-        return "postgresql+psycopg://root@127.0.0.1:5432/test"
-    try:
-        import psycopg
-
-        psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root", connect_timeout=3).close()
-    except Exception:
+    if not postgres_available() and not os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"):
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)")
     return "postgresql+psycopg://root@127.0.0.1:5432/test"
 

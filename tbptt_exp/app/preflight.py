@@ -98,7 +98,7 @@ def _composition_error(error: Exception, overrides: list[str]) -> ConfigError:
 def check_optuna_sweeper(cfg) -> None:
     """The Optuna sweeper's own settings, when it is the sweeper."""
     sweeper = cfg.hydra.sweeper
-    if not str(sweeper.get("_target_", "")).endswith("OptunaSweeper"):
+    if not _is_optuna(cfg):
         return
     from omegaconf import ListConfig
 
@@ -150,23 +150,21 @@ def _is_optuna(cfg) -> bool:
 
 
 def check_stores(cfg, multirun: bool) -> None:
-    """Open the tracking store (and a study's storage) once, before TensorFlow loads."""
+    """Open the tracking store (and a study's storage) once, before TensorFlow loads: the
+    same URLs the jobs will open (``run.resolve_uri``, ``study.default_storage_url``)."""
     import os
 
+    from tbptt_exp.app.run import resolve_uri
     from tbptt_exp.app.stores import check_storage_url, check_tracking_uri
-    from tbptt_exp.paths import default_store_dir
+    from tbptt_exp.core.config import TrackingConfig
 
     if cfg.tracking.enabled:
-        if cfg.tracking.uri:
-            check_tracking_uri(cfg.tracking.uri)
-        elif os.environ.get("MLFLOW_TRACKING_URI"):
-            check_tracking_uri(os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI")
-        else:
-            check_tracking_uri(f"sqlite:///{default_store_dir() / 'mlflow.db'}", "the default store (tracking.uri)")
+        setting = "tracking.uri" if cfg.tracking.uri or not os.environ.get("MLFLOW_TRACKING_URI") else "MLFLOW_TRACKING_URI"
+        check_tracking_uri(resolve_uri(TrackingConfig(uri=cfg.tracking.uri)), setting)
     if multirun and _is_optuna(cfg):
-        storage = cfg.hydra.sweeper.get("storage")
-        check_storage_url(storage or f"sqlite:///{default_store_dir() / 'optuna.db'}",
-                          "hydra.sweeper.storage")
+        from tbptt_exp.app.study import default_storage_url
+
+        check_storage_url(cfg.hydra.sweeper.get("storage") or default_storage_url(create=False))
 
 
 def preflight(argv: list[str]) -> list[str]:

@@ -182,7 +182,6 @@ class Tracker:
         self.experiment_name = cfg.experiment
         self.closed_runs = close_dead_runs_once(self.client, self.uri)
 
-
     @contextlib.contextmanager
     def run(
         self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
