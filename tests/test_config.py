@@ -35,6 +35,9 @@ def test_defaults_are_valid():
         ({"model": ModelConfig(activation="swish2")}, "model.activation"),
         ({"trainer": TrainerConfig(optimizer="lbfgs")}, "trainer.optimizer"),
         ({"trainer": TrainerConfig(learning_rate=0)}, "trainer.learning_rate"),
+        ({"trainer": TrainerConfig(precision="float16")}, "trainer.precision"),
+        ({"model": ModelConfig(unroll=1)}, "model.unroll"),  # 1 == True, but not a setting
+        ({"model": ModelConfig(unroll="yes")}, "model.unroll"),
         ({"engine": EngineConfig("torch")}, "engine"),
         ({"engine": EngineConfig("keras_fit"), "padding": "pack"}, "padding"),
         (

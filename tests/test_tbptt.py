@@ -157,7 +157,7 @@ def variable_corpus(n, seed, lo=3, hi=4 * K):
 def make_engine(name, batch_size, trainer=None, model_cfg=SMALL, seed=0):
     trainer = trainer or TrainerConfig(learning_rate=0.01)
     keras.utils.set_random_seed(seed)
-    model = build_model(model_cfg, V, batch_size, K)
+    model = build_model(model_cfg, V, batch_size, K, precision=trainer.precision)
     from_logits = not model_cfg.softmax_output
     return ENGINES[name](model, trainer, from_logits=from_logits, optimizer=make_optimizer(trainer))
 

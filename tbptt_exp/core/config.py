@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 PADDINGS = ("dummy", "drop", "pack", "stream")
 RESETS = ("sequence", "chunk", "never")
 ENGINES = ("graph", "keras_fit")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 CUTS = ("fixed", "documents")
 ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "selu", "softsign", "linear")
@@ -76,6 +77,9 @@ class ModelConfig:
     recurrent_activation: str = "sigmoid"
     mask_zero: bool = False  # Keras mask on padding; weights already zero it out of the loss
     softmax_output: bool = False  # True: softmax probabilities (the seed); False: logits
+    # true: each chunk's timesteps unrolled into one straight graph (more memory, no cuDNN);
+    # auto: the symbolic loop, which measured as fast on a CPU and keeps cuDNN on a GPU.
+    unroll: Any = "auto"
 
 
 @dataclass
@@ -92,6 +96,9 @@ class TrainerConfig:
     steps_per_execution: int = 1
     jit_compile: Optional[bool] = None  # None = Keras's "auto" (XLA on GPU where it can)
     shuffle: bool = True  # new sequence order each epoch; streams always stay continuous
+    # Keras mixed precision: mixed_* compute in 16 bits, keep weights, LSTM state, output
+    # layer and loss in float32; mixed_float16 scales the loss so gradients do not underflow.
+    precision: str = "float32"
 
 
 @dataclass
@@ -100,6 +107,9 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
     experiment: str = "tbptt-exp"
     run_name: Optional[str] = None
+    # CPU, memory, disk, network (and GPU with nvidia-ml-py) sampled by MLflow's own system
+    # metrics monitor every this many seconds during a training run; null: off.
+    system_metrics_interval_s: Optional[float] = 5.0
 
 
 @dataclass
@@ -160,6 +170,7 @@ class ExperimentConfig:
     seed: int = 0
     objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
     task: str = "train"  # train: one experiment; max_batch: the largest workable batch; cleanup: close dead runs
+    verbose: bool = False  # True: TensorFlow's C++ logs and MLflow's INFO lines on the console too
     data: Any = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -316,6 +327,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _fraction("model.dropout", m.dropout)
     _one_of("model.activation", m.activation, ACTIVATIONS)
     _one_of("model.recurrent_activation", m.recurrent_activation, ACTIVATIONS)
+    if not (m.unroll is True or m.unroll is False or m.unroll == "auto"):  # 1 == True: not allowed
+        raise ConfigError("model.unroll", m.unroll, "use auto, true or false")
 
     t = cfg.trainer
     _positive("trainer.epochs", t.epochs)
@@ -325,7 +338,13 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.clipnorm is not None and (not isinstance(t.clipnorm, (int, float)) or t.clipnorm <= 0):
         raise ConfigError("trainer.clipnorm", t.clipnorm, "use a positive number or null")
     _positive("trainer.steps_per_execution", t.steps_per_execution)
+    _one_of("trainer.precision", t.precision, PRECISIONS)
 
+    interval = cfg.tracking.system_metrics_interval_s
+    if interval is not None and (not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0):
+        raise ConfigError("tracking.system_metrics_interval_s", interval, "use a positive number of seconds, or null (off)")
+    if not isinstance(cfg.verbose, bool):
+        raise ConfigError("verbose", cfg.verbose, "use true or false")
     if not cfg.tracking.experiment:
         raise ConfigError("tracking.experiment", cfg.tracking.experiment, "use a non-empty name")
     if cfg.device.memory_limit_mb is not None:

@@ -139,7 +139,8 @@ class GraphEngine(Engine):
                 y_pred = self.model(inputs[s], training=True)
                 batch_loss, batch_weight = self._weighted_sums(targets[s], y_pred, weights[s])
                 loss = tf.math.divide_no_nan(batch_loss, batch_weight)
-            self.model.optimizer.apply(tape.gradient(loss, variables), variables)
+                scaled = self.model.optimizer.scale_loss(loss)  # mixed_float16: loss scaling; else as is
+            self.model.optimizer.apply(tape.gradient(scaled, variables), variables)
             loss_sum += batch_loss
             weight_sum += batch_weight
         return loss_sum, weight_sum

@@ -48,6 +48,7 @@ class RunResult:
     num_params: int
     device: dict[str, str] = field(default_factory=dict)
     jit_compile: bool = False
+    unroll: bool = False  # model.unroll as built (auto resolved for the device and k)
 
     @property
     def final(self) -> EpochMetrics:
@@ -120,14 +121,15 @@ def train(
     dataset = dataset or load_dataset(cfg.data, cfg.seed)
     check_dataset(cfg, dataset)
 
-    from tbptt_exp.core.device import prepare_tensorflow
+    from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 
     prepare_tensorflow()
-    import keras  # TensorFlow loads here, after the config and data are known to be good
+    load_tensorflow()  # TensorFlow loads here, after the config and data are known to be good
+    import keras
 
     from tbptt_exp.core import measure
     from tbptt_exp.core.engines import ENGINES
-    from tbptt_exp.core.model import build_model, make_optimizer
+    from tbptt_exp.core.model import build_model, make_optimizer, resolve_unroll
 
     # Free what an earlier experiment in this process left (sweeps run jobs in one
     # process), so that its tensors do not count in this one's peak memory.
@@ -137,7 +139,9 @@ def train(
     device = measure.training_device()
     measure.reset_peak_memory(device)  # this run's peak: the model, training and validation
     measure.reset_peak_rss()
-    model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k)
+    unroll = resolve_unroll(cfg.model.unroll)
+    model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k,
+                        unroll=unroll, precision=cfg.trainer.precision)
     engine = ENGINES[cfg.engine.name](
         model, cfg.trainer, from_logits=not cfg.model.softmax_output, optimizer=make_optimizer(cfg.trainer)
     )
@@ -191,4 +195,5 @@ def train(
         num_params=int(model.count_params()),
         device=measure.device_description(),
         jit_compile=engine.jit_compile,
+        unroll=unroll,
     )
