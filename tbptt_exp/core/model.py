@@ -19,10 +19,10 @@ def resolve_unroll(setting) -> bool:
     """``model.unroll`` as built. ``auto`` keeps Keras's symbolic loop everywhere:
 
     - on a GPU, unrolling would give up cuDNN's fused kernel;
-    - on a CPU, an unrolled chunk measured within noise of the loop (0.94-1.05x at k=10,
-      25 and 50, float32 and mixed_bfloat16, benchmarks/RESULTS.md) and held about 35%
-      more memory at k=25: with oneDNN the step is bound by the LSTM's matmuls, not by the
-      loop's control flow. ``model.unroll=true`` is there to measure it on other machines.
+    - on a CPU, an unrolled chunk measured 0.82-1.04x of the loop (k=25 and 50, default
+      and seed models, benchmarks/RESULTS.md) and held 35-137% more memory: with oneDNN the
+      step is bound by the LSTM's matmuls, not by the loop's control flow.
+      ``model.unroll=true`` is there to measure it on other machines.
     """
     return setting is True
 
