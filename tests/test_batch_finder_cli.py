@@ -102,13 +102,21 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tbptt-exp").experiment_id])
+    assert client.get_experiment_by_name("tbptt-exp") is None  # training runs' charts stay uncrowded
+    runs = client.search_runs([client.get_experiment_by_name("tbptt-exp-max-batch").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "sweep"]
+    assert parent.info.run_name == "max_batch k=10,25 budget 47 MB"
+    assert parent.data.params["swept.k"] == "10,25" and parent.data.params["device.memory_budget_mb"] == "47"
     assert {"batch_frontier.csv", "batch_memory.png", "batch_throughput.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
-    probes = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "probe"]
-    assert len(probes) == sum(r["probes"] for r in json.loads((folder / "batch_frontier.json").read_text()))
-    assert {p.data.tags["outcome"] for p in probes} == {"ok", "budget"}
+    assert not [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "probe"]  # probes are steps, not runs
+    per_k = {int(r.data.params["k"]): r for r in runs if r.data.tags.get("tbptt_exp.kind") == "max_batch"}
+    for row in json.loads((folder / "batch_frontier.json").read_text()):
+        run_id = per_k[row["k"]].info.run_id
+        fits = {m.step: m.value for m in client.get_metric_history(run_id, "probe/fits")}
+        assert fits == {p["batch_size"]: float(p["outcome"] == "ok") for p in row["probe_log"]}
+        assert per_k[row["k"]].data.metrics["batch/max"] == row["max_batch_size"]
+        assert "batch_size" not in per_k[row["k"]].data.params  # a setting this task does not read
 
     again = cli(["task=max_batch", "k=25", *SMALL, *store_args(tmp_path)], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

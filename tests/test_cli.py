@@ -1,6 +1,7 @@
 """End to end: the real CLI in a subprocess, tracked in a temporary MLflow store."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,10 +17,10 @@ TINY = [
     "model.units=32", "model.embedding_dim=16", "trainer.epochs=2",
 ]
 EPOCH_METRICS = {
-    "train_loss", "val_loss", "val_bits_per_char", "tokens_per_s", "padded_tokens_per_s",
-    "peak_memory_mb", "peak_rss_mb", "epoch_time_s",
+    "loss/train", "loss/val", "loss/val_bits_per_char", "speed/real_tokens_per_s", "speed/all_tokens_per_s",
+    "memory/allocator_peak_mb", "memory/process_rss_peak_mb", "speed/epoch_time_s",
 }
-ONCE_METRICS = {"compile_time_s", "padding_waste", "num_params", "tracking_overhead_s"}
+ONCE_METRICS = {"speed/compile_time_s", "data/padding_waste", "model/num_params", "tracking/overhead_s"}
 
 
 def cli(args, cwd, timeout=300, **kwargs):
@@ -28,6 +29,15 @@ def cli(args, cwd, timeout=300, **kwargs):
         [sys.executable, "-m", "tbptt_exp", *args], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=timeout, **kwargs,
     )
+
+
+# What libraries print unasked: TensorFlow's C++ log lines (absl format: I0000 ...), CUDA and
+# oneDNN notices, MLflow/alembic INFO records, matplotlib's font cache.
+NOISE = re.compile(r"^[IWEF]\d{4} |oneDNN|cuInit|cuda|absl|\bINFO\b|alembic|Matplotlib|font cache", re.M)
+
+
+def noise(text: str) -> list[str]:
+    return [line for line in text.splitlines() if NOISE.search(line)]
 
 
 @pytest.fixture
@@ -49,21 +59,31 @@ def test_single_run_is_tracked_with_params_metrics_tags_and_config(tmp_path, sto
     assert out.returncode == 0, out.stderr
     assert "epoch 2/2" in out.stdout and "tokens/s" in out.stdout
     assert f"mlflow ui --backend-store-uri {store}" in out.stdout
+    assert not noise(out.stdout + out.stderr), noise(out.stdout + out.stderr)
     (run,) = runs(store)
+    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in out.stdout
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert (params["k"], params["batch_size"], params["padding"], params["reset"]) == ("10", "8", "dummy", "sequence")
     assert params["model.units"] == "32" and params["data.name"] == "chars"
+    # Only what training reads: where it is recorded, the batch finder and nightly are not params.
+    assert not [p for p in params if p.startswith(("tracking.", "batch_finder.", "nightly.", "task", "verbose"))]
+    assert len(params) < 40
+    assert run.data.tags["mlflow.source.name"] == "python -m tbptt_exp" and run.data.tags["mlflow.user"]
+    assert "allocator peak" in run.data.tags["mlflow.note.content"]
+    assert not [m for m in run.data.metrics if m.startswith("objective.")]  # no duplicate of loss/val
+    assert (params["model.unroll"], params["trainer.precision"]) == ("auto", "float32")
     assert EPOCH_METRICS | ONCE_METRICS <= set(run.data.metrics)
     from mlflow import MlflowClient
 
     client = MlflowClient(store)
-    history = client.get_metric_history(run.info.run_id, "val_loss")
+    history = client.get_metric_history(run.info.run_id, "loss/val")
     assert [m.step for m in history] == [1, 2]
     tags = run.data.tags
     for tag in ("tensorflow.version", "keras.version", "git.commit", "device_name", "device_memory_mb"):
         assert tags.get(tag), tag
     assert "k=10" in tags["hydra.overrides"]
+    assert (tags["unroll"], tags["jit_compile"]) == ("false", "false")  # auto as built on a CPU
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "result.json", "vocabulary.json"} <= artifacts
 
@@ -146,7 +166,7 @@ def free_port():
 
 
 @pytest.mark.slow
-def test_a_run_logged_through_a_real_mlflow_server(tmp_path):
+def test_a_sweep_through_a_real_mlflow_server_reads_well_in_its_ui(tmp_path):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
@@ -164,13 +184,42 @@ def test_a_run_logged_through_a_real_mlflow_server(tmp_path):
             except OSError:
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(1)
-        out = cli([*TINY, "trainer.epochs=1", f"tracking.uri={uri}"], cwd=tmp_path)
+        args = ["-m", "k=5,10", *[a for a in TINY if not a.startswith("k=")], "trainer.epochs=1",
+                f"tracking.uri={uri}", "tracking.system_metrics_interval_s=0.5"]
+        out = cli(args, cwd=tmp_path)
         assert out.returncode == 0, out.stderr
-        (run,) = runs(uri)
-        assert run.info.status == "FINISHED" and "val_loss" in run.data.metrics
         from mlflow import MlflowClient
 
-        assert "config.yaml" in {a.path for a in MlflowClient(uri).list_artifacts(run.info.run_id)}
+        client = MlflowClient(uri)
+        all_runs = runs(uri)
+        (parent,) = [r for r in all_runs if r.data.tags.get("tbptt_exp.kind") == "sweep"]
+        children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+
+        # The parent says what was swept and what won.
+        assert parent.info.run_name == "k=5,10"
+        assert parent.data.params["swept.k"] == "5,10" and parent.data.params["trainer.epochs"] == "1"
+        assert not [p for p in parent.data.params if p.startswith("tracking.")]
+        best = min(children, key=lambda r: r.data.metrics["loss/val"])
+        assert parent.data.metrics["best/val_loss"] == pytest.approx(best.data.metrics["loss/val"])
+        assert parent.data.tags["best.settings"] == f"k={best.data.params['k']}"
+        artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"sweep_k.png", "sweep_results.md"} <= artifacts
+        table = Path(client.download_artifacts(parent.info.run_id, "sweep_results.md", str(tmp_path))).read_text()
+        assert "| k=5 |" in table and "tracking.uri" not in table
+
+        # Children: the settings training reads, MLflow's system metrics, figures in sections.
+        for child in children:
+            assert 20 < len(child.data.params) < 40
+            assert any(m.startswith("system/cpu_utilization") for m in child.data.metrics), child.data.metrics
+            assert {"loss/train", "loss/val", "speed/real_tokens_per_s", "memory/allocator_peak_mb"} <= set(child.data.metrics)
+            assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+        # The printed link opens the parent run in this server's UI.
+        links = re.findall(rf"{re.escape(uri)}/#/experiments/(\w+)/runs/(\w+)", out.stdout)
+        assert links and links[-1] == (parent.info.experiment_id, parent.info.run_id), out.stdout[-2000:]
+        assert client.get_experiment(links[-1][0]).name == "tbptt-exp"
+        assert urllib.request.urlopen(uri, timeout=10).status == 200
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -221,7 +221,7 @@ def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
 def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str) -> str:
     """Everything that decides a probe's answer: the config (the batch size aside), device, TensorFlow."""
     config = to_dict(cfg)
-    for key in ("batch_size", "tracking", "nightly", "objective", "task"):
+    for key in ("batch_size", "tracking", "nightly", "objective", "task", "verbose"):
         config.pop(key)
     config["trainer"].pop("epochs")
     for key in ("cache", "cache_dir", "probe_timeout_s"):

@@ -27,8 +27,10 @@ def main() -> None:
 
 
 def _main() -> None:
+    from tbptt_exp.app.console import quiet_libraries, verbose_requested
     from tbptt_exp.core.device import prepare_tensorflow
 
+    quiet_libraries(verbose_requested(sys.argv[1:]))  # before anything loads TensorFlow or MLflow
     prepare_tensorflow()
     # A tracking server that stops answering mid-run fails within seconds, not after
     # MLflow's default 7 retries with backoff (minutes); the start-up check is separate.

@@ -1,4 +1,5 @@
-"""What a person reads on the console: one prefix, one line per event, throttled progress."""
+"""What a person reads on the console: one prefix, one line per event, a progress bar on a
+terminal (a line every few seconds in a log file), and none of the libraries' start-up chatter."""
 
 from __future__ import annotations
 
@@ -29,6 +30,68 @@ def throttled(every_s: float, fn: Callable[..., None]) -> Callable[..., None]:
             fn(*args)
 
     return call
+
+
+class Progress:
+    """Batches done in the current epoch: a tqdm bar on a terminal, else a line every 10 s.
+
+    Called as ``progress(epoch, batches_done, n_batches)``; ``close()`` at the end of an
+    epoch, before its summary line is printed.
+    """
+
+    def __init__(self, stream=None, every_s: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.bar = None
+        self.line = throttled(every_s, lambda epoch, done, total: say(f"epoch {epoch}: {done}/{total} batches"))
+
+    def __call__(self, epoch: int, done: int, total: int) -> None:
+        if not self.stream.isatty():
+            self.line(epoch, done, total)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{PREFIX} epoch {epoch}", unit="batch", leave=False,
+                            file=self.stream, dynamic_ncols=True)
+        self.bar.update(min(done, total) - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def verbose_requested(argv: list[str]) -> bool:
+    """``verbose=true`` on the command line (the last one wins), before Hydra composes."""
+    verbose = False
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "verbose":
+            verbose = value.strip().lower() in ("true", "yes", "1", "on")
+    return verbose
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Keep TensorFlow's C++ start-up lines, absl, MLflow's and alembic's INFO lines and
+    matplotlib's font-cache note off the console, unless ``verbose``.
+
+    TensorFlow reads its log level once, when it loads, so this runs before it does; the
+    environment carries the level to probe and worker processes. Errors still surface as
+    Python exceptions with their messages.
+    """
+    import logging
+    import os
+
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # read when MLflow configures its loggers
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    for name in ("mlflow", "alembic", "absl", "tensorflow", "h5py", "numexpr"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # "building the font cache" is a warning
 
 
 def mb(value: float | None) -> str:

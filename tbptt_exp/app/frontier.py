@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 
-COLUMNS = ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
+COLUMNS = ("k", "precision", "unroll", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
            "tokens_per_s_spread", "probes", "budget_mb", "memory_monotone", "cached", "job")
 
 
@@ -26,6 +26,21 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def line_label(row: dict, rows: list[dict]) -> str:
+    """``k=25``, with the precision or unroll setting when the sweep varies them, else the job."""
+    label = f"k={row['k']}"
+    for setting in ("precision", "unroll"):
+        if len({r.get(setting) for r in rows}) > 1:
+            label += f" {setting}={row.get(setting)}"
+    if row.get("job") and len(rows) > len({label_key(r) for r in rows}):
+        label += f" (job {row['job']})"
+    return label
+
+
+def label_key(row: dict) -> tuple:
+    return row["k"], row.get("precision"), row.get("unroll")
 
 
 def write_files(rows: list[dict], folder: Path) -> list[Path]:
@@ -52,7 +67,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     fig_t, ax_t = plt.subplots(figsize=(7.5, 4.8))
     budgets = set()
     for row in sorted(rows, key=lambda r: r["k"]):
-        label = f"k={row['k']}" + (f" (job {row['job']})" if row.get("job") and len(rows) > len({r['k'] for r in rows}) else "")
+        label = line_label(row, rows)
         probes = sorted(row["probe_log"], key=lambda p: p["batch_size"])
         ok = [p for p in probes if p["outcome"] == "ok" and p.get("peak_memory_mb") is not None]
         bad = [p for p in probes if p["outcome"] != "ok"]
@@ -67,13 +82,17 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
         ax_t.errorbar([p["batch_size"] for p in timed], [p["tokens_per_s"] for p in timed],
                       yerr=[(p.get("tokens_per_s_spread") or 0) / 2 for p in timed], fmt="o", capsize=3, label=label)
         if row.get("budget_mb"):
-            budgets.add(row["budget_mb"])
+            budgets.add((row["budget_mb"], row.get("headroom") or 0.0))
     handles, _ = ax_m.get_legend_handles_labels()
-    handles += [Line2D([], [], marker="x", linestyle="", color="grey", label="too big"),
+    handles += [Line2D([], [], marker="o", linestyle="", color="grey", label="fits"),
+                Line2D([], [], marker="x", linestyle="", color="grey", label="too big"),
                 Line2D([], [], color="grey", alpha=0.5, label="largest that fits"),
                 Line2D([], [], color="grey", linestyle=":", label="recommended")]
-    for budget in budgets:
+    for budget, headroom in sorted(budgets):
         handles.append(ax_m.axhline(budget, color="red", linewidth=1, label=f"budget {budget:,.0f} MB"))
+        if headroom:
+            handles.append(ax_m.axhline(budget * (1 - headroom), color="red", linewidth=1, linestyle="--",
+                                        label=f"budget less {headroom:.0%} headroom (recommended below)"))
     ax_m.legend(handles=handles, fontsize=8)
     ax_t.legend(fontsize=8)
     ax_m.set(xlabel="batch size", ylabel="peak memory (MB)", title="Peak memory per probe")

@@ -86,6 +86,9 @@ def main(cfg: DictConfig) -> Any:
     from tbptt_exp.app.jobs import cleanup_job, max_batch_job, train_job
     from tbptt_exp.core.config import ConfigError
 
+    from tbptt_exp.app.console import quiet_libraries
+
+    quiet_libraries(bool(cfg.get("verbose", False)))  # before TensorFlow or MLflow load
     ctx = job_context(cfg)
     try:
         experiment = to_experiment(cfg)

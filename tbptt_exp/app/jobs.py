@@ -7,12 +7,13 @@ returns a ``JobOutcome`` for its sweep. Neither reads Hydra's globals or the env
 
 from __future__ import annotations
 
-import dataclasses
 import time
+from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tbptt_exp.app.console import epoch_line, error, mb, say, spread_text, throttled
+from tbptt_exp.app import metrics
+from tbptt_exp.app.console import Progress, epoch_line, error, mb, say, spread_text
 from tbptt_exp.app.sweep import JobOutcome, SweepLink
 from tbptt_exp.core.config import ExperimentConfig, objective_names, to_dict
 
@@ -31,15 +32,35 @@ class JobContext:
     config_yaml: str = ""  # the resolved config, recorded as an artifact
 
 
+# Settings a task does not read, left out of its run's params (MLflow's columns and
+# comparisons are then about what made the runs differ). Tracking settings say where a
+# run is recorded, not what ran; they stay in the config.yaml artifact.
+NOT_READ_BY = {
+    "train": ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
+    "max_batch": ("task", "verbose", "tracking.", "nightly.", "batch_size", "trainer.epochs", "objective"),
+}
+
+
 def run_params(experiment: ExperimentConfig) -> dict:
+    """The settings this run's task reads, flattened (``model.units``...); a nightly entry
+    keeps ``nightly.*``, which decide how it is judged."""
     from tbptt_exp.app.run import flatten
 
-    return flatten(to_dict(experiment))
+    skip = NOT_READ_BY[experiment.task]
+    if experiment.nightly.record:
+        skip = tuple(s for s in skip if s != "nightly.")
+    return {k: v for k, v in flatten(to_dict(experiment)).items() if not k.startswith(skip)}
 
 
-def epoch_metrics(m) -> dict[str, float | None]:
-    """Every figure of an epoch, by its field name in ``EpochMetrics`` (a new field is a new metric)."""
-    return {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name != "epoch"}
+def run_note(e: ExperimentConfig, measure) -> str:
+    """The run's MLflow description: what ran, then what each figure means."""
+    what = (f"Trained a {e.model.layers}x{e.model.units} LSTM ({e.model.preset}) with TBPTT: chunks of k={e.k}, "
+            f"{e.batch_size} streams per batch, padding={e.padding}, reset={e.reset}, engine={e.engine.name}, "
+            f"{e.trainer.precision}, {e.trainer.epochs} epochs. `memory/allocator_peak_mb` is TensorFlow's "
+            "allocator peak on the training device (the tensors: what decides the largest batch); "
+            "`memory/process_rss_peak_mb` is the whole process (runtime, libraries, data), far larger on a CPU.")
+    names = metrics.EPOCH | metrics.RUN
+    return what + "\n\n" + "\n".join(f"- `{names.get(name, name)}`: {text}" for name, text in measure.DEFINITIONS.items())
 
 
 def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
@@ -83,24 +104,30 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
             "tbptt_exp.kind": "experiment",
             "hydra.overrides": " ".join(ctx.overrides),
             "data.fingerprint": dataset.fingerprint,
-            "mlflow.note.content": "\n".join(f"- **{name}**: {text}" for name, text in measure.DEFINITIONS.items()),
+            "mlflow.note.content": run_note(e, measure),
             **({"optuna.study": trial.study.study_name, "optuna.trial": trial.trial.number} if trial else {}),
         },
         parent_run_id=ctx.link.parent_run_id,
+        system_metrics=e.tracking.system_metrics_interval_s,
     ) as run:
         if ctx.config_yaml:
             run.log_text(ctx.config_yaml, "config.yaml")
         if dataset.vocabulary:
             run.log_dict({"vocabulary": dataset.vocabulary, "padding_id": 0, "unknown_id": 1}, "vocabulary.json")
 
+        progress = Progress()
+
         def on_epoch(m) -> None:
+            progress.close()
             say(epoch_line(m, e.trainer.epochs))
-            run.log_metrics(epoch_metrics(m), step=m.epoch)
+            run.log_metrics(metrics.epoch_metrics(m), step=m.epoch)
             if trial is not None:
                 trial.report(getattr(m, objectives[0]), m.epoch)
 
-        progress = throttled(10.0, lambda epoch, done, total: say(f"epoch {epoch}: {done}/{total} batches"))
-        result = train(e, on_epoch=on_epoch, dataset=dataset, progress=progress)  # a pruned trial raises here
+        try:
+            result = train(e, on_epoch=on_epoch, dataset=dataset, progress=progress)  # a pruned trial raises here
+        finally:
+            progress.close()
 
         final = result.final
         bpc = f" ({final.val_bits_per_char:.3f} bits/char)" if final.val_bits_per_char is not None else ""
@@ -124,18 +151,16 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
         if trial is not None and budget is not None:  # unknown is never feasible
             trial.trial.set_constraint("peak_memory_over_budget_mb", budget if over_budget is None else over_budget)
         values = [result.objective(name) for name in objectives]
-        run.log_metrics({
+        run.log_metrics(metrics.named(metrics.RUN, {
             "compile_time_s": result.compile_time_s,
             "padding_waste": result.padding_waste,
             "num_params": result.num_params,
             "tracking_overhead_s": run.logging_s,
             "peak_memory_over_budget_mb": over_budget,
-            **{f"objective.{n}": v for n, v in zip(objectives, values)},
-        })
+        }))
         run.log_dict(result_record(result), "result.json")
-    if run.run_id:
-        say(f"  MLflow: {run.link}")
-        say(f"  see it: {run.ui}")
+        run.set_tags({"unroll": str(result.unroll).lower(), "jit_compile": str(result.jit_compile).lower()})  # as built
+    run.announce(say)
     return JobOutcome(
         values=values,
         run_id=run.run_id,
@@ -180,20 +205,25 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
         f"each probe a {f.probe_seconds:g} s training run in its own process (at most {max_probes(f)} probes)")
     tracker = make_tracker(e.tracking)
     with tracker.run(
-        name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name}",
+        name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name} {e.trainer.precision}",
         params=run_params(e),
-        tags={**environment_tags(), "tbptt_exp.kind": "max_batch", "hydra.overrides": " ".join(ctx.overrides)},
+        tags={**environment_tags(), "tbptt_exp.kind": "max_batch", "hydra.overrides": " ".join(ctx.overrides),
+              "mlflow.note.content": (
+                  f"The largest batch that trains k={e.k} chunks of {e.model.preset} with {e.engine.name} "
+                  f"({e.trainer.precision}) within the device's memory"
+                  + (f" and a budget of {e.device.memory_budget_mb:g} MB" if e.device.memory_budget_mb else "")
+                  + ". Each probe is a short real training run in its own process, logged here with step = its "
+                  "batch size: `probe/allocator_peak_mb` (TensorFlow's allocator peak), `probe/real_tokens_per_s`, "
+                  "`probe/fits` (1: fits, 0: too big); the `probes` tag lists each size and its outcome.")},
         parent_run_id=ctx.link.parent_run_id,
     ) as run:
 
         def on_probe(p) -> None:
-            with tracker.run(f"probe B={p.batch_size}", params={"batch_size": p.batch_size, "k": e.k},
-                             tags={"outcome": p.outcome, "tbptt_exp.kind": "probe",
-                                   **({"error": p.error[:500]} if p.error else {})},
-                             parent_run_id=run.run_id) as child:
-                child.log_metrics({"peak_memory_mb": p.peak_memory_mb, "tokens_per_s": p.tokens_per_s,
-                                   "tokens_per_s_spread": p.tokens_per_s_spread,
-                                   "padded_tokens_per_s": p.padded_tokens_per_s, "probe_seconds": p.seconds})
+            # On this run, step = batch size: MLflow draws memory and tokens/s against the batch.
+            run.log_metrics(metrics.named(metrics.PROBE, {
+                "peak_memory_mb": p.peak_memory_mb, "tokens_per_s": p.tokens_per_s,
+                "tokens_per_s_spread": p.tokens_per_s_spread, "fits": float(p.outcome == "ok"), "seconds": p.seconds,
+            }), step=p.batch_size)
 
         try:
             frontier = find_max_batch(e, on_probe, say)
@@ -201,22 +231,29 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")
             raise SystemExit(EXIT_PROBE_ERROR) from None
-        row = frontier.to_dict() | {"job": ctx.output_dir.name}
+        if frontier.cached:  # answered from the cache: its probes, as if just run
+            for probe in frontier.probe_log:
+                on_probe(SimpleNamespace(**probe))
+        row = frontier.to_dict() | {"job": ctx.output_dir.name, "precision": e.trainer.precision,
+                                    "unroll": str(e.model.unroll).lower(), "headroom": f.headroom}
         say(f"k={e.k}: largest workable batch {frontier.max_batch_size}, recommended {frontier.recommended_batch_size} "
             f"({frontier.probes} probes{', cached' if frontier.cached else ''})")
         if not ctx.multirun:
             files = write_files([row], ctx.output_dir)
             say("\n" + table([row]))
             say(f"written to {files[0]}")
-        run.log_metrics({
+        run.log_metrics(metrics.named(metrics.FRONTIER, {
             "max_batch_size": frontier.max_batch_size,
             "recommended_batch_size": frontier.recommended_batch_size,
             "peak_memory_mb": frontier.peak_memory_mb,
             "tokens_per_s": frontier.tokens_per_s,
             "tokens_per_s_spread": frontier.tokens_per_s_spread,
             "probes": frontier.probes,
-        })
+        }))
+        run.set_tags({"probes": " ".join(f"B={p['batch_size']}:{p['outcome']}" for p in row["probe_log"])[:5000]})
         run.log_dict(row, "batch_frontier.json")
+    if not ctx.multirun:
+        run.announce(say)
     return JobOutcome(values=[float(frontier.max_batch_size)], run_id=run.run_id, frontier_row=row)
 
 

@@ -133,10 +133,32 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def ui_command(uri: str) -> str:
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a local store's UI; None for a tracking server."""
     if uri.startswith(("http://", "https://")):
-        return f"open {mask_credentials(uri)} in a browser"
+        return None
     return f"mlflow ui --backend-store-uri {mask_credentials(uri)}"
+
+
+def ui_base(uri: str) -> str:
+    """The UI's address: the tracking server itself (credentials left out), or ``mlflow ui``'s."""
+    if not uri.startswith(("http://", "https://")):
+        return LOCAL_UI
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}".rstrip("/")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A link that opens straight on a run (a sweep's parent shows its children beneath)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def experiment_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs table; without ``workflowType`` MLflow 3 opens its GenAI view."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
@@ -185,14 +207,18 @@ class Tracker:
     @contextlib.contextmanager
     def run(
         self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
-        parent_run_id: str | None = None, run_id: str | None = None,
+        parent_run_id: str | None = None, run_id: str | None = None, system_metrics: float | None = None,
     ) -> Iterator["TrackedRun"]:
         """Start a run (or take up ``run_id`` again), yield it, end it as ``outcome_of`` says.
 
         The block may call ``run.leave_running()`` when the run outlives it (a study's
         parent run that other workers still use); an exception always ends the run.
+        ``system_metrics``: sample MLflow's system metrics (``system/...``) every this many
+        seconds while the run is open.
         """
         run = self._start(name, params or {}, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
+        if system_metrics:
+            run.monitor_system(system_metrics)
         try:
             yield run
         except BaseException as error:
@@ -228,6 +254,9 @@ class Tracker:
     def run_link(self, run_id: str) -> str:
         return f"run {run_id} in experiment '{self.experiment_name}' at {mask_credentials(self.uri)}"
 
+    def run_url(self, run_id: str) -> str:
+        return run_url(self.uri, self.experiment_id, run_id)
+
 
 class TrackedRun:
     """One MLflow run while it is open: metrics, tags and artifacts, credentials masked."""
@@ -236,6 +265,7 @@ class TrackedRun:
         self.tracker, self.run_id, self.is_trial = tracker, run_id, is_trial
         self.left_running = False
         self.logging_s = 0.0  # time spent recording, so its overhead can be reported
+        self.monitor = None
 
     @property
     def client(self):
@@ -264,6 +294,13 @@ class TrackedRun:
             if v is not None:
                 self.client.set_tag(self.run_id, k, mask_credentials(str(v)))
 
+    def monitor_system(self, interval_s: float) -> None:
+        """MLflow's own system-metrics monitor on this run (a thread; stopped by ``end``)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.tracker.uri)
+        self.monitor.start()
+
     def leave_running(self) -> None:
         """The run outlives this block (other workers hold it); this process stops holding it."""
         self.left_running = True
@@ -274,6 +311,9 @@ class TrackedRun:
             self.set_tags({"fail_reason": outcome.reason})
         if self.is_trial:
             self.set_tags({"optuna.state": outcome.trial_state})
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples land before the run ends
+            self.monitor = None
         HEARTBEATS.release(self.run_id)
         self.client.set_terminated(self.run_id, status=outcome.status)
 
@@ -281,9 +321,14 @@ class TrackedRun:
     def link(self) -> str:
         return self.tracker.run_link(self.run_id)
 
-    @property
-    def ui(self) -> str:
-        return ui_command(self.tracker.uri)
+    def announce(self, say, what: str = "the run") -> None:
+        """Print the link that opens this run in the MLflow UI (and how to serve a local store)."""
+        if self.run_id is None:
+            return
+        say(f"open {what} in MLflow: {self.tracker.run_url(self.run_id)}")
+        command = ui_command(self.tracker.uri)
+        if command:
+            say(f"  (serve the UI first: {command})")
 
 
 class _NoRun(TrackedRun):
@@ -310,6 +355,9 @@ class _NoRun(TrackedRun):
     def end(self, outcome: Outcome) -> None:
         pass
 
+    def announce(self, say, what: str = "the run") -> None:
+        pass
+
 
 class _NoTracking:
     """Stands in for a ``Tracker`` when ``tracking.enabled`` is false."""
@@ -333,13 +381,21 @@ def environment_tags() -> dict[str, str | None]:
     """Versions and commit; device tags are added once TensorFlow is up."""
     import importlib.metadata as md
 
+    import getpass
+
+    commit = git_commit()
     return {
         "tensorflow.version": md.version("tensorflow"),
         "keras.version": md.version("keras"),
         "python.version": platform.python_version(),
-        "git.commit": git_commit(),
+        "git.commit": commit,
         "host": platform.node(),
         "command": mask_credentials(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+        # MLflow's own tags, which fill the UI's Source, Version and User columns
+        "mlflow.source.name": "python -m tbptt_exp",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        "mlflow.user": getpass.getuser(),
     }
 
 

@@ -444,6 +444,7 @@ def run_study(settings: StudySettings, config, arguments: list[str], launch: Lau
 
             log_study_summary(parent, study)
     report(study)
+    parent.announce(say, "the study (its trials are beneath it)")
     return study
 
 

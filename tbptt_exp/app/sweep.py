@@ -85,14 +85,15 @@ SUMMARY_METRICS = {
 }
 
 
-def results_table(jobs: list[tuple[list[str], str, JobOutcome | None]]) -> str:
-    """The jobs of a sweep as a Markdown table: their overrides, status and final figures."""
+def results_table(jobs: list[tuple[list[str], str, JobOutcome | None]], swept: dict[str, str] | None = None) -> str:
+    """The jobs of a sweep as a Markdown table: their swept values, status and final figures."""
+    from tbptt_exp.app.sweep_summary import label
+
     lines = ["| run | status | " + " | ".join(SUMMARY_METRICS) + " |", "|---|---|" + "---:|" * len(SUMMARY_METRICS)]
     for overrides, status, outcome in jobs:
         figures = outcome.summary if outcome else {}
         cells = [fmt.format(figures[m]) if figures.get(m) is not None else "" for m, fmt in SUMMARY_METRICS.items()]
-        label = " ".join(o for o in overrides if not is_link_override(o))
-        lines.append(f"| {label} | {status} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(overrides, swept or {})} | {status} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -116,18 +117,24 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
     """
     from hydra.core.utils import JobStatus
 
-    from tbptt_exp.app import frontier, nightly
+    from omegaconf import OmegaConf
+
+    from tbptt_exp.app import frontier, nightly, sweep_summary
     from tbptt_exp.app.console import say
     from tbptt_exp.app.run import environment_tags, make_tracker
-    from tbptt_exp.core.config import NightlyConfig, TrackingConfig
+    from tbptt_exp.core.config import DeviceConfig, NightlyConfig, TrackingConfig, objective_names
 
     tracking = section(config, "tracking", TrackingConfig)
     tracker = make_tracker(tracking)
     sweep_dir = Path(config.hydra.sweep.dir)
     overrides = list(config.hydra.overrides.task)
+    preset = config.hydra.sweeper.get("params")
+    swept, fixed = sweep_summary.settings(overrides, OmegaConf.to_container(preset) if preset else {})
+    task = str(config.get("task", "train"))
     exit_code = 0
     with tracker.run(
-        name=tracking.run_name or f"sweep {sweep_dir.parent.name} {sweep_dir.name}",
+        name=tracking.run_name or sweep_summary.name(swept, fixed, task, section(config, "device", DeviceConfig).memory_budget_mb),
+        params={f"swept.{k}": v for k, v in swept.items()} | fixed,
         tags={
             **environment_tags(),
             "tbptt_exp.kind": "sweep",
@@ -152,11 +159,19 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
             exit_code = nightly.report(entries, sweep_dir, nightly_cfg, tracker, parent)
         else:
             jobs = [(list(r.overrides), "FINISHED" if o else "FAILED", o) for r, o in zip(returns, outcomes)]
-            table = results_table(jobs)
+            table = results_table(jobs, swept)
             say("sweep results:\n" + table)
             parent.log_text(table, "sweep_results.md")
-    if parent.run_id:
-        say(f"compare the runs side by side: {parent.ui}")
+            objective = objective_names(str(config.get("objective", "val_loss")))[0]
+            finished = [(list(r.overrides), o) for r, o in zip(returns, outcomes)]
+            metrics, tags = sweep_summary.summary_metrics(finished, objective, swept)
+            parent.log_metrics(metrics)
+            parent.set_tags(tags)
+            if tags:
+                say(f"best {objective}: {metrics[f'best/{objective}']:.4f} with {tags['best.settings']}")
+            for path in sweep_summary.plots(finished, swept, objective, sweep_dir):
+                parent.log_file(path)
+    parent.announce(say, "the sweep (its runs are beneath it)")
     if exit_code:
         raise SystemExit(exit_code)
     return returns

@@ -1,0 +1,120 @@
+"""What a person sees: sweep parents that summarise, grouped metric names, params a task
+reads, links into the MLflow UI, a progress bar on a terminal and a quiet console."""
+
+import dataclasses
+import io
+
+import pytest
+
+from tbptt_exp.app import metrics, sweep_summary
+from tbptt_exp.app.console import Progress, verbose_requested
+from tbptt_exp.app.jobs import run_params
+from tbptt_exp.app.run import experiment_url, run_url, ui_base
+from tbptt_exp.app.sweep import JobOutcome, results_table
+from tbptt_exp.core.config import ExperimentConfig, NightlyConfig
+from tbptt_exp.core.train import EpochMetrics
+
+
+def test_every_epoch_figure_has_a_grouped_mlflow_name_and_none_repeats():
+    fields = {f.name for f in dataclasses.fields(EpochMetrics)} - {"epoch"}
+    assert set(metrics.EPOCH) == fields  # a new figure needs a name before it can be logged
+    names = [*metrics.EPOCH.values(), *metrics.RUN.values()]
+    assert len(names) == len(set(names))
+    assert all("/" in name for name in names)
+    m = EpochMetrics(1, 2.0, 1.5, 1000.0, 1100.0, 50.0, 12.0, 900.0, 3.0, 1.0, 2.1)
+    logged = metrics.epoch_metrics(m)
+    assert logged["loss/val"] == 1.5 and logged["memory/allocator_peak_mb"] == 12.0
+    with pytest.raises(KeyError):
+        metrics.named(metrics.RUN, {"not_a_figure": 1.0})
+
+
+def test_a_training_run_records_the_settings_training_reads_and_a_batch_finder_run_its_own():
+    train = run_params(ExperimentConfig())
+    assert "model.units" in train and "trainer.precision" in train and "batch_size" in train
+    assert not [k for k in train if k.startswith(("tracking.", "batch_finder.", "nightly.", "task", "verbose"))]
+    finder = run_params(ExperimentConfig(task="max_batch"))
+    assert "batch_finder.headroom" in finder and "k" in finder
+    assert "batch_size" not in finder and "trainer.epochs" not in finder and "objective" not in finder
+    nightly = run_params(ExperimentConfig(nightly=NightlyConfig(record=True)))
+    assert "nightly.rounds" in nightly  # a nightly entry is judged by these
+
+
+def test_a_sweep_is_named_after_what_it_swept_and_keeps_where_it_records_out():
+    overrides = ["k=10,25,50", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db",
+                 "hydra.job.env_set.TBPTT_EXP_PARENT_RUN_ID=abc", "~nightly.thresholds.peak_memory_mb"]
+    swept, fixed = sweep_summary.settings(overrides, {})
+    assert swept == {"k": "10,25,50"}
+    assert fixed == {"trainer.epochs": "1", "nightly.thresholds.peak_memory_mb": "(deleted)"}
+    assert sweep_summary.name(swept, fixed, "train", None) == "k=10,25,50"
+
+    swept, fixed = sweep_summary.settings(["sweep=max_batch", "k=10,25", "device.memory_budget_mb=300"], {"k": "10,25,50"})
+    assert swept == {"k": "10,25"}  # the command line overrides the preset's list
+    assert sweep_summary.name(swept, fixed, "max_batch", 300.0) == "max_batch k=10,25 budget 300 MB"
+
+
+def test_the_results_table_labels_jobs_by_their_swept_values_and_the_best_job_wins_by_direction():
+    jobs = [(["k=10", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"],
+             JobOutcome([2.0], "r1", {"val_loss": 2.0, "tokens_per_s": 900.0})),
+            (["k=25", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"],
+             JobOutcome([1.5], "r2", {"val_loss": 1.5, "tokens_per_s": 800.0})),
+            (["k=50", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"], None)]
+    swept = {"k": "10,25,50"}
+    table = results_table([(o, "FINISHED" if out else "FAILED", out) for o, out in jobs], swept)
+    assert "| k=25 | FINISHED |" in table and "| k=50 | FAILED |" in table and "tracking.uri" not in table
+    values, tags = sweep_summary.summary_metrics(jobs, "val_loss", swept)
+    assert values["best/val_loss"] == 1.5 and tags == {"best.settings": "k=25", "best.run_id": "r2"}
+    assert values["sweep/failed_jobs"] == 1 and values["best/tokens_per_s"] == 800.0
+    fast = [(o, dataclasses.replace(out, values=[out.summary["tokens_per_s"]])) for o, out in jobs[:2]]
+    assert sweep_summary.summary_metrics(fast, "tokens_per_s", swept)[1]["best.settings"] == "k=10"  # maximised
+
+
+def test_sweep_plots_draw_every_job_against_each_swept_setting(tmp_path):
+    jobs = [([f"k={k}", f"padding={p}"], JobOutcome([1.0 + k / 100], f"r{k}{p}",
+                                                   {"tokens_per_s": 1000.0 * k, "peak_memory_mb": 10.0 + k}))
+            for k in (10, 25, 50) for p in ("dummy", "pack")]
+    paths = sweep_summary.plots(jobs, {"k": "10,25,50", "padding": "dummy,pack"}, "val_loss", tmp_path)
+    assert [p.name for p in paths] == ["sweep_k.png", "sweep_padding.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_links_open_the_run_in_the_ui_without_credentials():
+    assert ui_base("sqlite:////tmp/m.db") == "http://127.0.0.1:5000"
+    assert ui_base("https://alice:s3cret@mlflow.example.com:5000/") == "https://mlflow.example.com:5000"
+    assert run_url("http://host:5000", "7", "abc") == "http://host:5000/#/experiments/7/runs/abc"
+    assert experiment_url("http://host:5000", "7").endswith("/#/experiments/7/runs?workflowType=machine_learning")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_elsewhere(capsys):
+    tty = Terminal()
+    bar = Progress(stream=tty)
+    for done in (10, 50, 100):
+        bar(1, done, 100)
+    assert bar.bar.n == 100
+    bar.close()
+    assert "epoch 1" in tty.getvalue() and "batch" in tty.getvalue()  # tqdm redraws at most every 0.1 s
+
+    log = io.StringIO()
+    lines = Progress(stream=log, every_s=0.0)
+    lines(2, 30, 100)
+    assert "epoch 2: 30/100 batches" in capsys.readouterr().out and log.getvalue() == ""
+
+
+def test_verbose_is_read_from_the_command_line_before_anything_loads():
+    assert not verbose_requested(["k=10"])
+    assert verbose_requested(["k=10", "verbose=true"])
+    assert not verbose_requested(["verbose=true", "verbose=false"])
+
+
+def test_the_frontier_tells_precisions_apart():
+    from tbptt_exp.app.frontier import line_label, table
+
+    rows = [{"k": 25, "precision": p, "unroll": "auto", "job": str(i), "max_batch_size": b}
+            for i, (p, b) in enumerate((("float32", 256), ("mixed_bfloat16", 384)))]
+    assert [line_label(r, rows) for r in rows] == ["k=25 precision=float32", "k=25 precision=mixed_bfloat16"]
+    assert "| 25 | mixed_bfloat16 | auto | 384 |" in table(rows)
+    assert line_label(rows[0], rows[:1]) == "k=25"
