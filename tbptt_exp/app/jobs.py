@@ -63,6 +63,17 @@ def run_note(e: ExperimentConfig, measure) -> str:
     return what + "\n\n" + "\n".join(f"- `{names.get(name, name)}`: {text}" for name, text in measure.DEFINITIONS.items())
 
 
+def claim_devices(e: ExperimentConfig) -> str | None:
+    """``device.gpus_per_job``: this worker's own GPUs, claimed before TensorFlow starts."""
+    if e.device.gpus_per_job is None:
+        return None
+    from tbptt_exp.core.device import claim_gpus, default_slots_dir, visible_gpus
+
+    mine = ",".join(claim_gpus(visible_gpus(), e.device.gpus_per_job, default_slots_dir()))
+    say(f"this worker's GPUs: {mine} (CUDA_VISIBLE_DEVICES)")
+    return mine
+
+
 def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
     """Train one experiment and track it; report each epoch to the job's Optuna trial."""
     from tbptt_exp.app.run import environment_tags, make_tracker, result_record
@@ -89,6 +100,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
 
         trial = job_trial(ctx.sweeper, ctx.link.trial_id)
     objectives = objective_names(e.objective)
+    gpus = claim_devices(e)
     configure_device(e.device, say)  # TensorFlow loads here, once the settings are known good
     from tbptt_exp.core import measure
 
@@ -104,6 +116,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
             "tbptt_exp.kind": "experiment",
             "hydra.overrides": " ".join(ctx.overrides),
             "data.fingerprint": dataset.fingerprint,
+            "device.gpus": gpus,
             "mlflow.note.content": run_note(e, measure),
             **({"optuna.study": trial.study.study_name, "optuna.trial": trial.trial.number} if trial else {}),
         },
@@ -199,6 +212,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
 
     e = experiment
     load_dataset(e.data, e.seed)  # data errors as one line here, not in every probe
+    gpus = claim_devices(e)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
     f = e.batch_finder
     say(f"largest workable batch for k={e.k}, model={e.model.preset} ({e.model.layers}x{e.model.units}), "
         f"engine={e.engine.name}: sizes {f.min_batch_size}..{f.max_batch_size} in steps of {f.granularity}, "
@@ -208,6 +222,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobOutcome:
         name=e.tracking.run_name or f"max_batch k={e.k} {e.model.preset} {e.engine.name} {e.trainer.precision}",
         params=run_params(e),
         tags={**environment_tags(), "tbptt_exp.kind": "max_batch", "hydra.overrides": " ".join(ctx.overrides),
+              "device.gpus": gpus,
               "mlflow.note.content": (
                   f"The largest batch that trains k={e.k} chunks of {e.model.preset} with {e.engine.name} "
                   f"({e.trainer.precision}) within the device's memory"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Iterable
 
 from tbptt_exp.core.config import ConfigError
@@ -127,6 +128,29 @@ def check_optuna_sweeper(cfg) -> None:
         )
 
 
+def check_gpus(cfg, multirun: bool, gpus: list[str] | None = None) -> None:
+    """``device.gpus_per_job`` with a process launcher on this host: every parallel worker
+    must get GPUs of its own. (A Slurm launcher's jobs run on other hosts: not checked here.)"""
+    per_job = cfg.device.get("gpus_per_job")
+    launcher = str(cfg.hydra.launcher.get("_target_", ""))
+    if per_job is None or "submitit" in launcher:
+        return
+    from tbptt_exp.core.device import visible_gpus
+
+    gpus = visible_gpus() if gpus is None else gpus
+    workers = 1
+    if multirun and "joblib" in launcher:
+        workers = cfg.hydra.launcher.get("n_jobs") or 1
+        if workers < 1:  # joblib's -1: one worker per CPU core
+            workers = os.cpu_count() or 1
+    if workers * per_job > len(gpus):
+        raise ConfigError(
+            "device.gpus_per_job", per_job,
+            f"{workers} worker(s) x {per_job} GPU(s) need {workers * per_job}, and this machine shows "
+            f"{len(gpus)}; set hydra.launcher.n_jobs={max(len(gpus) // per_job, 1)} or fewer, or lower device.gpus_per_job",
+        )
+
+
 def _take_secrets(first) -> dict[str, str]:
     """The composed store URLs' passwords moved to the environment (``stores.take_secrets``):
     {setting: URL without its password} for each setting that held one."""
@@ -208,4 +232,5 @@ def preflight(argv: list[str]) -> list[str]:
                 raise _composition_error(error, combo) from None
             to_experiment(cfg)
         check_stores(first, args.multirun)
+        check_gpus(first, args.multirun)
     return argv

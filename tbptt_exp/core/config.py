@@ -120,6 +120,9 @@ class DeviceConfig:
     memory_limit_mb: Optional[int] = None  # cap the GPU, e.g. 4096 to emulate a 4 GB card
     memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
     memory_budget_mb: Optional[float] = None  # peak memory above this makes a run infeasible
+    # Each worker process claims this many of the host's GPUs for itself (a slot of its own,
+    # set as CUDA_VISIBLE_DEVICES before TensorFlow starts); null: every visible GPU.
+    gpus_per_job: Optional[int] = None
 
 
 @dataclass
@@ -349,6 +352,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("tracking.experiment", cfg.tracking.experiment, "use a non-empty name")
     if cfg.device.memory_limit_mb is not None:
         _positive("device.memory_limit_mb", cfg.device.memory_limit_mb)
+    if cfg.device.gpus_per_job is not None:
+        _positive("device.gpus_per_job", cfg.device.gpus_per_job)
     b = cfg.device.memory_budget_mb
     if b is not None and (not isinstance(b, (int, float)) or b <= 0):
         raise ConfigError("device.memory_budget_mb", b, "use a positive number of MiB or null")

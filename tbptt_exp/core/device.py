@@ -7,12 +7,15 @@ else touches TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from typing import Callable
 
-from tbptt_exp.core.config import DeviceConfig
+from tbptt_exp.core.config import ConfigError, DeviceConfig
 
 
 def prepare_tensorflow() -> None:
@@ -88,3 +91,69 @@ def configure_device(cfg: DeviceConfig, say: Callable[[str], None] = print) -> N
         # A later job of an in-process sweep: the GPU kept the first job's settings.
         say("device settings unchanged: the GPU was initialised by an earlier job in this process "
             "(use hydra/launcher=joblib for a process per job)")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, without starting TensorFlow: ``CUDA_VISIBLE_DEVICES``
+    when a scheduler (Slurm) or the user set it, else every GPU NVML or ``nvidia-smi`` lists."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [g.strip() for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:  # no NVML library or no driver
+        pass
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+_claimed: dict = {}  # this process's slot: {"gpus": [...], "locks": [open files]}; held until it exits
+
+
+def default_slots_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"tbptt-exp-gpu-slots-{os.getuid()}"
+
+
+def claim_gpus(gpus: list[str], per_job: int, slots_dir: Path) -> list[str]:
+    """Give this worker process ``per_job`` GPUs of ``gpus`` that no other worker holds.
+
+    The host's GPUs form ``len(gpus) // per_job`` slots; the process takes the first slot
+    whose GPUs' lock files in ``slots_dir`` it can all lock exclusively, and holds them
+    until it exits, which releases them however it ends. A process claims once: a launcher that reuses worker
+    processes (joblib) keeps each worker on its GPUs, and TensorFlow, once started, could
+    not move anyway. Sets ``CUDA_VISIBLE_DEVICES``, so it must run before TensorFlow loads.
+    """
+    if _claimed:
+        return _claimed["gpus"]
+    slots = len(gpus) // per_job
+    if slots == 0:
+        raise ConfigError("device.gpus_per_job", per_job,
+                          f"this machine shows {len(gpus)} GPU(s) ({','.join(gpus) or 'none'}); "
+                          "use at most that many, or null to use every visible GPU")
+    slots_dir.mkdir(parents=True, exist_ok=True)
+    for slot in range(slots):
+        mine = gpus[slot * per_job:(slot + 1) * per_job]
+        held = []
+        for gpu in mine:  # a lock per GPU, so claims of different sizes never overlap
+            handle = open(slots_dir / f"gpu-{gpu}.lock", "a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                break
+            held.append(handle)
+        if len(held) == len(mine):
+            _claimed.update(gpus=mine, locks=held)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+            return mine
+        for handle in held:
+            handle.close()  # closing releases the lock
+    raise ConfigError("device.gpus_per_job", per_job,
+                      f"all {slots} slot(s) of {per_job} GPU(s) on this host are held by other workers; "
+                      f"run at most {slots} worker(s) at once (hydra.launcher.n_jobs={slots}) or lower device.gpus_per_job")
+
