@@ -1,6 +1,6 @@
 """The GPU check's steps (``benchmarks/gpu_check.sh`` installs, then runs this).
 
-Each step runs with its own time limit and records what it measured, or why it could not,
+Each step runs with its own time limit (500 s in all) and records what it measured, or why it could not,
 in one summary: ``gpu_check.json`` and ``gpu_check.md`` in the output folder. A step that
 fails or times out does not stop the others.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,14 +27,23 @@ PY = sys.executable
 
 
 def run(command: list[str], limit_s: float, cwd: Path) -> dict:
+    """Run one step; past its limit the whole process group goes (a sweep's probe processes
+    too, which would otherwise keep GPU memory from the next step)."""
     started = time.perf_counter()
     try:
-        out = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=limit_s)
-        return {"rc": out.returncode, "seconds": round(time.perf_counter() - started, 1),
-                "stdout": out.stdout[-6000:], "stderr": out.stderr[-3000:]}
-    except subprocess.TimeoutExpired as expired:
-        return {"rc": "timeout", "seconds": limit_s, "stdout": (expired.stdout or b"")[-3000:].decode(errors="replace")
-                if isinstance(expired.stdout, bytes) else str(expired.stdout or "")[-3000:], "stderr": ""}
+        proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    except OSError as error:  # the command itself is missing
+        return {"rc": f"not run: {error}", "seconds": 0.0, "stdout": "", "stderr": ""}
+    try:
+        stdout, stderr = proc.communicate(timeout=limit_s)
+        rc: int | str = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        rc = "timeout"
+    return {"rc": rc, "seconds": round(time.perf_counter() - started, 1),
+            "stdout": stdout[-6000:], "stderr": stderr[-3000:]}
 
 
 CUDNN_CHECK = """
@@ -71,23 +82,23 @@ def main() -> None:
         print(f"   rc={steps[name]['rc']} in {steps[name]['seconds']} s", flush=True)
         return steps[name]
 
-    step("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], 20)
-    cudnn = step("cudnn path", [PY, "-c", CUDNN_CHECK], 90)
+    step("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], 10)
+    cudnn = step("cudnn path", [PY, "-c", CUDNN_CHECK], 60)
     if cudnn["rc"] == 0:
         cudnn["answer"] = json.loads(cudnn["stdout"].strip().splitlines()[-1])
     cli = [PY, "-m", "tbptt_exp"]
-    step("default model", [*cli, "trainer.epochs=1", tracking], 90)
-    step("seed model", [*cli, "model=seed", "trainer.epochs=1", "data.max_chars=100000", tracking], 90)
+    step("default model", [*cli, "trainer.epochs=1", tracking], 60)
+    step("seed model", [*cli, "model=seed", "trainer.epochs=1", "data.max_chars=100000", tracking], 60)
     step("engines and precisions", [PY, str(ROOT / "benchmarks" / "engines.py"), "--rounds", "2", "--k", "25",
                                     "--models", "default", "--precisions", "float32", "mixed_float16",
-                                    "--max-chars", "200000"], 150)
+                                    "--max-chars", "100000"], 100)
     finder = ["batch_finder.granularity=256", "batch_finder.max_batch_size=16384", "batch_finder.probe_seconds=1",
               tracking, cache]
-    step("max_batch whole card", [*cli, "-m", "sweep=max_batch", "k=10,25", *finder], 150)
-    step("max_batch k2200", [*cli, "-m", "sweep=max_batch", "k=10,25", "device=k2200", *finder], 150)
+    step("max_batch whole card", [*cli, "-m", "sweep=max_batch", "k=10,25", *finder], 80)
+    step("max_batch k2200", [*cli, "-m", "sweep=max_batch", "k=10,25", "device=k2200", *finder], 80)
     step("probe past the cap", [*cli, "task=max_batch", "k=25", "device=k2200", "batch_finder.granularity=32768",
                                 "batch_finder.min_batch_size=32768", "batch_finder.max_batch_size=65536",
-                                "batch_finder.probe_seconds=1", "batch_finder.cache=false", tracking], 90)
+                                "batch_finder.probe_seconds=1", "batch_finder.cache=false", tracking], 50)
     frontiers = {str(p.relative_to(work)): json.loads(p.read_text()) for p in work.glob("multirun/*/*/batch_frontier.json")}
     singles = {str(p.relative_to(work)): json.loads(p.read_text()) for p in work.glob("outputs/*/*/batch_frontier.json")}
     outcomes = [p["outcome"] for rows in singles.values() for row in rows for p in row.get("probe_log", [])]
