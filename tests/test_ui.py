@@ -9,7 +9,7 @@ import pytest
 from tbptt_exp.app import metrics, sweep_summary
 from tbptt_exp.app.console import Progress, verbose_requested
 from tbptt_exp.app.jobs import run_params
-from tbptt_exp.app.run import experiment_url, run_url, ui_base
+from tbptt_exp.app.run import run_url, ui_base
 from tbptt_exp.app.sweep import JobOutcome, results_table
 from tbptt_exp.core.config import ExperimentConfig, NightlyConfig
 from tbptt_exp.core.train import EpochMetrics
@@ -81,7 +81,6 @@ def test_links_open_the_run_in_the_ui_without_credentials():
     assert ui_base("sqlite:////tmp/m.db") == "http://127.0.0.1:5000"
     assert ui_base("https://alice:s3cret@mlflow.example.com:5000/") == "https://mlflow.example.com:5000"
     assert run_url("http://host:5000", "7", "abc") == "http://host:5000/#/experiments/7/runs/abc"
-    assert experiment_url("http://host:5000", "7").endswith("/#/experiments/7/runs?workflowType=machine_learning")
 
 
 class Terminal(io.StringIO):

@@ -8,9 +8,9 @@ returns a ``JobOutcome`` for its sweep. Neither reads Hydra's globals or the env
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from tbptt_exp.app import metrics
 from tbptt_exp.app.console import Progress, epoch_line, error, mb, say, spread_text

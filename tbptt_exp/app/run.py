@@ -156,11 +156,6 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def experiment_url(uri: str, experiment_id: str) -> str:
-    """The experiment's runs table; without ``workflowType`` MLflow 3 opens its GenAI view."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-
-
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
     """Nested config -> {"model.units": 256, ...}: every leaf one MLflow param."""
     out: dict[str, Any] = {}
@@ -377,11 +372,19 @@ def make_tracker(cfg: TrackingConfig) -> Tracker | _NoTracking:
     return Tracker(cfg) if cfg.enabled else NO_TRACKING
 
 
+def user() -> str | None:
+    """The login name, or None where the process has no passwd entry (some containers)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 def environment_tags() -> dict[str, str | None]:
     """Versions and commit; device tags are added once TensorFlow is up."""
     import importlib.metadata as md
-
-    import getpass
 
     commit = git_commit()
     return {
@@ -395,7 +398,7 @@ def environment_tags() -> dict[str, str | None]:
         "mlflow.source.name": "python -m tbptt_exp",
         "mlflow.source.type": "LOCAL",
         "mlflow.source.git.commit": commit,
-        "mlflow.user": getpass.getuser(),
+        "mlflow.user": user(),
     }
 
 

@@ -7,6 +7,7 @@ answers "what was compared, and what won".
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 # Jobs are (overrides, JobOutcome or None) pairs, JobOutcome from app/sweep.py (which
@@ -53,7 +54,7 @@ def label(overrides: list[str], swept: dict[str, str]) -> str:
 
 def best(jobs: list[tuple[list[str], "JobOutcome | None"]], objective: str) -> tuple[list[str], "JobOutcome"] | None:
     """The job with the best first objective (highest tokens/s, lowest anything else)."""
-    scored = [(o, out) for o, out in jobs if out is not None and out.values and out.values[0] == out.values[0]]
+    scored = [(o, out) for o, out in jobs if out is not None and out.values and not math.isnan(out.values[0])]
     if not scored:
         return None
     sign = -1 if objective in MAXIMISED else 1

@@ -124,9 +124,9 @@ def claim_gpus(gpus: list[str], per_job: int, slots_dir: Path) -> list[str]:
 
     The host's GPUs form ``len(gpus) // per_job`` slots; the process takes the first slot
     whose GPUs' lock files in ``slots_dir`` it can all lock exclusively, and holds them
-    until it exits, which releases them however it ends. A process claims once: a launcher that reuses worker
-    processes (joblib) keeps each worker on its GPUs, and TensorFlow, once started, could
-    not move anyway. Sets ``CUDA_VISIBLE_DEVICES``, so it must run before TensorFlow loads.
+    until it exits, which releases them however it ends. A process claims once: a launcher
+    that reuses worker processes (joblib) keeps each worker on its GPUs, and TensorFlow,
+    once started, could not move anyway. Sets ``CUDA_VISIBLE_DEVICES``, so it must run before TensorFlow loads.
     """
     if _claimed:
         return _claimed["gpus"]
