@@ -19,37 +19,44 @@ def test_defaults_are_valid():
     validate(ExperimentConfig(data=KeyRecallDataConfig()))
 
 
+def test_a_config_changed_in_place_is_checked_again_by_validate():
+    cfg = ExperimentConfig()
+    cfg.k = 0
+    with pytest.raises(ConfigError, match=r"^k=0 is not allowed"):
+        validate(cfg)
+
+
 @pytest.mark.parametrize(
     "change, setting",
     [
-        ({"k": 0}, "k"),
-        ({"k": 201}, "k"),  # longer than data.sequence_length
-        ({"batch_size": -3}, "batch_size"),
-        ({"padding": "zeros"}, "padding"),
-        ({"reset": "sometimes"}, "reset"),
-        ({"data": CharsDataConfig(cut="words")}, "data.cut"),
-        ({"data": CharsDataConfig(val_fraction=1.0)}, "data.val_fraction"),
-        ({"data": KeyRecallDataConfig(num_keys=0)}, "data.num_keys"),
-        ({"model": ModelConfig(units=0)}, "model.units"),
-        ({"model": ModelConfig(dropout=1.5)}, "model.dropout"),
-        ({"model": ModelConfig(activation="swish2")}, "model.activation"),
-        ({"trainer": TrainerConfig(optimizer="lbfgs")}, "trainer.optimizer"),
-        ({"trainer": TrainerConfig(learning_rate=0)}, "trainer.learning_rate"),
-        ({"trainer": TrainerConfig(precision="float16")}, "trainer.precision"),
-        ({"model": ModelConfig(unroll=1)}, "model.unroll"),  # 1 == True, but not a setting
-        ({"model": ModelConfig(unroll="yes")}, "model.unroll"),
-        ({"engine": EngineConfig("torch")}, "engine"),
-        ({"engine": EngineConfig("keras_fit"), "padding": "pack"}, "padding"),
+        (lambda: {"k": 0}, "k"),
+        (lambda: {"k": 201}, "k"),  # longer than data.sequence_length
+        (lambda: {"batch_size": -3}, "batch_size"),
+        (lambda: {"padding": "zeros"}, "padding"),
+        (lambda: {"reset": "sometimes"}, "reset"),
+        (lambda: {"data": CharsDataConfig(cut="words")}, "data.cut"),
+        (lambda: {"data": CharsDataConfig(val_fraction=1.0)}, "data.val_fraction"),
+        (lambda: {"data": KeyRecallDataConfig(num_keys=0)}, "data.num_keys"),
+        (lambda: {"model": ModelConfig(units=0)}, "model.units"),
+        (lambda: {"model": ModelConfig(dropout=1.5)}, "model.dropout"),
+        (lambda: {"model": ModelConfig(activation="swish2")}, "model.activation"),
+        (lambda: {"trainer": TrainerConfig(optimizer="lbfgs")}, "trainer.optimizer"),
+        (lambda: {"trainer": TrainerConfig(learning_rate=0)}, "trainer.learning_rate"),
+        (lambda: {"trainer": TrainerConfig(precision="float16")}, "trainer.precision"),
+        (lambda: {"model": ModelConfig(unroll=1)}, "model.unroll"),  # 1 == True, but not a setting
+        (lambda: {"model": ModelConfig(unroll="yes")}, "model.unroll"),
+        (lambda: {"engine": EngineConfig("torch")}, "engine"),
+        (lambda: {"engine": EngineConfig("keras_fit"), "padding": "pack"}, "padding"),
         (
-            {"engine": EngineConfig("keras_fit"), "trainer": TrainerConfig(steps_per_execution=4)},
+            lambda: {"engine": EngineConfig("keras_fit"), "trainer": TrainerConfig(steps_per_execution=4)},
             "trainer.steps_per_execution",
         ),
     ],
 )
 def test_bad_values_name_the_setting_and_what_is_allowed(change, setting):
-    cfg = dataclasses.replace(ExperimentConfig(), **change)
+    """A config checks itself as it is built (Hydra builds it the same way, with ``OmegaConf.to_object``)."""
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        dataclasses.replace(ExperimentConfig(), **change())
     message = str(err.value)
     assert err.value.setting == setting
     assert message.startswith(f"{setting}=") and "\n" not in message

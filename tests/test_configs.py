@@ -7,10 +7,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tbptt_exp.app.hydra_app import to_experiment
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, ModelConfig, seed_model
-from tbptt_exp.paths import conf_dir
 from tbptt_exp.app.preflight import GROUPS, group_options, preflight
-from tbptt_exp.app.run import flatten, mask_credentials
+from tbptt_exp.app.stores import mask_credentials
+from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, ModelConfig, flatten, seed_model
+from tbptt_exp.paths import conf_dir
 
 
 @pytest.fixture
@@ -32,10 +32,7 @@ def test_default_config_is_the_schema_defaults(hydra_conf):
 def test_every_group_option_composes_and_validates(hydra_conf, group, option):
     experiment = to_experiment(compose("config", overrides=[f"{group}={option}"]))  # validates
     chosen = getattr(experiment, group)
-    preset = OmegaConf.load(conf_dir() / group / f"{option}.yaml")
-    for key, value in preset.items():
-        if key != "defaults":
-            assert getattr(chosen, key) == value, f"{group}={option}: {key}"
+    assert chosen == PRESETS[group][option](), f"{group}={option}"  # the preset, every setting of it
     if group == "data":
         assert chosen.name == option
 

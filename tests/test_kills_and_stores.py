@@ -14,9 +14,10 @@ import pytest
 from optuna.trial import TrialState
 
 from tbptt_exp.app.liveness import HOLDER_PREFIX, STALE_AFTER_S, Holder, dead_reason, this_process
-from tbptt_exp.app.run import Tracker, mask_credentials
-from tbptt_exp.app.stores import take_secrets
-from tbptt_exp.app.study import TrialLocks, fail_orphaned_trials, sampler_seed, study_lock
+from tbptt_exp.app.run import Tracker
+from tbptt_exp.app.stores import mask_credentials, take_secrets
+from tbptt_exp.app.study import sampler_seed
+from tbptt_exp.app.trials import TrialLocks, fail_orphaned_trials, study_lock
 from tbptt_exp.core.config import ConfigError, TrackingConfig
 
 from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
@@ -75,13 +76,13 @@ def trial_lock_worker(storage_url: str, study: str) -> subprocess.Popen:
     """A worker that asks for a trial, holds its lock and waits to be killed."""
     script = textwrap.dedent(f"""
         import sys, time, optuna
-        from tbptt_exp.app.study import TrialLocks, make_storage, study_lock
+        from tbptt_exp.app.trials import TrialLocks, make_storage, study_lock
         storage = make_storage({storage_url!r})
         study = optuna.load_study(study_name={study!r}, storage=storage)
         locks = TrialLocks(storage, {study!r})
         with study_lock(storage, {study!r}):
             trial = study.ask()
-            locks.acquire(trial._trial_id)
+            locks.acquire(trial.number)
         print("holding", flush=True)
         time.sleep(600)
     """)

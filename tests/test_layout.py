@@ -8,7 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tbptt_exp.core.layout import PADDINGS, RESETS, Corpus, build_layout, epoch_order
+from tbptt_exp.core.config import Padding, Reset
+from tbptt_exp.core.layout import Corpus, build_layout, epoch_order
+
+PADDINGS, RESETS = list(Padding), list(Reset)
 
 
 def unique_corpus(lengths):

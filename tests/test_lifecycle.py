@@ -8,9 +8,9 @@ import sys
 import optuna
 import pytest
 
-from tbptt_exp.app.run import FAILED, FINISHED, KILLED, Tracker, outcome_of
+from tbptt_exp.app.run import FAILED, FINISHED, KILLED, Tracker, ending_of
 from tbptt_exp.app.signals import Terminated
-from tbptt_exp.app.sweep import JobOutcome, SweepLink
+from tbptt_exp.app.sweep import JobResult, SweepLink
 from tbptt_exp.core.config import TrackingConfig
 
 
@@ -27,10 +27,10 @@ from tbptt_exp.core.config import TrackingConfig
     ],
 )
 def test_every_ending_maps_to_one_state(error, status, trial_state):
-    outcome = outcome_of(error)
-    assert (outcome.status, outcome.trial_state) == (status, trial_state)
+    ending = ending_of(error)
+    assert (ending.status, ending.trial_state) == (status, trial_state)
     if status == FAILED:
-        assert "\n" not in outcome.reason and type(error).__name__ in outcome.reason
+        assert "\n" not in ending.reason and type(error).__name__ in ending.reason
 
 
 @pytest.fixture
@@ -66,11 +66,11 @@ def test_the_context_manager_ends_runs_as_outcome_of_says(tracker):
 
 
 def test_the_sweep_link_survives_the_trip_through_hydra_overrides():
-    link = SweepLink(parent_run_id="abc123", trial_id=7, returns_outcome=True)
+    link = SweepLink(parent_run_id="abc123", trial_number=7, returns_result=True)
     env_set = dict(line.split("hydra.job.env_set.", 1)[1].split("=", 1) for line in link.overrides())
     assert SweepLink.from_env_set(env_set) == link
     assert SweepLink.from_env_set({}) == SweepLink()
-    assert JobOutcome(values=[1.0, 2.0]).objective == [1.0, 2.0] and JobOutcome(values=[0.5]).objective == 0.5
+    assert JobResult(values=[1.0, 2.0]).objective == [1.0, 2.0] and JobResult(values=[0.5]).objective == 0.5
 
 
 def test_a_grid_sweep_in_process_tracks_a_parent_and_its_children(tmp_path, monkeypatch, capfd):

@@ -6,14 +6,12 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from tbptt_exp.app.nightly import EXIT_REGRESSED, compare, entry_name, night_verdict
+from tbptt_exp.app.nightly_baseline import BaselineError, baseline_from_file, last_good, samples_of
 from tbptt_exp.core.config import NightlyConfig
-import numpy as np
-
-from tbptt_exp.app.nightly import (
-    EXIT_REGRESSED, BaselineError, baseline_from_file, compare, entry_name, last_good, night_verdict, samples_of,
-)
 
 
 def test_entry_names_are_stable_and_leave_out_tracking_and_hydra():
@@ -82,8 +80,8 @@ def entries_of(tokens_per_s: list[float], fingerprint="CPU | 1 MB | TensorFlow 2
 
 
 def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
+    from tbptt_exp.app.nightly_report import report
     from tbptt_exp.app.run import _NoRun
-    from tbptt_exp.app.nightly import report
 
     pinned = tmp_path / "baseline.json"
     cfg = NightlyConfig(record=True, baseline=str(pinned), accept=True)

@@ -296,3 +296,44 @@ def test_passwords_in_urls_reach_no_file_store_or_stream(tmp_path):
         assert secret not in streams
         leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
         assert leaks == []
+
+
+@needs_postgres
+def test_a_password_written_in_a_config_file_reaches_no_file_or_stream(tmp_path):
+    """A store URL with a password in a user's config file (``-cd DIR tracking=team``): the
+    password moves to PGPASSWORD before Hydra writes a file, in a single run and in every job
+    of a sweep, and the runs still land in the store."""
+    import psycopg
+
+    secret = "FilePw-83k"
+    database = f"tbptt_mlflow_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {database}")
+    (tmp_path / "team" / "tracking").mkdir(parents=True)
+    (tmp_path / "team" / "tracking" / "team.yaml").write_text(
+        f"uri: postgresql+psycopg://root:{secret}@127.0.0.1:5432/{database}\n")
+    base = ["-cd", str(tmp_path / "team"), "tracking=team", *[a for a in TINY if not a.startswith(("k=", "trainer."))],
+            "trainer.epochs=1"]
+    try:
+        single = subprocess.run([sys.executable, "-m", "tbptt_exp", *base, "k=5"], cwd=tmp_path, env=env(),
+                                capture_output=True, text=True, timeout=600)
+        assert single.returncode == 0, single.stderr[-3000:]
+        sweep = subprocess.run([sys.executable, "-m", "tbptt_exp", "-m", *base, "k=5,10"], cwd=tmp_path, env=env(),
+                               capture_output=True, text=True, timeout=600)
+        assert sweep.returncode == 0, sweep.stderr[-3000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"postgresql+psycopg://root@127.0.0.1:5432/{database}")
+        runs = client.search_runs([client.get_experiment_by_name("tbptt-exp").experiment_id])
+        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}  # a run, a parent and two jobs
+        for run in runs:
+            assert secret not in repr(run.data.params) + repr(run.data.tags)
+    finally:
+        with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".md", ".log")
+               and "team" not in p.parts]
+    assert any(p.name == "config.yaml" and ".hydra" in p.parts for p in written)
+    assert any(p.name == "multirun.yaml" for p in written)
+    assert [str(p) for p in written if secret.encode() in p.read_bytes()] == []
+    assert secret not in single.stdout + single.stderr + sweep.stdout + sweep.stderr

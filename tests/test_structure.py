@@ -1,6 +1,7 @@
 """The package's shape: a one-way import graph, a core without Hydra or MLflow, lean probes."""
 
 import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -112,3 +113,95 @@ def test_a_probe_process_imports_neither_mlflow_nor_hydra():
     assert "tensorflow" in modules and "tbptt_exp.core.engines" in modules
     loaded = {m.split(".")[0] for m in modules}
     assert not loaded & {"mlflow", "hydra", "hydra_plugins", "optuna"}, loaded & {"mlflow", "hydra", "hydra_plugins", "optuna"}
+
+
+def test_one_run_composes_validates_and_checks_its_data_once(tmp_path):
+    """``python -m tbptt_exp`` on a tiny experiment, with the calls counted: tbptt-exp composes
+    nothing itself (Hydra's ``hydra.main`` loads the config twice on its own: once to read
+    ``hydra.mode``, once for the run), the config checks itself once as it is built, and the
+    data is checked against the settings once."""
+    args = ["data=key_recall", "data.num_sequences=24", "data.sequence_length=10", "k=5", "batch_size=8",
+            "model.units=8", "model.embedding_dim=4", "trainer.epochs=1", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    code = (
+        "import atexit, sys\n"
+        "from collections import Counter\n"
+        "calls = Counter()\n"
+        "def count(owner, name, label):\n"
+        "    original = getattr(owner, name)\n"
+        "    def counted(*args, **kwargs):\n"
+        "        calls[label] += 1\n"
+        "        return original(*args, **kwargs)\n"
+        "    setattr(owner, name, counted)\n"
+        "import hydra\n"
+        "from hydra._internal.config_loader_impl import ConfigLoaderImpl\n"
+        "count(ConfigLoaderImpl, 'load_configuration', 'hydra loads')\n"
+        "count(hydra, 'compose', 'compose api')\n"
+        "import tbptt_exp.app.preflight as preflight\n"
+        "count(preflight, 'compose', 'compose api')\n"
+        "import tbptt_exp.core.config as config\n"
+        "count(config.ExperimentConfig, '__post_init__', 'validated')\n"
+        "import tbptt_exp.core.train as train\n"
+        "count(train, 'check_dataset', 'data checked')\n"
+        "atexit.register(lambda: print('COUNTS', dict(sorted(calls.items())), file=sys.stderr))\n"
+        f"sys.argv = ['tbptt_exp', *{args!r}]\n"
+        "from tbptt_exp.app.cli import main\n"
+        "main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = next(line for line in out.stderr.splitlines() if line.startswith("COUNTS"))
+    assert counts == "COUNTS {'data checked': 1, 'hydra loads': 2, 'validated': 1}", counts
+
+
+def written_names(tree: ast.AST) -> set[str]:
+    """Identifiers and exact strings a module writes: attributes, keywords, declared fields,
+    function names and string constants (not prose in docstrings or comments)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            found.add(node.attr)
+        elif isinstance(node, ast.keyword) and node.arg:
+            found.add(node.arg)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found.add(node.target.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found.add(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            found.add(node.value)
+    return found
+
+
+def test_each_figure_is_written_where_it_is_registered_measured_and_carried_only():
+    """A run's figure (``tokens_per_s``, ``peak_memory_mb``, ``val_loss``...) is named in at most
+    three modules: the registry, where it is measured, the record that carries it. Every
+    other module derives it from ``measure.FIGURES``."""
+    from tbptt_exp.core.measure import FIGURES
+    from tbptt_exp.core.train import EpochMetrics, RunResult
+
+    figures = ({f.name for f in dataclasses.fields(EpochMetrics)} | {f.name for f in dataclasses.fields(RunResult)})
+    figures &= set(FIGURES)
+    assert {"tokens_per_s", "peak_memory_mb", "val_loss", "compile_time_s", "padding_waste"} <= figures
+    modules = {module_name(p): written_names(ast.parse(p.read_text())) for p in (ROOT / "tbptt_exp").rglob("*.py")}
+    where = {figure: sorted(m for m, names in modules.items() if figure in names) for figure in sorted(figures)}
+    assert where["tokens_per_s"]  # the search is real
+    assert {figure: ms for figure, ms in where.items() if len(ms) > 3} == {}
+
+
+def package_files() -> list[Path]:
+    return [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in package_files() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
+
+
+def test_no_private_state_of_optuna_or_hydra_is_reached_into():
+    """Trials are addressed through Optuna's public API (``study.tell`` by number, the storage's
+    own methods), failed jobs through ``JobReturn.return_value``."""
+    import re
+
+    private = re.compile(r"\._(storage|trial_id|all_grids|return_value)\b")
+    assert [str(p.relative_to(ROOT)) for p in package_files() if private.search(p.read_text())] == []

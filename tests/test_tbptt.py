@@ -314,4 +314,4 @@ def test_streams_carry_the_key_in_training_and_in_evaluation():
 def test_the_schema_lists_exactly_the_engines_that_exist():
     from tbptt_exp.core import config
 
-    assert set(config.ENGINES) == set(ENGINES)
+    assert set(config.EngineName) == set(ENGINES)

@@ -6,26 +6,29 @@ import io
 
 import pytest
 
-from tbptt_exp.app import metrics, sweep_summary
+from tbptt_exp.app import sweep_summary
 from tbptt_exp.app.console import Progress, verbose_requested
 from tbptt_exp.app.jobs import run_params
-from tbptt_exp.app.run import run_url, ui_base
-from tbptt_exp.app.sweep import JobOutcome, results_table
+from tbptt_exp.app.sweep import JobResult
+from tbptt_exp.app.sweep_summary import results_table
+from tbptt_exp.app.ui import run_url, ui_base
 from tbptt_exp.core.config import ExperimentConfig, NightlyConfig
-from tbptt_exp.core.train import EpochMetrics
+from tbptt_exp.core.measure import FIGURES, mlflow_names
+from tbptt_exp.core.train import EpochMetrics, RunResult
 
 
 def test_every_epoch_figure_has_a_grouped_mlflow_name_and_none_repeats():
     fields = {f.name for f in dataclasses.fields(EpochMetrics)} - {"epoch"}
-    assert set(metrics.EPOCH) == fields  # a new figure needs a name before it can be logged
-    names = [*metrics.EPOCH.values(), *metrics.RUN.values()]
+    assert fields <= set(FIGURES)  # a new figure needs a registry entry before it can be logged
+    assert {"compile_time_s", "padding_waste", "num_params"} <= {f.name for f in dataclasses.fields(RunResult)} & set(FIGURES)
+    names = [f.mlflow for f in FIGURES.values()]
     assert len(names) == len(set(names))
     assert all("/" in name for name in names)
     m = EpochMetrics(1, 2.0, 1.5, 1000.0, 1100.0, 50.0, 12.0, 900.0, 3.0, 1.0, 2.1)
-    logged = metrics.epoch_metrics(m)
+    logged = mlflow_names(m.figures())
     assert logged["loss/val"] == 1.5 and logged["memory/allocator_peak_mb"] == 12.0
     with pytest.raises(KeyError):
-        metrics.named(metrics.RUN, {"not_a_figure": 1.0})
+        mlflow_names({"not_a_figure": 1.0})
 
 
 def test_a_training_run_records_the_settings_training_reads_and_a_batch_finder_run_its_own():
@@ -54,12 +57,12 @@ def test_a_sweep_is_named_after_what_it_swept_and_keeps_where_it_records_out():
 
 def test_the_results_table_labels_jobs_by_their_swept_values_and_the_best_job_wins_by_direction():
     jobs = [(["k=10", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"],
-             JobOutcome([2.0], "r1", {"val_loss": 2.0, "tokens_per_s": 900.0})),
+             JobResult([2.0], "r1", {"val_loss": 2.0, "tokens_per_s": 900.0})),
             (["k=25", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"],
-             JobOutcome([1.5], "r2", {"val_loss": 1.5, "tokens_per_s": 800.0})),
+             JobResult([1.5], "r2", {"val_loss": 1.5, "tokens_per_s": 800.0})),
             (["k=50", "trainer.epochs=1", "tracking.uri=sqlite:////tmp/x.db"], None)]
     swept = {"k": "10,25,50"}
-    table = results_table([(o, "FINISHED" if out else "FAILED", out) for o, out in jobs], swept)
+    table = results_table(jobs, swept)
     assert "| k=25 | FINISHED |" in table and "| k=50 | FAILED |" in table and "tracking.uri" not in table
     values, tags = sweep_summary.summary_metrics(jobs, "val_loss", swept)
     assert values["best/val_loss"] == 1.5 and tags == {"best.settings": "k=25", "best.run_id": "r2"}
@@ -69,7 +72,7 @@ def test_the_results_table_labels_jobs_by_their_swept_values_and_the_best_job_wi
 
 
 def test_sweep_plots_draw_every_job_against_each_swept_setting(tmp_path):
-    jobs = [([f"k={k}", f"padding={p}"], JobOutcome([1.0 + k / 100], f"r{k}{p}",
+    jobs = [([f"k={k}", f"padding={p}"], JobResult([1.0 + k / 100], f"r{k}{p}",
                                                    {"tokens_per_s": 1000.0 * k, "peak_memory_mb": 10.0 + k}))
             for k in (10, 25, 50) for p in ("dummy", "pack")]
     paths = sweep_summary.plots(jobs, {"k": "10,25,50", "padding": "dummy,pack"}, "val_loss", tmp_path)

@@ -11,11 +11,12 @@ import sys
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from tbptt_exp.app.study import StudySettings
+from tbptt_exp.app.study import StudySettings, run_study
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySettings, provider="tbptt_exp")
 
@@ -29,16 +30,12 @@ class OptunaSweeper(Sweeper):
         self.job_idx = 0
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        from hydra.core.plugins import Plugins
-
         self.hydra_context, self.config = hydra_context, config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
     def sweep(self, arguments: List[str]) -> Any:
-        from tbptt_exp.app.study import run_study
-
         if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
             print("tbptt-exp: hydra-optuna-sweeper is installed too and also registers hydra/sweeper=optuna; "
                   "tbptt-exp's sweeper is used. To silence this: pip uninstall hydra-optuna-sweeper", file=sys.stderr)

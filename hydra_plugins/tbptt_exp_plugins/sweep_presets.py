@@ -15,6 +15,8 @@ from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
 from omegaconf import OmegaConf
 
+from tbptt_exp.paths import sweeps_dir
+
 GROUP = "sweep"
 
 
@@ -24,8 +26,6 @@ class SweepPresetsConfigSource(ConfigSource):
         return "tbptt-sweeps"
 
     def _folder(self) -> str:
-        from tbptt_exp.paths import sweeps_dir
-
         return str(sweeps_dir())
 
     def _real_path(self, config_path: str) -> Optional[str]:
@@ -40,6 +40,9 @@ class SweepPresetsConfigSource(ConfigSource):
         if path is None or not os.path.isfile(path):
             raise ConfigLoadError(f"Config not found : {config_path}")
         with open(path, encoding="utf-8") as f:
+            # A preset's ``# @package _global_`` header decides where it merges. Hydra's own
+            # file source reads it with this helper of the ConfigSource base class; there is
+            # no public one, and a second parser of the header would drift from Hydra's.
             header = ConfigSource._get_header_dict(f.read(512))
             f.seek(0)
             cfg = OmegaConf.load(f)

@@ -2,7 +2,7 @@
 
 It takes the place of Hydra's basic sweeper (``hydra/sweeper=basic``, the default): the
 same sweeper with the same settings, whose jobs run under one MLflow parent run and hand
-their outcomes to ``tbptt_exp.app.sweep.tracked_sweep``. It is stored under Hydra's name
+their results to ``tbptt_exp.app.sweep_summary.tracked_sweep``. It is stored under Hydra's name
 rather than selected by an ``override`` in conf/config.yaml because a primary config's
 override would win over the sweep presets' ``override /hydra/sweeper: optuna``; and it is
 stored by ``store_config()`` after Hydra's plugin scan, since that scan re-executes
@@ -15,8 +15,12 @@ in ``sys.modules``, where dataclasses cannot resolve string annotations.
 from dataclasses import dataclass
 from typing import Any, List
 
+# Hydra ships its basic (grid) sweeper only under hydra._internal; extending it keeps Hydra's
+# own grid expansion, batching and settings instead of writing them again.
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+
+from tbptt_exp.app.sweep_summary import tracked_sweep
 
 
 @dataclass
@@ -44,8 +48,6 @@ class TrackedSweeper(BasicSweeper):
         return self.batch_index >= len(self.overrides) * self.rounds
 
     def sweep(self, arguments: List[str]) -> Any:
-        from tbptt_exp.app.sweep import tracked_sweep
-
         basic_sweep = super().sweep
 
         def launch(link, rounds: int) -> list:

@@ -28,7 +28,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from tbptt_exp.core.config import BatchFinderConfig, ExperimentConfig, to_dict
+from tbptt_exp.core.config import (
+    BatchFinderConfig,
+    ExperimentConfig,
+    Task,
+    settings_read,
+    to_dict,
+)
+from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, rate_text
+from tbptt_exp.core.probe import MARKER
+from tbptt_exp.paths import default_store_dir
 
 PROBE_COMMAND = (sys.executable, "-m", "tbptt_exp.core.probe")  # a probe: the core in a fresh process
 FITS = ("ok",)
@@ -38,6 +47,8 @@ MONOTONE_TOLERANCE = 0.05  # a peak this much below a smaller size's peak: memor
 
 @dataclass
 class Probe:
+    """One probe's answer: its outcome and the figures it measured (``measure.PROBE_FIGURES``)."""
+
     batch_size: int
     outcome: str  # ok | oom | budget | timeout | killed | unknown | error
     peak_memory_mb: float | None = None
@@ -50,6 +61,23 @@ class Probe:
     @property
     def fits(self) -> bool:
         return self.outcome in FITS
+
+    @classmethod
+    def from_answer(cls, batch_size: int, answer: dict) -> "Probe":
+        """A probe process's answer (or how it died), as a Probe."""
+        return cls(batch_size, answer["outcome"], seconds=answer.get("seconds", 0.0), error=answer.get("error", ""),
+                   **{f.name: answer.get(f.name) for f in PROBE_FIGURES})
+
+    def metrics(self) -> dict[str, float | None]:
+        """MLflow's metrics of the probe (``probe/...``), logged with step = its batch size."""
+        figures = {f.probe_metric: getattr(self, f.name) for f in PROBE_FIGURES}
+        return figures | {"probe/fits": float(self.fits), "probe/seconds": self.seconds}
+
+    def describe(self, k: int) -> str:
+        peak = "" if self.peak_memory_mb is None else f", peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}"
+        rate = f", {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s" if self.tokens_per_s else ""
+        why = f" ({self.error})" if self.error and self.outcome != "ok" else ""
+        return f"k={k} batch_size={self.batch_size}: {self.outcome}{peak}{rate}{why} [{self.seconds:.1f} s]"
 
 
 class ProbeError(RuntimeError):
@@ -81,6 +109,10 @@ class Frontier:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def figures(self) -> dict[str, float | None]:
+        """The answer's figures by name (``measure.FIGURES``): the sizes and the figures at the largest."""
+        return {name: value for name, value in self.to_dict().items() if name in FIGURES}
 
 
 def max_probes(cfg: BatchFinderConfig) -> int:
@@ -114,12 +146,12 @@ def search(
 
     def run(b: int) -> Probe:
         if b not in probes:
-            p = probe(b)
-            if p.outcome not in FITS + TOO_BIG:
-                raise ProbeError(f"batch_size={b}: {p.error or p.outcome}")
-            probes[b] = p
+            found = probe(b)
+            if found.outcome not in FITS + TOO_BIG:
+                raise ProbeError(f"batch_size={b}: {found.error or found.outcome}")
+            probes[b] = found
             if on_probe:
-                on_probe(p)
+                on_probe(found)
         return probes[b]
 
     if not run(lo).fits:
@@ -179,8 +211,6 @@ def recommend(best: int, probes: dict[int, Probe], budget_mb: float | None, cfg:
 
 def run_probe_process(request: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
     """Run one probe process on ``request``; its answer, or how it died."""
-    from tbptt_exp.core.probe import MARKER
-
     started = time.perf_counter()
     try:
         out = subprocess.run(
@@ -218,21 +248,18 @@ def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
     return None
 
 
+# The finder's settings that say how the search runs, not what it answers.
+NOT_DECISIVE = ("batch_finder.cache", "batch_finder.cache_dir", "batch_finder.probe_timeout_s")
+
+
 def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str) -> str:
-    """Everything that decides a probe's answer: the config (the batch size aside), device, TensorFlow."""
-    config = to_dict(cfg)
-    for key in ("batch_size", "tracking", "nightly", "objective", "task", "verbose"):
-        config.pop(key)
-    config["trainer"].pop("epochs")
-    for key in ("cache", "cache_dir", "probe_timeout_s"):
-        config["batch_finder"].pop(key)
+    """Everything that decides a probe's answer: the settings the search reads, the device, TensorFlow."""
+    config = {k: v for k, v in settings_read(cfg, Task.max_batch).items() if k not in NOT_DECISIVE}
     decisive = {"config": config, "device": device, "tensorflow": tensorflow}
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cache_dir(cfg: BatchFinderConfig) -> Path:
-    from tbptt_exp.paths import default_store_dir
-
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_store_dir() / "batch_cache"
 
 
@@ -243,8 +270,6 @@ def find_max_batch(
 ) -> Frontier:
     """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
     ``probe_command`` runs a probe process (default ``PROBE_COMMAND``)."""
-    from tbptt_exp.app.console import spread_text
-
     probe_command = probe_command or PROBE_COMMAND
     finder = cfg.batch_finder
     device = describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
@@ -257,16 +282,12 @@ def find_max_batch(
     if budget is None:
         say(f"k={cfg.k}: no memory budget known (set device.memory_budget_mb): searching by real out-of-memory only")
 
-    def probe(b: int) -> Probe:
-        request = {"config": to_dict(replace(cfg, batch_size=b)), "seconds": finder.probe_seconds}
-        r = run_probe_process(request, finder.probe_timeout_s, probe_command)
-        p = Probe(b, r["outcome"], r.get("peak_memory_mb"), r.get("tokens_per_s"), r.get("seconds", 0.0),
-                  r.get("error", ""), r.get("tokens_per_s_spread"), r.get("padded_tokens_per_s"))
-        say(f"k={cfg.k} batch_size={b}: {p.outcome}"
-            + (f", peak {p.peak_memory_mb:,.1f} MB" if p.peak_memory_mb is not None else "")
-            + (f", {p.tokens_per_s:,.0f}{spread_text(p.tokens_per_s_spread)} tokens/s" if p.tokens_per_s else "")
-            + (f" ({p.error})" if p.error and p.outcome != "ok" else "") + f" [{p.seconds:.1f} s]")
-        return p
+    def probe(batch_size: int) -> Probe:
+        one_epoch = replace(cfg, batch_size=batch_size, trainer=replace(cfg.trainer, epochs=1))
+        request = {"config": to_dict(one_epoch), "seconds": finder.probe_seconds}
+        found = Probe.from_answer(batch_size, run_probe_process(request, finder.probe_timeout_s, probe_command))
+        say(found.describe(cfg.k))
+        return found
 
     found = search(probe, finder, budget, on_probe)
     at_best = next((p for p in found.probes if p.batch_size == found.max_batch_size), None)

@@ -1,4 +1,4 @@
-"""``python -m tbptt_exp [overrides]``: check the settings and the stores, then hand over to Hydra.
+"""``python -m tbptt_exp [overrides]``: set the process up, then hand over to Hydra.
 
 Exit codes: 0 done; 2 a setting cannot work (one line on stderr), or a nightly baseline
 cannot be used; 3 the batch-size search stopped on an error that is not out-of-memory;
@@ -10,13 +10,22 @@ from __future__ import annotations
 import os
 import sys
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from tbptt_exp.app import signals
+from tbptt_exp.app.console import error, quiet_libraries, verbose_requested
+from tbptt_exp.app.hydra_app import main as hydra_main
+from tbptt_exp.app.hydra_app import register_configs
+from tbptt_exp.app.preflight import composition_error, take_command_line_secrets
+from tbptt_exp.core.config import ConfigError
+from tbptt_exp.core.device import prepare_tensorflow
 
 
 def main() -> None:
     signals.install()  # first: a SIGTERM during start-up ends as cleanly as one later
     try:
-        _main()
+        run(sys.argv[1:])
     except KeyboardInterrupt:
         print(
             "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
@@ -26,26 +35,36 @@ def main() -> None:
         sys.exit(143 if signals.terminated() else 130)
 
 
-def _main() -> None:
-    from tbptt_exp.app.console import quiet_libraries, verbose_requested
-    from tbptt_exp.core.device import prepare_tensorflow
-
-    quiet_libraries(verbose_requested(sys.argv[1:]))  # before anything loads TensorFlow or MLflow
+def run(argv: list[str]) -> None:
+    """Hydra composes the config once; what it cannot compose, or what the preflight callback
+    or the job refuses, ends here in one line with exit code 2."""
+    quiet_libraries(verbose_requested(argv))  # before anything loads TensorFlow or MLflow
     prepare_tensorflow()
     # A tracking server that stops answering mid-run fails within seconds, not after
     # MLflow's default 7 retries with backoff (minutes); the start-up check is separate.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from tbptt_exp.app.console import error
-    from tbptt_exp.app.hydra_app import main as hydra_main
-    from tbptt_exp.app.hydra_app import register_configs
-    from tbptt_exp.app.preflight import preflight
-    from tbptt_exp.core.config import ConfigError
-
+    # Hydra prints a composition error over several lines and exits 1; with this set it
+    # raises the error, which is reported here as the one line that names the setting.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     register_configs()
+    sys.argv[1:] = take_command_line_secrets(argv)  # a store password moves to the environment here
     try:
-        sys.argv[1:] = preflight(sys.argv[1:])  # store passwords move to the environment here
+        hydra_main()
     except ConfigError as bad:
         error(str(bad))
         sys.exit(2)
-    hydra_main()
+    except (HydraException, OmegaConfBaseException) as bad:
+        error(str(composition_error(bad, overrides(sys.argv[1:]))))
+        sys.exit(2)
+
+
+# Hydra's options that take a value as the next argument (``--cfg job``, ``-cn NAME``...).
+VALUED_OPTIONS = ("-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name",
+                  "-cd", "--config-dir", "--experimental-rerun")
+
+
+def overrides(argv: list[str]) -> list[str]:
+    """The override arguments of a command line, Hydra's options and their values left out."""
+    values = {i + 1 for i, arg in enumerate(argv) if arg in VALUED_OPTIONS}
+    return [arg for i, arg in enumerate(argv) if not arg.startswith("-") and i not in values]

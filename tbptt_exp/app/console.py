@@ -3,9 +3,13 @@ terminal (a line every few seconds in a log file), and none of the libraries' st
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import time
 from typing import Any, Callable
+
+from tqdm import tqdm
 
 PREFIX = "[tbptt-exp]"
 
@@ -49,8 +53,6 @@ class Progress:
             self.line(epoch, done, total)
             return
         if self.bar is None:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=f"{PREFIX} epoch {epoch}", unit="batch", leave=False,
                             file=self.stream, dynamic_ncols=True)
         self.bar.update(min(done, total) - self.bar.n)
@@ -79,9 +81,6 @@ def quiet_libraries(verbose: bool) -> None:
     environment carries the level to probe and worker processes. Errors still surface as
     Python exceptions with their messages.
     """
-    import logging
-    import os
-
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO"
@@ -94,19 +93,44 @@ def quiet_libraries(verbose: bool) -> None:
     logging.getLogger("matplotlib").setLevel(logging.ERROR)  # "building the font cache" is a warning
 
 
-def mb(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:,.1f} MB"
+class TrainingConsole:
+    """What a person reads while one experiment trains: the data and settings, a progress
+    bar, a line per epoch, then the summary. ``on_epoch`` and ``progress`` are handed to
+    the training loop; used as a context manager, it closes the bar however training ends."""
 
+    def __init__(self, experiment) -> None:
+        self.experiment = experiment
+        self.progress = Progress()
+        self.started = time.perf_counter()
 
-def spread_text(spread: float | None) -> str:
-    """A rate's interquartile range as ± half of it; nothing for a single window."""
-    return "" if spread is None else f" ± {spread / 2:,.0f}"
+    def __enter__(self) -> "TrainingConsole":
+        return self
 
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.close()
 
-def epoch_line(m, epochs: int) -> str:
-    bpc = f" ({m.val_bits_per_char:.3f} bits/char)" if m.val_bits_per_char is not None else ""
-    return (
-        f"epoch {m.epoch}/{epochs}  train_loss {m.train_loss:.4f}  val_loss {m.val_loss:.4f}{bpc}  "
-        f"{m.tokens_per_s:,.0f}{spread_text(m.tokens_per_s_spread)} tokens/s  peak {mb(m.peak_memory_mb)}  "
-        f"{m.epoch_time_s:.1f} s"
-    )
+    def starting(self, dataset) -> None:
+        experiment, model = self.experiment, self.experiment.model
+        say(f"data: {dataset.source}: {len(dataset.train):,} train / {len(dataset.val):,} validation "
+            f"sequences, {dataset.train.num_tokens:,} training tokens, vocabulary {dataset.vocab_size}")
+        say(f"k={experiment.k} batch_size={experiment.batch_size} padding={experiment.padding} "
+            f"reset={experiment.reset} engine={experiment.engine.name} model={model.preset} "
+            f"({model.layers}x{model.units} LSTM) epochs={experiment.trainer.epochs}")
+
+    def device(self, description: dict[str, str]) -> None:
+        say(f"training on {description['device']} ({description['device_name']})")
+
+    def on_epoch(self, metrics) -> None:
+        self.progress.close()
+        say(metrics.describe(self.experiment.trainer.epochs))
+
+    def done(self, result, over_budget_mb: float | None) -> None:
+        say(f"done in {time.perf_counter() - self.started:.1f} s")
+        for line in result.summary():
+            say(f"  {line}")
+        budget = self.experiment.device.memory_budget_mb
+        if budget is not None and over_budget_mb is None:
+            say(f"  peak memory unknown on this device: the memory budget of {budget:,.0f} MB cannot be checked")
+        elif budget is not None:
+            verdict = "over" if over_budget_mb > 0 else "within"
+            say(f"  {verdict} the memory budget of {budget:,.0f} MB by {abs(over_budget_mb):,.1f} MB")

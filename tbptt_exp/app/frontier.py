@@ -1,6 +1,6 @@
 """The batch frontier: largest workable batch per k, as a table, files and plots.
 
-Each ``task=max_batch`` job hands its sweep its frontier row (``JobOutcome``); ``report``
+Each ``task=max_batch`` job hands its sweep its frontier row (``JobResult``); ``report``
 writes them as ``batch_frontier.csv``/``.json`` and two plots in the sweep folder,
 prints the table and attaches everything to the sweep's MLflow parent run.
 """
@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from tbptt_exp.app import tables
+from tbptt_exp.app.batch_finder import Frontier
+from tbptt_exp.app.console import say
+from tbptt_exp.core.measure import PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
 
-COLUMNS = ("k", "precision", "unroll", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
-           "tokens_per_s_spread", "probes", "budget_mb", "memory_monotone", "cached", "job")
+# A row is a ``Frontier`` (its probe log and fingerprint aside) and what the job set apart.
+COLUMNS = ("k", "precision", "unroll",
+           *(f.name for f in fields(Frontier) if f.name not in ("k", "probe_log", "fingerprint")), "job")
 
 
 def table(rows: list[dict]) -> str:
@@ -23,9 +29,7 @@ def table(rows: list[dict]) -> str:
             return f"{v:,.1f}"
         return "" if v is None else str(v)
 
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---:|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
+    return tables.markdown(list(COLUMNS), [[cell(r.get(c)) for c in COLUMNS] for r in rows], align="r" * len(COLUMNS))
 
 
 def line_label(row: dict, rows: list[dict]) -> str:
@@ -69,18 +73,18 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     for row in sorted(rows, key=lambda r: r["k"]):
         label = line_label(row, rows)
         probes = sorted(row["probe_log"], key=lambda p: p["batch_size"])
-        ok = [p for p in probes if p["outcome"] == "ok" and p.get("peak_memory_mb") is not None]
+        ok = [p for p in probes if p["outcome"] == "ok" and p.get(PEAK_MEMORY.name) is not None]
         bad = [p for p in probes if p["outcome"] != "ok"]
-        colour = ax_m.plot([p["batch_size"] for p in ok], [p["peak_memory_mb"] for p in ok], "o", label=label)[0].get_color()
-        ax_m.plot([p["batch_size"] for p in bad], [p.get("peak_memory_mb") or float("nan") for p in bad], "x",
+        colour = ax_m.plot([p["batch_size"] for p in ok], [p[PEAK_MEMORY.name] for p in ok], "o", label=label)[0].get_color()
+        ax_m.plot([p["batch_size"] for p in bad], [p.get(PEAK_MEMORY.name) or float("nan") for p in bad], "x",
                   color=colour, markersize=9)
         if row["max_batch_size"]:
             ax_m.axvline(row["max_batch_size"], color=colour, linestyle="-", alpha=0.5)
         if row["recommended_batch_size"]:
             ax_m.axvline(row["recommended_batch_size"], color=colour, linestyle=":", alpha=0.8)
-        timed = [p for p in ok if p.get("tokens_per_s")]
-        ax_t.errorbar([p["batch_size"] for p in timed], [p["tokens_per_s"] for p in timed],
-                      yerr=[(p.get("tokens_per_s_spread") or 0) / 2 for p in timed], fmt="o", capsize=3, label=label)
+        timed = [p for p in ok if p.get(REAL_TOKENS.name)]
+        ax_t.errorbar([p["batch_size"] for p in timed], [p[REAL_TOKENS.name] for p in timed],
+                      yerr=[(p.get(REAL_TOKENS_SPREAD.name) or 0) / 2 for p in timed], fmt="o", capsize=3, label=label)
         if row.get("budget_mb"):
             budgets.add((row["budget_mb"], row.get("headroom") or 0.0))
     handles, _ = ax_m.get_legend_handles_labels()
@@ -110,8 +114,6 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 
 def report(rows: list[dict], sweep_dir: Path, parent) -> None:
     """The sweep's frontier: files and plots in the sweep folder, a table, the parent run."""
-    from tbptt_exp.app.console import say
-
     rows = sorted(rows, key=lambda r: int(r["job"]) if str(r.get("job", "")).isdigit() else 0)
     files = write_files(rows, sweep_dir)
     say("largest workable batch per k:\n" + table(rows))

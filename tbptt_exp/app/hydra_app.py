@@ -1,4 +1,5 @@
-"""The Hydra entry point: compose the config, validate it once, run the job it asks for.
+"""The Hydra entry point: the schema and presets Hydra composes from, the check before any
+job runs, and the task function that validates its config once and runs the task it asks for.
 
 ``python -m tbptt_exp`` runs one experiment; ``-m`` runs a sweep, one job per
 combination. This is the only module that reads Hydra's job state (``HydraConfig``):
@@ -9,18 +10,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tbptt_exp.core.config import ExperimentConfig, validate
+from tbptt_exp.app import preflight
+from tbptt_exp.app.console import error, quiet_libraries
+from tbptt_exp.app.jobs import TASKS, JobContext
+from tbptt_exp.app.preflight import to_experiment  # noqa: F401 - the composed config -> one validated object
+from tbptt_exp.app.stores import mask_credentials_in_logs
+from tbptt_exp.app.sweep import SweepLink
+from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
 from tbptt_exp.paths import conf_dir
-
-if TYPE_CHECKING:
-    from tbptt_exp.app.jobs import JobContext
 
 
 @dataclass
@@ -31,43 +38,51 @@ class ExperimentSchema(ExperimentConfig):
 
 
 def register_configs() -> None:
-    """The schema behind conf/, the sweepers and the source of sweep presets, for Hydra.
+    """The schema and presets behind conf/, the sweepers and the source of sweep presets, for Hydra.
 
     Hydra finds plugins by scanning ``hydra_plugins``, which an editable install's
     import hook does not let it list, so tbptt-exp's plugins are registered explicitly.
     Called once by the entry point (and by tests that compose configs), never on import.
     """
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
-
     Plugins.instance()  # Hydra's plugin scan first: it re-executes the plugin modules it finds
-    from hydra_plugins.tbptt_exp_plugins import tracked_sweeper
+    from hydra_plugins.tbptt_exp_plugins import (
+        tracked_sweeper,  # after the scan (see tracked_sweeper)
+    )
     from hydra_plugins.tbptt_exp_plugins.optuna_sweeper import OptunaSweeper
     from hydra_plugins.tbptt_exp_plugins.sweep_presets import SweepPresetsConfigSource
-    from tbptt_exp.app.run import mask_credentials_in_logs
-    from tbptt_exp.core.config import CharsDataConfig, KeyRecallDataConfig
 
     for plugin in (SweepPresetsConfigSource, OptunaSweeper, tracked_sweeper.TrackedSweeper):
         Plugins.instance().register(plugin)
     tracked_sweeper.store_config()  # after the scan, which stores Hydra's own "basic" again
     mask_credentials_in_logs()
-    cs = ConfigStore.instance()
-    cs.store(name="experiment_schema", node=ExperimentSchema)
-    cs.store(group="data", name="schema_chars", node=CharsDataConfig)
-    cs.store(group="data", name="schema_key_recall", node=KeyRecallDataConfig)
+    store = ConfigStore.instance()
+    store.store(name="experiment_schema", node=ExperimentSchema)
+    for group, presets in PRESETS.items():
+        for name, preset in presets.items():
+            store.store(group=group, name=name, node=preset(), provider="tbptt_exp")
 
 
-def to_experiment(cfg: DictConfig) -> ExperimentConfig:
-    """Composed Hydra config (without its ``hydra`` node) -> the one validated config object."""
-    experiment = OmegaConf.to_object(cfg)
-    validate(experiment)
-    return experiment
+class PreflightCallback(Callback):
+    """Hydra calls this on the composed config before it writes a file or runs a job
+    (``conf/config.yaml``: ``hydra.callbacks``); a bad setting stops the command in one line.
+    Hydra turns a callback's exceptions into warnings, hence the exit here."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, multirun=False)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, multirun=True)
+
+    @staticmethod
+    def _check(config: DictConfig, multirun: bool) -> None:
+        try:
+            preflight.check(config, list(config.hydra.overrides.task), multirun)
+        except ConfigError as bad:
+            error(str(bad))
+            raise SystemExit(2) from None
 
 
-def job_context(cfg: DictConfig) -> "JobContext":
-    from tbptt_exp.app.jobs import JobContext
-    from tbptt_exp.app.sweep import SweepLink
-
+def job_context(cfg: DictConfig) -> JobContext:
     hydra_cfg = HydraConfig.get()
     return JobContext(
         overrides=list(hydra_cfg.overrides.task),
@@ -81,22 +96,15 @@ def job_context(cfg: DictConfig) -> "JobContext":
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> Any:
-    """One job. A tbptt-exp sweeper gets the whole ``JobOutcome``, any other the objective."""
-    from tbptt_exp.app.console import error
-    from tbptt_exp.app.jobs import cleanup_job, max_batch_job, train_job
-    from tbptt_exp.core.config import ConfigError
-
-    from tbptt_exp.app.console import quiet_libraries
-
+    """One job. A tbptt-exp sweeper gets the whole ``JobResult``, any other the objective."""
     quiet_libraries(bool(cfg.get("verbose", False)))  # before TensorFlow or MLflow load
     ctx = job_context(cfg)
     try:
-        experiment = to_experiment(cfg)
-        job = {"max_batch": max_batch_job, "cleanup": cleanup_job}.get(experiment.task, train_job)
-        outcome = job(experiment, ctx)  # settings that only the data can check raise here
+        experiment = to_experiment(cfg)  # the one validation of this job's settings
+        result = TASKS[experiment.task](experiment, ctx)  # settings that only the data can check raise here
     except ConfigError as bad:
         if ctx.multirun:
             raise  # one job of a sweep: the sweeper records it (an Optuna trial fails with it)
         error(str(bad))
         raise SystemExit(2) from None
-    return outcome if ctx.link.returns_outcome else outcome.objective
+    return result if ctx.link.returns_result else result.objective

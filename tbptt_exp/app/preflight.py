@@ -1,10 +1,19 @@
 """Check every run of a command before anything trains, with one-line errors.
 
-Hydra reports a bad group option or a type error over several lines, and a sweep would
-only fail at the job that holds the bad value, after the others trained. Here every
-combination of a discrete sweep (command line and the sweep preset's
-``hydra.sweeper.params``) is composed and validated first. Continuous search spaces
-(``interval(...)``) are left to the sweeper.
+Two moments, each on values at hand, no config composed twice:
+
+- ``take_command_line_secrets`` (before Hydra sees ``argv``): a password in a store URL
+  on the command line moves to the environment variable its client reads.
+- ``check`` (on the config Hydra composed, from ``hydra_app``'s callback, before Hydra
+  writes a file): passwords from config files, the Optuna sweeper's settings, every
+  combination of a discrete sweep (command line and the sweep preset's
+  ``hydra.sweeper.params``; continuous search spaces are left to the sweeper), the
+  tracking store and a study's storage, and each worker's GPUs. A single run's settings
+  are validated by its job, once.
+
+``composition_error`` turns what Hydra raises while composing (a bad override, an unknown
+option or key, a value of the wrong type) into the same one-line ``ConfigError``.
+``preflight(argv)`` runs both moments through Hydra's compose API, as one function.
 """
 
 from __future__ import annotations
@@ -12,56 +21,117 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import typing
+from enum import Enum
 from typing import Iterable
 
-from tbptt_exp.core.config import ConfigError
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+)
+
+from tbptt_exp.app.stores import (
+    check_storage_url,
+    check_tracking_uri,
+    default_storage_url,
+    resolve_uri,
+    take_secrets,
+)
+from tbptt_exp.app.study import StudySettings
+from tbptt_exp.core.config import (
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    objective_names,
+)
+from tbptt_exp.core.device import visible_gpus
 from tbptt_exp.paths import conf_dir, sweeps_dir
 
-GROUPS = ("data", "model", "engine", "trainer", "tracking", "device")
+GROUPS = tuple(PRESETS)
 MAX_COMBINATIONS = 256
+SECRET_SETTINGS = ("tracking.uri", "hydra.sweeper.storage")
 
 
 def group_options(group: str) -> list[str]:
-    folder = sweeps_dir() if group == "sweep" else conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("schema_"))
+    """The options of a config group: a preset of the schema's, or a sweep preset in sweeps/."""
+    if group == "sweep":
+        return sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+    return sorted(PRESETS[group])
 
 
-def _parse(lines: list[str]):
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
+def take_command_line_secrets(argv: list[str]) -> list[str]:
+    """``argv`` with each store URL's password moved to the environment (``stores.take_secrets``),
+    so the password given on the command line never reaches Hydra."""
     parser = OverridesParser.create()
-    for line in lines:  # one at a time, to name the override that does not parse
-        try:
-            parser.parse_override(line)
-        except HydraException as error:
-            raise ConfigError("override", line, str(error).splitlines()[0]) from None
-    return parser.parse_overrides(lines)
+    cleaned = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in SECRET_SETTINGS and "=" in arg:
+            try:
+                value = parser.parse_override(arg).value()
+            except HydraException:
+                value = None  # Hydra reports the bad override itself
+            if isinstance(value, str) and (clean := take_secrets({key: value}).get(key)):
+                arg = f"{arg.split('=', 1)[0]}='{clean}'"
+        cleaned.append(arg)
+    return cleaned
 
 
-def _choices(overrides, multirun: bool) -> list[list[str]]:
-    """Per override, the lines to try: one per value of a discrete sweep."""
+def composition_error(error: Exception, overrides: list[str]) -> ConfigError:
+    """What Hydra raised while composing ``overrides``, as one line that names the setting."""
+    if isinstance(error, OverrideParseException):
+        return ConfigError("override", error.override, str(error).splitlines()[0])
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options is not None:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return ConfigError(group, option, f"use one of {', '.join(error.options)}")
+    if "Ambiguous value for argument" in str(error):  # a list of values without -m
+        sweep = next(o for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override())
+        return ConfigError(sweep.key_or_group, sweep.input_line.split("=", 1)[1], "a list of values is a sweep: add -m")
+    cause = error
+    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__
+    key = getattr(cause, "full_key", None)
+    if not key:
+        return ConfigError("overrides", " ".join(overrides), str(cause).splitlines()[0])
+    given = {line.split("=", 1)[0].lstrip("+~"): line.split("=", 1)[-1] for line in overrides}
+    value = given.get(key, getattr(cause, "value", None))
+    return ConfigError(key, value, _allowed(cause))
+
+
+def _allowed(cause: Exception) -> str:
+    """What a field accepts: its schema's choices, or its keys for an unknown key."""
+    owner, message = getattr(cause, "object_type", None), str(cause).splitlines()[0]
+    if not dataclasses.is_dataclass(owner):
+        return message
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        return f"{message}; use one of {', '.join(f.name for f in dataclasses.fields(owner))}"
+    hint = typing.get_type_hints(owner).get(str(getattr(cause, "key", "")))
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return f"use one of {', '.join(member.name for member in hint)}"
+    return message
+
+
+def _choices(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Per override line, the lines to try: one per value of a discrete sweep."""
     choices = []
-    for o in overrides:
+    for o in OverridesParser.create().parse_overrides(overrides):
         if o.is_hydra_override():
             if not o.is_sweep_override():
                 choices.append([o.input_line])  # Hydra's own settings (e.g. the sweeper's): as given
             continue
-        key = o.get_key_element()
         if o.is_sweep_override():
             if not multirun:
                 raise ConfigError(o.key_or_group, o.input_line.split("=", 1)[1], "a list of values is a sweep: add -m")
             if not o.is_discrete_sweep():
                 continue  # a continuous search space: the sweeper samples it
-            values = list(o.sweep_string_iterator())
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
-            values = [o.get_value_element_as_str()]
-        if o.key_or_group in (*GROUPS, "sweep") and not o.is_delete():
-            allowed = group_options(o.key_or_group)
-            for v in values:
-                if v not in allowed and v != "null":
-                    raise ConfigError(o.key_or_group, v, f"use one of {', '.join(allowed)}")
-        choices.append([f"{key}={v}" for v in values])
+            choices.append([o.input_line])
     return choices
 
 
@@ -75,72 +145,66 @@ def _combinations(choices: list[list[str]]) -> Iterable[list[str]]:
     first = [c[0] for c in choices]  # too many: vary one override at a time
     for i, c in enumerate(choices):
         for line in c:
-            yield first[:i] + [line] + first[i + 1 :]
+            yield first[:i] + [line] + first[i + 1:]
 
 
-def _composition_error(error: Exception, overrides: list[str]) -> ConfigError:
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
-    cause = error
-    while cause.__cause__ is not None and not getattr(cause, "full_key", None):
-        cause = cause.__cause__
-    message = str(cause).splitlines()[0]
-    key = getattr(cause, "full_key", None)
-    if not key:
-        return ConfigError("overrides", " ".join(overrides), message)
-    given = {line.split("=", 1)[0].lstrip("+~"): line.split("=", 1)[-1] for line in overrides}
-    value = given.get(key, getattr(cause, "value", None))
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(cause.object_type):
-        names = ", ".join(f.name for f in dataclasses.fields(cause.object_type))
-        message += f"; use one of {names}"
-    return ConfigError(key, value, message)
+def to_experiment(config: DictConfig) -> ExperimentConfig:
+    """A composed config (its ``hydra`` node aside) -> the one config object, which checks
+    itself as it is built (``OmegaConf.to_object`` runs each class's ``__post_init__``)."""
+    return OmegaConf.to_object(config)
 
 
-def check_optuna_sweeper(cfg) -> None:
-    """The Optuna sweeper's own settings, when it is the sweeper."""
-    sweeper = cfg.hydra.sweeper
-    if not _is_optuna(cfg):
-        return
-    from omegaconf import ListConfig
-
-    from tbptt_exp.core.config import objective_names
-    from tbptt_exp.app.study import PRUNERS, SAMPLERS
-
-    if sweeper.sampler not in SAMPLERS:
-        raise ConfigError("hydra.sweeper.sampler", sweeper.sampler, f"use one of {', '.join(SAMPLERS)}")
-    if sweeper.pruner not in PRUNERS:
-        raise ConfigError("hydra.sweeper.pruner", sweeper.pruner, f"use one of {', '.join(PRUNERS)}")
-    if not 0 <= sweeper.max_failure_rate < 1:
-        raise ConfigError(
-            "hydra.sweeper.max_failure_rate", sweeper.max_failure_rate,
-            "use a fraction from 0 up to (not including) 1: failed trials are retried",
-        )
-    if not isinstance(sweeper.n_trials, int) or sweeper.n_trials <= 0:
-        raise ConfigError("hydra.sweeper.n_trials", sweeper.n_trials, "use a positive whole number")
-    directions = list(sweeper.direction) if isinstance(sweeper.direction, ListConfig) else [sweeper.direction]
-    for d in directions:
-        if d not in ("minimize", "maximize"):
-            raise ConfigError("hydra.sweeper.direction", d, "use minimize or maximize (a list for several objectives)")
-    if len(directions) != len(objective_names(cfg.objective)):
-        raise ConfigError(
-            "hydra.sweeper.direction", list(directions),
-            f"give one direction per objective ({cfg.objective})",
-        )
+def is_optuna(config: DictConfig) -> bool:
+    return str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
 
 
-def check_gpus(cfg, multirun: bool, gpus: list[str] | None = None) -> None:
+def check_optuna_sweeper(config: DictConfig) -> None:
+    """The Optuna sweeper's settings check themselves; here, what joins them to the experiment:
+    one direction per objective."""
+    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudySettings), config.hydra.sweeper))
+    if len(settings.directions) != len(objective_names(config.objective)):
+        raise ConfigError("hydra.sweeper.direction", settings.directions,
+                          f"give one direction per objective ({config.objective})")
+
+
+def take_config_secrets(config: DictConfig) -> None:
+    """A password in a store URL that a config file gave moves to the environment; the config,
+    and every job a sweep composes from it, gets the URL without it."""
+    urls = {"tracking.uri": config.tracking.uri}
+    if is_optuna(config):
+        urls["hydra.sweeper.storage"] = config.hydra.sweeper.get("storage")
+    for key, url in take_secrets(urls).items():
+        with read_write(config), open_dict(config):
+            OmegaConf.update(config, key, url)
+            overrides = config.hydra.overrides.hydra if key.startswith("hydra.") else config.hydra.overrides.task
+            overrides.append(f"{key}='{url}'")
+
+
+def check_combinations(config: DictConfig, overrides: list[str]) -> None:
+    """Every combination of a discrete sweep, composed and validated (at most 256; beyond, one
+    override varied at a time)."""
+    choices = _choices(overrides, multirun=True)
+    params = config.hydra.sweeper.get("params") or {}
+    given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}
+    choices += _choices([f"{k}={v}" for k, v in params.items() if k not in given], multirun=True)
+    for combo in _combinations(choices):
+        try:
+            to_experiment(compose("config", overrides=combo))
+        except (HydraException, OmegaConfBaseException) as error:
+            raise composition_error(error, combo) from None
+
+
+def check_gpus(config: DictConfig, multirun: bool, gpus: list[str] | None = None) -> None:
     """``device.gpus_per_job`` with a process launcher on this host: every parallel worker
     must get GPUs of its own. (A Slurm launcher's jobs run on other hosts: not checked here.)"""
-    per_job = cfg.device.get("gpus_per_job")
-    launcher = str(cfg.hydra.launcher.get("_target_", ""))
+    per_job = config.device.get("gpus_per_job")
+    launcher = str(config.hydra.launcher.get("_target_", ""))
     if per_job is None or "submitit" in launcher:
         return
-    from tbptt_exp.core.device import visible_gpus
-
     gpus = visible_gpus() if gpus is None else gpus
     workers = 1
     if multirun and "joblib" in launcher:
-        workers = cfg.hydra.launcher.get("n_jobs") or 1
+        workers = config.hydra.launcher.get("n_jobs") or 1
         if workers < 1:  # joblib's -1: one worker per CPU core
             workers = os.cpu_count() or 1
     if workers * per_job > len(gpus):
@@ -151,86 +215,44 @@ def check_gpus(cfg, multirun: bool, gpus: list[str] | None = None) -> None:
         )
 
 
-def _take_secrets(first) -> dict[str, str]:
-    """The composed store URLs' passwords moved to the environment (``stores.take_secrets``):
-    {setting: URL without its password} for each setting that held one."""
-    from tbptt_exp.app.stores import take_secrets
-
-    urls = {"tracking.uri": first.tracking.uri}
-    if _is_optuna(first):
-        urls["hydra.sweeper.storage"] = first.hydra.sweeper.get("storage")
-    return take_secrets(urls)
-
-
-def _replace(lines: list[str], cleaned: dict[str, str]) -> list[str]:
-    """Override lines with each cleaned setting given once, without its password, so the
-    password given on the command line or in a config file never reaches Hydra."""
-    kept = [a for a in lines if a.split("=", 1)[0].lstrip("+~") not in cleaned]
-    return kept + [f"{key}='{url}'" for key, url in cleaned.items()]
-
-
-def _is_optuna(cfg) -> bool:
-    return str(cfg.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
-
-
-def check_stores(cfg, multirun: bool) -> None:
+def check_stores(config: DictConfig, multirun: bool) -> None:
     """Open the tracking store (and a study's storage) once, before TensorFlow loads: the
-    same URLs the jobs will open (``run.resolve_uri``, ``study.default_storage_url``)."""
-    import os
+    same URLs the jobs will open (``stores.resolve_uri``, ``stores.default_storage_url``)."""
+    if config.tracking.enabled:
+        uri = config.tracking.uri
+        check_tracking_uri(resolve_uri(uri), "tracking.uri" if uri or not os.environ.get("MLFLOW_TRACKING_URI")
+                           else "MLFLOW_TRACKING_URI")
+    if multirun and is_optuna(config):
+        check_storage_url(config.hydra.sweeper.get("storage") or default_storage_url(create=False))
 
-    from tbptt_exp.app.run import resolve_uri
-    from tbptt_exp.app.stores import check_storage_url, check_tracking_uri
-    from tbptt_exp.core.config import TrackingConfig
 
-    if cfg.tracking.enabled:
-        setting = "tracking.uri" if cfg.tracking.uri or not os.environ.get("MLFLOW_TRACKING_URI") else "MLFLOW_TRACKING_URI"
-        check_tracking_uri(resolve_uri(TrackingConfig(uri=cfg.tracking.uri)), setting)
-    if multirun and _is_optuna(cfg):
-        from tbptt_exp.app.study import default_storage_url
-
-        check_storage_url(cfg.hydra.sweeper.get("storage") or default_storage_url(create=False))
+def check(config: DictConfig, overrides: list[str], multirun: bool) -> None:
+    """Everything that can be checked on a composed config before any job runs (raises ConfigError)."""
+    if multirun and is_optuna(config):
+        check_optuna_sweeper(config)
+    take_config_secrets(config)
+    if multirun:
+        check_combinations(config, overrides)
+    check_stores(config, multirun)
+    check_gpus(config, multirun)
 
 
 def preflight(argv: list[str]) -> list[str]:
-    """Raise ConfigError for the first run of ``argv`` that cannot work; return ``argv``
-    with any store password taken out (into the environment its client reads)."""
-    from hydra._internal.utils import get_args_parser
-
-    args, _ = get_args_parser().parse_known_args(argv)
-    if any([args.help, args.hydra_help, args.cfg, args.info, args.shell_completion,
-            args.config_path, args.config_name, args.config_dir, args.experimental_rerun]):
+    """Both moments for ``argv`` through Hydra's compose API (the first combination of a sweep
+    stands for its master config): raise ConfigError for the first run that cannot work;
+    return ``argv`` with any store password taken out."""
+    if any(arg.startswith("-") and arg not in ("-m", "--multirun") for arg in argv):
         return argv  # Hydra's own commands and custom config trees: Hydra checks those
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from tbptt_exp.app.hydra_app import to_experiment
-
-    choices = _choices(_parse(args.overrides), args.multirun)
+    argv = take_command_line_secrets(argv)
+    multirun = "-m" in argv or "--multirun" in argv
+    overrides = [arg for arg in argv if not arg.startswith("-")]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="preflight"):
-        base = [c[0] for c in choices]
         try:
-            first = compose("config", overrides=base, return_hydra_config=True)
+            first = [c[0] for c in _choices(overrides, multirun)]
+            config = compose("config", overrides=first, return_hydra_config=True)
         except (HydraException, OmegaConfBaseException) as error:
-            raise _composition_error(error, base) from None
-        check_optuna_sweeper(first)
-        cleaned = _take_secrets(first)
-        if cleaned:
-            argv = _replace(argv, cleaned)
-            choices = _choices(_parse(_replace(list(args.overrides), cleaned)), args.multirun)
-            base = [c[0] for c in choices]
-            first = compose("config", overrides=base, return_hydra_config=True)
-        params = first.hydra.sweeper.get("params") or {}
-        if args.multirun and params:
-            given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}
-            extra = [f"{k}={v}" for k, v in params.items() if k not in given]
-            choices += _choices(_parse(extra), multirun=True)
-        for combo in _combinations(choices):
-            try:
-                cfg = compose("config", overrides=combo)
-            except (HydraException, OmegaConfBaseException) as error:
-                raise _composition_error(error, combo) from None
-            to_experiment(cfg)
-        check_stores(first, args.multirun)
-        check_gpus(first, args.multirun)
+            raise composition_error(error, overrides) from None
+        check(config, overrides, multirun)
+        if not multirun:
+            check_combinations(config, overrides)  # the one run; the CLI's job validates it as it starts
     return argv

@@ -1,12 +1,12 @@
 """The one run lifecycle: every MLflow run this harness records starts and ends here.
 
 ``Tracker.run(...)`` is a context manager for plain runs, sweep parents and children,
-Optuna trials, batch-finder runs and their probes, and nightly entries alike: it starts
-the run with its params and tags, hands out a ``TrackedRun`` to log metrics and
-artifacts, and on the way out maps the outcome to the run's final state in one place
-(``outcome_of``). A new run state or a new kind of failure is added there and nowhere
-else. With tracking off, ``NO_TRACKING.run(...)`` gives the same interface and records
-nothing, so callers never branch on it.
+Optuna trials, batch-finder runs and nightly entries alike: it starts the run with its
+params and tags, hands out a ``TrackedRun`` to log metrics and artifacts, and on the way
+out maps how the block ended to the run's final state in one place (``ending_of``). A new
+run state or a new kind of failure is added there and nowhere else. With tracking off,
+``NO_TRACKING.run(...)`` gives the same interface and records nothing, so callers never
+branch on it.
 
 Runs go through ``MlflowClient`` with explicit run ids (no global "active run"), so a
 job, a sweep and worker processes can each address the right run.
@@ -19,27 +19,25 @@ directory (MLflow >= 3.13 refuses the old ``./mlruns`` file store).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import platform
-import re
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock
 
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
+from tbptt_exp.app.stores import mask_credentials, resolve_uri
+from tbptt_exp.app.ui import run_url, ui_command
 from tbptt_exp.core.config import TrackingConfig
-from tbptt_exp.paths import REPO_DIR, default_store_dir, in_clone
+from tbptt_exp.core.measure import mlflow_names
 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Ending:
     """How a run ended: its MLflow status, the Optuna trial state it maps to, and why."""
 
     status: str  # FINISHED | FAILED | KILLED
@@ -47,7 +45,7 @@ class Outcome:
     reason: str = ""
 
 
-def outcome_of(error: BaseException | None) -> Outcome:
+def ending_of(error: BaseException | None) -> Ending:
     """The single mapping from how a block ended to a run's final state.
 
     No exception: FINISHED. A pruned trial: FINISHED (it ran correctly), state PRUNED.
@@ -55,65 +53,28 @@ def outcome_of(error: BaseException | None) -> Outcome:
     Anything else, a non-zero exit included: FAILED, with its one-line reason.
     """
     if error is None:
-        return Outcome(FINISHED, "COMPLETE")
+        return Ending(FINISHED, "COMPLETE")
     reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
     if type(error).__name__ == "TrialPruned":  # optuna.TrialPruned, without importing Optuna
-        return Outcome(FINISHED, "PRUNED", str(error))
+        return Ending(FINISHED, "PRUNED", str(error))
     if isinstance(error, KeyboardInterrupt):
-        return Outcome(KILLED, "FAIL", reason)
+        return Ending(KILLED, "FAIL", reason)
     if isinstance(error, SystemExit) and error.code in (0, None):
-        return Outcome(FINISHED, "COMPLETE")
-    return Outcome(FAILED, "FAIL", reason)
-
-
-def mask_credentials(text: str) -> str:
-    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``),
-    Hydra's escaped form (``scheme\\://user\\:secret@host``) included."""
-    return re.sub(r"(\w[\w+.-]*\\?:(?:\\?/){2}[^:/@\s\\]*)\\?:[^@\s]+@", r"\1:***@", text)
-
-
-def mask_credentials_in_logs() -> None:
-    """Mask passwords in every log record (Hydra logs each job's overrides, URLs included)."""
-    import logging
-
-    make_record = logging.getLogRecordFactory()
-    if getattr(make_record, "masks_credentials", False):
-        return
-
-    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        message = record.getMessage()
-        if "://" in message:
-            record.msg, record.args = mask_credentials(message), ()
-        return record
-
-    masked_record.masks_credentials = True
-    logging.setLogRecordFactory(masked_record)
-
-
-def resolve_uri(cfg: TrackingConfig) -> str:
-    if cfg.uri:
-        return cfg.uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{default_store_dir() / 'mlflow.db'}"  # its folder is made when the store is opened
+        return Ending(FINISHED, "COMPLETE")
+    return Ending(FAILED, "FAIL", reason)
 
 
 @contextlib.contextmanager
-def local_store_lock(uri: str):
+def local_store_lock(uri: str) -> Iterator[None]:
     """Serialise creating a SQLite store and its experiment: MLflow's schema migration
     and experiment creation race when several processes start on a new database."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    path = Path(uri[len("sqlite:///") :])
+    path = Path(uri[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path.with_name(path.name + ".lock"), preserve_lock_file=True):
+        yield
 
 
 _cleaned_stores: dict[str, list] = {}
@@ -129,64 +90,19 @@ def close_dead_runs_once(client, uri: str) -> list[tuple[str, str]]:
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside it; a server decides for itself."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").as_uri()
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
     return None
-
-
-LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
-
-
-def ui_command(uri: str) -> str | None:
-    """The command that serves a local store's UI; None for a tracking server."""
-    if uri.startswith(("http://", "https://")):
-        return None
-    return f"mlflow ui --backend-store-uri {mask_credentials(uri)}"
-
-
-def ui_base(uri: str) -> str:
-    """The UI's address: the tracking server itself (credentials left out), or ``mlflow ui``'s."""
-    if not uri.startswith(("http://", "https://")):
-        return LOCAL_UI
-    scheme, rest = uri.split("://", 1)
-    return f"{scheme}://{rest.rsplit('@', 1)[-1]}".rstrip("/")
-
-
-def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """A link that opens straight on a run (a sweep's parent shows its children beneath)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested config -> {"model.units": 256, ...}: every leaf one MLflow param."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
-def git_commit() -> str | None:
-    if not in_clone():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
 
 
 class Tracker:
     """An MLflow experiment and the runs logged to it."""
 
     def __init__(self, cfg: TrackingConfig):
-        from mlflow import MlflowClient
+        from mlflow import (
+            MlflowClient,  # MLflow loads when a run is first recorded, not at start-up
+        )
 
-        self.uri = resolve_uri(cfg)
+        self.uri = resolve_uri(cfg.uri)
         with local_store_lock(self.uri):  # workers starting together on a new SQLite store
             self.client = MlflowClient(tracking_uri=self.uri)
             experiment = self.client.get_experiment_by_name(cfg.experiment)
@@ -204,7 +120,7 @@ class Tracker:
         self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
         parent_run_id: str | None = None, run_id: str | None = None, system_metrics: float | None = None,
     ) -> Iterator["TrackedRun"]:
-        """Start a run (or take up ``run_id`` again), yield it, end it as ``outcome_of`` says.
+        """Start a run (or take up ``run_id`` again), yield it, end it as ``ending_of`` says.
 
         The block may call ``run.leave_running()`` when the run outlives it (a study's
         parent run that other workers still use); an exception always ends the run.
@@ -217,10 +133,10 @@ class Tracker:
         try:
             yield run
         except BaseException as error:
-            run.end(outcome_of(error))
+            run.end(ending_of(error))
             raise
         if not run.left_running:
-            run.end(outcome_of(None))
+            run.end(ending_of(None))
 
     def _start(self, name, params, tags, parent_run_id) -> "TrackedRun":
         from mlflow.entities import Param
@@ -233,7 +149,7 @@ class Tracker:
         HEARTBEATS.hold(self.client, run_id)
         items = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(run_id, params=items[start : start + 100])
+            self.client.log_batch(run_id, params=items[start:start + 100])
         return TrackedRun(self, run_id, is_trial="optuna.trial" in all_tags)
 
     def _resume(self, run_id: str) -> "TrackedRun":
@@ -243,14 +159,9 @@ class Tracker:
         return TrackedRun(self, run_id)
 
     @property
-    def link_to_store(self) -> str:
+    def where(self) -> str:
+        """The experiment and store, for a person (credentials masked)."""
         return f"experiment '{self.experiment_name}' store {mask_credentials(self.uri)}"
-
-    def run_link(self, run_id: str) -> str:
-        return f"run {run_id} in experiment '{self.experiment_name}' at {mask_credentials(self.uri)}"
-
-    def run_url(self, run_id: str) -> str:
-        return run_url(self.uri, self.experiment_id, run_id)
 
 
 class TrackedRun:
@@ -267,6 +178,7 @@ class TrackedRun:
         return self.tracker.client
 
     def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        """Metrics by MLflow name; None values (a figure the device does not report) are left out."""
         from mlflow.entities import Metric
 
         started = time.perf_counter()
@@ -274,6 +186,14 @@ class TrackedRun:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         self.logging_s += time.perf_counter() - started
+
+    def log_figures(self, figures: dict[str, float | None], step: int = 0) -> None:
+        """Figures by field name (``measure.FIGURES``), under their MLflow names."""
+        self.log_metrics(mlflow_names(figures), step=step)
+
+    def log_epoch(self, metrics) -> None:
+        """An epoch's figures (``EpochMetrics``), step = the epoch."""
+        self.log_figures(metrics.figures(), step=metrics.epoch)
 
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, mask_credentials(text), path)
@@ -301,26 +221,27 @@ class TrackedRun:
         self.left_running = True
         HEARTBEATS.release(self.run_id)
 
-    def end(self, outcome: Outcome) -> None:
-        if outcome.reason and outcome.status != FINISHED:
-            self.set_tags({"fail_reason": outcome.reason})
+    def end(self, ending: Ending) -> None:
+        if ending.reason and ending.status != FINISHED:
+            self.set_tags({"fail_reason": ending.reason})
         if self.is_trial:
-            self.set_tags({"optuna.state": outcome.trial_state})
+            self.set_tags({"optuna.state": ending.trial_state})
         if self.monitor is not None:
             self.monitor.finish()  # its last samples land before the run ends
             self.monitor = None
         HEARTBEATS.release(self.run_id)
-        self.client.set_terminated(self.run_id, status=outcome.status)
+        self.client.set_terminated(self.run_id, status=ending.status)
 
     @property
-    def link(self) -> str:
-        return self.tracker.run_link(self.run_id)
+    def where(self) -> str:
+        """The run, its experiment and store, for a person (credentials masked)."""
+        return f"run {self.run_id} in experiment '{self.tracker.experiment_name}' at {mask_credentials(self.tracker.uri)}"
 
-    def announce(self, say, what: str = "the run") -> None:
-        """Print the link that opens this run in the MLflow UI (and how to serve a local store)."""
+    def announce(self, say: Callable[[str], None], what: str = "the run") -> None:
+        """Print the URL that opens this run in the MLflow UI (and how to serve a local store)."""
         if self.run_id is None:
             return
-        say(f"open {what} in MLflow: {self.tracker.run_url(self.run_id)}")
+        say(f"open {what} in MLflow: {run_url(self.tracker.uri, self.tracker.experiment_id, self.run_id)}")
         command = ui_command(self.tracker.uri)
         if command:
             say(f"  (serve the UI first: {command})")
@@ -347,10 +268,10 @@ class _NoRun(TrackedRun):
     def set_tags(self, tags: dict[str, Any]) -> None:
         pass
 
-    def end(self, outcome: Outcome) -> None:
+    def end(self, ending: Ending) -> None:
         pass
 
-    def announce(self, say, what: str = "the run") -> None:
+    def announce(self, say: Callable[[str], None], what: str = "the run") -> None:
         pass
 
 
@@ -370,38 +291,3 @@ NO_TRACKING = _NoTracking()
 def make_tracker(cfg: TrackingConfig) -> Tracker | _NoTracking:
     """The tracker a config asks for; ``NO_TRACKING`` when tracking is off."""
     return Tracker(cfg) if cfg.enabled else NO_TRACKING
-
-
-def user() -> str | None:
-    """The login name, or None where the process has no passwd entry (some containers)."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return None
-
-
-def environment_tags() -> dict[str, str | None]:
-    """Versions and commit; device tags are added once TensorFlow is up."""
-    import importlib.metadata as md
-
-    commit = git_commit()
-    return {
-        "tensorflow.version": md.version("tensorflow"),
-        "keras.version": md.version("keras"),
-        "python.version": platform.python_version(),
-        "git.commit": commit,
-        "host": platform.node(),
-        "command": mask_credentials(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
-        # MLflow's own tags, which fill the UI's Source, Version and User columns
-        "mlflow.source.name": "python -m tbptt_exp",
-        "mlflow.source.type": "LOCAL",
-        "mlflow.source.git.commit": commit,
-        "mlflow.user": user(),
-    }
-
-
-def result_record(result) -> dict:
-    record = asdict(result)
-    return json.loads(json.dumps(record, default=str))

@@ -1,5 +1,5 @@
-"""The tracking store and the study storage: checked before TensorFlow loads, secrets kept
-out of every file.
+"""The tracking store and the study storage: where they are, checked before TensorFlow
+loads, secrets kept out of every file and line.
 
 ``take_secrets`` moves a password found in ``tracking.uri`` or ``hydra.sweeper.storage``
 into the environment variable its client reads anyway (``MLFLOW_TRACKING_PASSWORD`` for an
@@ -16,16 +16,20 @@ file that is not a database.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tbptt_exp.core.config import ConfigError
+from tbptt_exp.paths import default_store_dir
 
 TIMEOUT_S = 5
 TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql")
@@ -65,9 +69,9 @@ def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> di
         kind = scheme(url)
         variable = PASSWORD_VARIABLES.get(kind)
         if variable is None:
-            raise ConfigError(setting, mask(url), "a password is only taken from http(s):// or postgresql:// URLs")
+            raise ConfigError(setting, mask_credentials(url), "a password is only taken from http(s):// or postgresql:// URLs")
         if given.setdefault(variable, password) != password:
-            raise ConfigError(setting, mask(url), f"a second, different password for {variable}; "
+            raise ConfigError(setting, mask_credentials(url), f"a second, different password for {variable}; "
                                                   "give PostgreSQL passwords in ~/.pgpass instead")
         environ[variable] = password
         if kind in ("http", "https"):  # MLflow reads both from the environment; the URL keeps neither
@@ -79,10 +83,42 @@ def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> di
     return cleaned
 
 
-def mask(url: str) -> str:
-    from tbptt_exp.app.run import mask_credentials
+def mask_credentials(text: str) -> str:
+    """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``),
+    Hydra's escaped form (``scheme\\://user\\:secret@host``) included."""
+    return re.sub(r"(\w[\w+.-]*\\?:(?:\\?/){2}[^:/@\s\\]*)\\?:[^@\s]+@", r"\1:***@", text)
 
-    return mask_credentials(url)
+
+
+def mask_credentials_in_logs() -> None:
+    """Mask passwords in every log record (Hydra logs each job's overrides, URLs included)."""
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "masks_credentials", False):
+        return
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = mask_credentials(message), ()
+        return record
+
+    masked_record.masks_credentials = True
+    logging.setLogRecordFactory(masked_record)
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking store a run goes to: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else
+    the SQLite database under ``mlruns/`` (its folder is made when the store is opened)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store_dir() / 'mlflow.db'}"
+
+
+def default_storage_url(create: bool = True) -> str:
+    """A study's storage when ``hydra.sweeper.storage`` is null: ``mlruns/optuna.db``."""
+    store = default_store_dir()
+    if create:
+        store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'optuna.db'}"
 
 
 def _check_sqlite(setting: str, url: str) -> None:
@@ -118,15 +154,15 @@ def _check_postgresql(setting: str, url: str) -> None:
     try:
         engine = create_engine(url, connect_args={"connect_timeout": TIMEOUT_S})
     except (ImportError, ModuleNotFoundError) as error:
-        raise ConfigError(setting, mask(url), f"its driver is missing ({error}); pip install -e \".[postgres]\"") from None
+        raise ConfigError(setting, mask_credentials(url), f"its driver is missing ({error}); pip install -e \".[postgres]\"") from None
     except SQLAlchemyError as error:
-        raise ConfigError(setting, mask(url), f"not a database URL ({str(error).splitlines()[0]})") from None
+        raise ConfigError(setting, mask_credentials(url), f"not a database URL ({str(error).splitlines()[0]})") from None
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as error:
         detail = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
-        raise ConfigError(setting, mask(url), f"the database does not answer ({detail})") from None
+        raise ConfigError(setting, mask_credentials(url), f"the database does not answer ({detail})") from None
     finally:
         engine.dispose()
 
@@ -142,19 +178,19 @@ def _check_http(setting: str, url: str) -> None:
         urllib.request.urlopen(request, timeout=TIMEOUT_S).close()
     except urllib.error.HTTPError as error:
         if error.code in (401, 403):
-            raise ConfigError(setting, mask(url), f"the server refused the credentials (HTTP {error.code}); "
+            raise ConfigError(setting, mask_credentials(url), f"the server refused the credentials (HTTP {error.code}); "
                                                   "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
         # any other answer: a server is there; MLflow reports what it does not like
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(setting, mask(url), f"no MLflow server answers there within {TIMEOUT_S} s ({reason}); "
+        raise ConfigError(setting, mask_credentials(url), f"no MLflow server answers there within {TIMEOUT_S} s ({reason}); "
                                               "start it (mlflow server ...) or fix the address") from None
 
 
 def check_tracking_uri(uri: str, setting: str = "tracking.uri") -> None:
     kind = scheme(uri)
     if kind not in TRACKING_SCHEMES:
-        raise ConfigError(setting, mask(uri), "use sqlite:////path/mlflow.db, http(s)://host:port (an MLflow "
+        raise ConfigError(setting, mask_credentials(uri), "use sqlite:////path/mlflow.db, http(s)://host:port (an MLflow "
                                               "server) or postgresql://host/db, or null for mlruns/")
     {"sqlite": _check_sqlite, "postgresql": _check_postgresql}.get(kind, _check_http)(setting, uri)
 
@@ -162,6 +198,6 @@ def check_tracking_uri(uri: str, setting: str = "tracking.uri") -> None:
 def check_storage_url(url: str, setting: str = "hydra.sweeper.storage") -> None:
     kind = scheme(url)
     if kind not in STORAGE_SCHEMES:
-        raise ConfigError(setting, mask(url), "use sqlite:////path/optuna.db or postgresql+psycopg://host/db, "
+        raise ConfigError(setting, mask_credentials(url), "use sqlite:////path/optuna.db or postgresql+psycopg://host/db, "
                                               "or null for mlruns/optuna.db")
     {"sqlite": _check_sqlite, "postgresql": _check_postgresql}[kind](setting, url)

@@ -4,30 +4,29 @@ all trials as a table, the optimisation history and the parameter importances.""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from tbptt_exp.app import tables
+
 
 def trials_table(study: optuna.Study) -> str:
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    head = ["trial", "state", "values", *keys, "constraints", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for t in trials:
         values = ", ".join(f"{v:.4g}" for v in t.values) if t.values else ""
         constraints = ", ".join(f"{k}={v:.4g}" for k, v in t.constraints.items())
         note = t.user_attrs.get("fail_reason", "")
-        cells = [str(t.number), t.state.name, values, *(str(t.params.get(k, "")) for k in keys), constraints, note]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([str(t.number), t.state.name, values, *(str(t.params.get(k, "")) for k in keys), constraints, note])
+    return tables.markdown(["trial", "state", "values", *keys, "constraints", "note"], rows)
 
 
 def log_study_summary(run, study: optuna.Study) -> None:
     """On the study's parent ``run`` (a ``TrackedRun``)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         _log_study_summary(run, study)
@@ -60,9 +59,8 @@ def _log_study_summary(run, study: optuna.Study) -> None:
             plots.append(("param_importances.png", lambda: vis.plot_param_importances(study)))
     else:
         front = study.best_trials
-        lines = ["| trial | values | params |", "|---|---|---|"]
-        lines += [f"| {t.number} | {t.values} | {t.params} |" for t in front]
-        run.log_text("\n".join(lines), "pareto_front.md")
+        rows = [[str(t.number), str(t.values), str(t.params)] for t in front]
+        run.log_text(tables.markdown(["trial", "values", "params"], rows), "pareto_front.md")
         run.set_tags({"pareto.trials": ",".join(str(t.number) for t in front)})
         plots.append(("pareto_front.png", lambda: vis.plot_pareto_front(study)))
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,27 +1,36 @@
-"""What a sweep's parent run shows: named after what was swept, the swept and fixed settings
-as params, the best job as metrics, and plots of each figure against each swept setting.
+"""A grid sweep (``-m k=10,25,50``) and what its parent run shows.
 
-The MLflow UI lists a sweep's parent above its children; with this, the parent alone
-answers "what was compared, and what won".
+``tracked_sweep`` is the sweep side: one MLflow parent run around the launches, then the
+report that fits the task (a batch frontier, a nightly verdict, or the grid's own). The
+parent is named after what was swept, holds the swept and fixed settings as params, the
+jobs as a table, the best job as metrics, and plots of each figure against each swept
+setting: the MLflow UI lists it above its children, and it alone answers "what was
+compared, and what won". Jobs are (overrides, ``JobResult`` or None) pairs; the figures
+shown and which way is better come from ``measure.FIGURES``.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
-# Jobs are (overrides, JobOutcome or None) pairs, JobOutcome from app/sweep.py (which
-# imports this module, so this one does not import it back).
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
 
-MAXIMISED = ("tokens_per_s",)  # every other objective is minimised
-PLOTTED = {"objective": None, "tokens_per_s": "real tokens/s", "peak_memory_mb": "allocator peak (MB)"}
+from tbptt_exp.app import frontier, tables
+from tbptt_exp.app.console import say
+from tbptt_exp.app.provenance import environment_tags
+from tbptt_exp.app.run import make_tracker
+from tbptt_exp.app.sweep import JobResult, SweepLink, section
+from tbptt_exp.core.config import DeviceConfig, NightlyConfig, TrackingConfig, objective_names
+from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, REAL_TOKENS, SWEEP_TABLE
 
 
 def settings(task_overrides: list[str], sweeper_params: dict) -> tuple[dict[str, str], dict[str, str]]:
     """(swept, fixed): the settings a sweep varies (command line and preset) and the ones it
     sets once. Where runs are recorded (``tracking.*``) and the sweep's own links are left out."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     swept = {str(k): str(v) for k, v in (sweeper_params or {}).items()}
     fixed: dict[str, str] = {}
     for o in OverridesParser.create().parse_overrides(task_overrides):
@@ -47,31 +56,56 @@ def name(swept: dict[str, str], fixed: dict[str, str], task: str, budget_mb: flo
 
 def label(overrides: list[str], swept: dict[str, str]) -> str:
     """A job by its swept values only (``k=25 padding=pack``)."""
-    keys = set(swept)
-    picked = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in keys]
+    picked = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
     return " ".join(picked) or " ".join(o for o in overrides if not o.lstrip("+").startswith("hydra."))
 
 
-def best(jobs: list[tuple[list[str], "JobOutcome | None"]], objective: str) -> tuple[list[str], "JobOutcome"] | None:
-    """The job with the best first objective (highest tokens/s, lowest anything else)."""
-    scored = [(o, out) for o, out in jobs if out is not None and out.values and not math.isnan(out.values[0])]
+def results_table(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str] | None = None) -> str:
+    """The jobs of a sweep as a Markdown table: their swept values, status and final figures."""
+    rows = []
+    for overrides, result in jobs:
+        figures = result.summary if result else {}
+        cells = [f.show(figures[f.name]) if figures.get(f.name) is not None else "" for f in SWEEP_TABLE]
+        rows.append([label(overrides, swept or {}), "FINISHED" if result else "FAILED", *cells])
+    return tables.markdown(["run", "status", *(f.name for f in SWEEP_TABLE)], rows, align="ll" + "r" * len(SWEEP_TABLE))
+
+
+def best(jobs: list[tuple[list[str], JobResult | None]], objective: str) -> tuple[list[str], JobResult] | None:
+    """The job with the best first objective, in the direction ``measure.FIGURES`` gives it."""
+    scored = [(o, result) for o, result in jobs if result is not None and result.values
+              and not math.isnan(result.values[0])]
     if not scored:
         return None
-    sign = -1 if objective in MAXIMISED else 1
+    sign = -1 if FIGURES[objective].higher_is_better else 1
     return min(scored, key=lambda job: sign * job[1].values[0])
 
 
-def summary_metrics(jobs: list[tuple[list[str], "JobOutcome | None"]], objective: str, swept: dict[str, str]) -> tuple[dict, dict]:
+def summary_metrics(jobs: list[tuple[list[str], JobResult | None]], objective: str, swept: dict[str, str]) -> tuple[dict, dict]:
     """(metrics, tags) for the parent: the best objective and that job's figures and settings."""
     top = best(jobs, objective)
     if top is None:
         return {}, {}
-    overrides, outcome = top
-    metrics = {f"best/{objective}": outcome.values[0]}
-    metrics |= {f"best/{k}": v for k, v in outcome.summary.items() if v is not None and k != objective}
+    overrides, result = top
+    metrics = {f"best/{objective}": result.values[0]}
+    metrics |= {f"best/{k}": v for k, v in result.summary.items() if v is not None and k != objective}
     metrics["sweep/jobs"] = len(jobs)
-    metrics["sweep/failed_jobs"] = sum(out is None for _, out in jobs)
-    return metrics, {"best.settings": label(overrides, swept), "best.run_id": outcome.run_id}
+    metrics["sweep/failed_jobs"] = sum(result is None for _, result in jobs)
+    return metrics, {"best.settings": label(overrides, swept), "best.run_id": result.run_id}
+
+
+def grid_report(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str], objective: str,
+           folder: Path, parent) -> None:
+    """The grid's report: the table printed and on the parent, the best job, the plots."""
+    table = results_table(jobs, swept)
+    say("sweep results:\n" + table)
+    parent.log_text(table, "sweep_results.md")
+    metrics, tags = summary_metrics(jobs, objective, swept)
+    parent.log_metrics(metrics)
+    parent.set_tags(tags)
+    if tags:
+        say(f"best {objective}: {metrics[f'best/{objective}']:.4f} with {tags['best.settings']}")
+    for path in plots(jobs, swept, objective, folder):
+        parent.log_file(path)
 
 
 def _numeric(values: list[str]) -> list[float] | None:
@@ -81,15 +115,15 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
-def plots(jobs: list[tuple[list[str], "JobOutcome | None"]], swept: dict[str, str], objective: str, folder: Path) -> list[Path]:
+def plots(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str], objective: str, folder: Path) -> list[Path]:
     """One picture per swept setting: the objective, real tokens/s and allocator peak of every
     job against that setting's value (markers, no lines: each point is one run)."""
-    import matplotlib
+    import matplotlib  # only a sweep's report draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [(o, out) for o, out in jobs if out is not None]
+    done = [(o, result) for o, result in jobs if result is not None]
     paths = []
     for key in swept:
         values = [next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
@@ -97,14 +131,13 @@ def plots(jobs: list[tuple[list[str], "JobOutcome | None"]], swept: dict[str, st
         numbers = _numeric(values)
         categories = sorted(set(values), key=lambda v: (numbers is None, v))
         xs = numbers if numbers is not None else [categories.index(v) for v in values]
-        figures = {"objective": [out.values[0] for _, out in done]}
-        for figure in ("tokens_per_s", "peak_memory_mb"):
-            figures[figure] = [out.summary.get(figure) for _, out in done]
+        panels = {objective: [result.values[0] for _, result in done]}
+        panels |= {f.axis: [result.summary.get(f.name) for _, result in done] for f in (REAL_TOKENS, PEAK_MEMORY)}
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
-        for ax, (figure, ys) in zip(axes, figures.items()):
+        for ax, (title, ys) in zip(axes, panels.items()):
             points = [(x, y) for x, y in zip(xs, ys) if y is not None]
             ax.plot([p[0] for p in points], [p[1] for p in points], "o", markersize=7, alpha=0.8)
-            ax.set_title(objective if figure == "objective" else PLOTTED[figure], fontsize=10)
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel(key)
             ax.grid(alpha=0.3)
             if numbers is None:
@@ -119,3 +152,59 @@ def plots(jobs: list[tuple[list[str], "JobOutcome | None"]], swept: dict[str, st
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
+    """Run a grid sweep under one MLflow parent run and report on its jobs.
+
+    ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch(link,
+    rounds)`` starts every job with the given link, the whole grid ``rounds`` times (a
+    nightly's repeats; else once), and returns Hydra's ``JobReturn``s. Raises
+    ``SystemExit`` with the nightly verdict's code when that is not 0.
+    """
+    tracking = section(config, "tracking", TrackingConfig)
+    tracker = make_tracker(tracking)
+    overrides = list(config.hydra.overrides.task)
+    preset = config.hydra.sweeper.get("params")
+    swept, fixed = settings(overrides, OmegaConf.to_container(preset) if preset else {})
+    budget = section(config, "device", DeviceConfig).memory_budget_mb
+    nightly = section(config, "nightly", NightlyConfig)
+    sweep_dir = Path(config.hydra.sweep.dir)
+    with tracker.run(
+        name=tracking.run_name or name(swept, fixed, str(config.task), budget),
+        params={f"swept.{k}": v for k, v in swept.items()} | fixed,
+        tags={**environment_tags(), "tbptt_exp.kind": "sweep", "hydra.overrides": " ".join(overrides),
+              "hydra.sweep_dir": str(sweep_dir.resolve())},
+    ) as parent:
+        if parent.run_id:
+            say(f"sweep tracked as parent {parent.where}")
+        rounds = nightly.rounds if nightly.record else 1
+        if rounds > 1:
+            say(f"nightly: the matrix runs {rounds} times, round after round")
+        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds)
+        exit_code = report(returns, swept, str(config.objective), sweep_dir, parent, tracker, nightly)
+    parent.announce(say, "the sweep (its runs are beneath it)")
+    if exit_code:
+        raise SystemExit(exit_code)
+    return returns
+
+
+def report(returns: list, swept: dict[str, str], objective: str, sweep_dir: Path, parent, tracker,
+           nightly: NightlyConfig) -> int:
+    """The report that fits the jobs: a batch frontier, a nightly verdict (its exit code), or
+    the grid's results table, best job and plots."""
+    results = [r.return_value if r.status == JobStatus.COMPLETED else None for r in returns]
+    done = [result for result in results if result is not None]
+    rows = [result.frontier_row for result in done if result.frontier_row is not None]
+    entries = [result.nightly_entry for result in done if result.nightly_entry is not None]
+    if rows:
+        frontier.report(rows, sweep_dir, parent)
+        return 0
+    if entries:
+        # The nightly's statistics (SciPy) load for a nightly only.
+        from tbptt_exp.app import nightly_report
+
+        return nightly_report.report(entries, sweep_dir, nightly, tracker, parent)
+    jobs = [(list(r.overrides), result) for r, result in zip(returns, results)]
+    grid_report(jobs, swept, objective_names(objective)[0], sweep_dir, parent)
+    return 0

@@ -1,38 +1,160 @@
 """The configuration schema: the single source of truth for every setting.
 
 Plain dataclasses, so the core can be driven from Python and the same classes serve as
-Hydra structured configs (the app registers them). ``validate`` checks everything that
-can be checked before any data is read or TensorFlow is imported, and raises
-``ConfigError`` with a one-line message naming the setting, the bad value and what is
-allowed. ``to_dict``/``from_dict`` carry one config across a process boundary (into a
-batch-size probe) and validate it on arrival.
+Hydra structured configs (the app registers them and the presets below). Each class
+checks itself when it is built, in ``__post_init__``, which ``OmegaConf.to_object`` runs
+as well: a choice is an enum (Hydra enforces it already when it composes), a field's own
+rule sits in its metadata, and a rule that joins several fields is written once, in the
+class that holds them. A bad value raises ``ConfigError``: one line that names the
+setting, the value and what is allowed. ``to_dict``/``from_dict`` carry a config across a
+process boundary (into a batch-size probe), where it checks itself again as it is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-PADDINGS = ("dummy", "drop", "pack", "stream")
-RESETS = ("sequence", "chunk", "never")
-ENGINES = ("graph", "keras_fit")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-CUTS = ("fixed", "documents")
-ACTIVATIONS = ("tanh", "relu", "sigmoid", "elu", "selu", "softsign", "linear")
-OBJECTIVES = ("val_loss", "train_loss", "tokens_per_s", "peak_memory_mb", "epoch_time_s")
-NIGHTLY_FIGURES = ("tokens_per_s", "peak_memory_mb", "val_loss", "compile_time_s", "epoch_time_s")
+from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS, OBJECTIVES
 
 
 class ConfigError(ValueError):
     """A setting has a value that cannot work; the message is one line and says the fix."""
 
     def __init__(self, setting: str, value: Any, allowed: str):
-        text = " ".join(f"{setting}={value!r} is not allowed: {allowed}".split())
+        shown = value.value if isinstance(value, Enum) else value
+        text = " ".join(f"{setting}={shown!r} is not allowed: {allowed}".split())
         super().__init__(text)
-        self.setting, self.value, self.allowed = setting, value, allowed
+        self.setting, self.value, self.allowed = setting, shown, allowed
+
+
+# --- choices -------------------------------------------------------------------------------
+
+
+class Padding(StrEnum):
+    """How sequences fill the ``batch_size`` rows (``core/layout.py``)."""
+
+    dummy = "dummy"
+    drop = "drop"
+    pack = "pack"
+    stream = "stream"
+
+
+class Reset(StrEnum):
+    """When a row's state is zeroed: at each sequence start, before every chunk, or never."""
+
+    sequence = "sequence"
+    chunk = "chunk"
+    never = "never"
+
+
+class EngineName(StrEnum):
+    """``graph``: per-row resets inside the compiled step; ``keras_fit``: the classic callback."""
+
+    graph = "graph"
+    keras_fit = "keras_fit"
+
+
+class Precision(StrEnum):
+    float32 = "float32"
+    mixed_float16 = "mixed_float16"
+    mixed_bfloat16 = "mixed_bfloat16"
+
+
+class Optimizer(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+    sgd = "sgd"
+
+
+class Cut(StrEnum):
+    """What a text sequence is: fixed-length windows, or one document (file) each."""
+
+    fixed = "fixed"
+    documents = "documents"
+
+
+class Activation(StrEnum):
+    tanh = "tanh"
+    relu = "relu"
+    sigmoid = "sigmoid"
+    elu = "elu"
+    selu = "selu"
+    softsign = "softsign"
+    linear = "linear"
+
+
+class Task(StrEnum):
+    """train: one experiment; max_batch: the largest workable batch; cleanup: close dead runs."""
+
+    train = "train"
+    max_batch = "max_batch"
+    cleanup = "cleanup"
+
+
+# --- field rules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a field accepts, and the fix to say when it does not."""
+
+    accepts: Callable[[Any], bool]
+    allowed: str
+
+
+def rule(accepts: Callable[[Any], bool], allowed: str) -> dict:
+    """A field's ``metadata``: ``field(default=3, metadata=rule(...))``."""
+    return {"rule": Rule(accepts, allowed)}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+POSITIVE = rule(lambda v: _whole(v) and v > 0, "use a positive whole number")
+FRACTION = rule(lambda v: _number(v) and 0 <= v < 1, "use a number from 0 up to (not including) 1")
+SECONDS = rule(lambda v: _number(v) and v > 0, "use a positive number of seconds")
+BOOL = rule(lambda v: isinstance(v, bool), "use true or false")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _enum_of(hint: Any) -> type[Enum] | None:
+    return next((t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and issubclass(t, Enum)), None)
+
+
+def check_fields(obj: Any, prefix: str) -> None:
+    """Each field of the dataclass ``obj`` against its type's choices (an enum: the value
+    becomes its member) and its metadata rule; None passes where the field is Optional."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, setting, hint = getattr(obj, f.name), prefix + f.name, hints[f.name]
+        if value is None and type(None) in typing.get_args(hint):
+            continue
+        choices = _enum_of(hint)
+        if choices is not None:
+            if value not in list(choices):
+                raise ConfigError(setting, value, f"use one of {', '.join(choices)}")
+            setattr(obj, f.name, choices(value))
+        elif "rule" in f.metadata and not f.metadata["rule"].accepts(value):
+            raise ConfigError(setting, value, f.metadata["rule"].allowed)
+
+
+# --- the settings ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -41,13 +163,30 @@ class CharsDataConfig:
 
     name: str = "chars"
     path: Optional[str] = None  # a text file or folder; None = the embedded corpus
-    cut: str = "fixed"  # fixed: sequences of sequence_length; documents: one file each
-    sequence_length: int = 200  # timesteps per sequence when cut=fixed
-    max_sequence_length: Optional[int] = None  # cut=documents: longer documents are cut (state resets at a cut)
-    max_sequences: Optional[int] = None  # cap on the number of sequences, training and validation each
-    max_chars: int = 400_000  # cap on the characters read
-    max_vocab: int = 200  # most frequent characters kept; the rest map to one unknown id
-    val_fraction: float = 0.1
+    cut: Cut = Cut.fixed  # fixed: sequences of sequence_length; documents: one file each
+    sequence_length: int = field(default=200, metadata=POSITIVE)  # timesteps per sequence when cut=fixed
+    # cut=documents: longer documents are cut (state resets at a cut)
+    max_sequence_length: Optional[int] = field(default=None, metadata=POSITIVE)
+    # a cap on the number of sequences, training and validation each
+    max_sequences: Optional[int] = field(default=None, metadata=POSITIVE)
+    max_chars: int = field(default=400_000, metadata=POSITIVE)  # cap on the characters read
+    max_vocab: int = field(default=200, metadata=POSITIVE)  # most frequent characters kept; the rest: one unknown id
+    val_fraction: float = field(default=0.1, metadata=FRACTION)
+
+    def __post_init__(self) -> None:
+        check_data_kind(self)
+        check_fields(self, "data.")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            raise ConfigError("data.path", self.path,
+                              "use an existing text file or folder, or null for the embedded corpus")
+        if self.max_sequence_length is not None and self.cut != Cut.documents:
+            raise ConfigError("data.max_sequence_length", self.max_sequence_length,
+                              "applies to data.cut=documents only (cut=fixed has data.sequence_length)")
+
+    @property
+    def fixed_length(self) -> int | None:
+        """Every sequence's length, where the data fixes it (k may not exceed it)."""
+        return self.sequence_length if self.cut == Cut.fixed else None
 
 
 @dataclass
@@ -57,11 +196,30 @@ class KeyRecallDataConfig:
     name: str = "key_recall"
     # Sized to show the point in about 30 s per run on 2 CPU cores with the default model:
     # after 3 epochs val_loss is ~0.001 with reset=sequence and ~1.05 with reset=chunk.
-    num_sequences: int = 2048
-    sequence_length: int = 100
-    num_keys: int = 4
-    num_noise_tokens: int = 8
-    val_fraction: float = 0.25
+    num_sequences: int = field(default=2048, metadata=rule(lambda v: _whole(v) and v >= 2,
+                                                           "use 2 or more (one at least for validation)"))
+    sequence_length: int = field(default=100, metadata=POSITIVE)
+    num_keys: int = field(default=4, metadata=POSITIVE)
+    num_noise_tokens: int = field(default=8, metadata=POSITIVE)
+    val_fraction: float = field(default=0.25, metadata=FRACTION)
+
+    def __post_init__(self) -> None:
+        check_data_kind(self)
+        check_fields(self, "data.")
+
+    @property
+    def fixed_length(self) -> int:
+        return self.sequence_length
+
+
+DATA_KINDS: dict[str, type] = {"chars": CharsDataConfig, "key_recall": KeyRecallDataConfig}
+
+
+def check_data_kind(data: Any) -> None:
+    """``data`` is one of the data kinds, and its ``name`` says which."""
+    kind = getattr(data, "name", type(data).__name__)
+    if DATA_KINDS.get(kind) is not type(data):
+        raise ConfigError("data", kind, f"use one of {', '.join(DATA_KINDS)}")
 
 
 @dataclass
@@ -69,47 +227,74 @@ class ModelConfig:
     """Embedding -> Dropout -> [stateful LSTM -> Dropout] x layers -> per-step Dense."""
 
     preset: str = "lstm"
-    embedding_dim: int = 64
-    units: int = 256
-    layers: int = 1
-    dropout: float = 0.0
-    activation: str = "tanh"
-    recurrent_activation: str = "sigmoid"
-    mask_zero: bool = False  # Keras mask on padding; weights already zero it out of the loss
-    softmax_output: bool = False  # True: softmax probabilities (the seed); False: logits
+    embedding_dim: int = field(default=64, metadata=POSITIVE)
+    units: int = field(default=256, metadata=POSITIVE)
+    layers: int = field(default=1, metadata=POSITIVE)
+    dropout: float = field(default=0.0, metadata=FRACTION)
+    activation: Activation = Activation.tanh
+    recurrent_activation: Activation = Activation.sigmoid
+    # a Keras mask on padding; sample weights already keep padding out of the loss
+    mask_zero: bool = field(default=False, metadata=BOOL)
+    # true: softmax probabilities (the seed model); false: logits
+    softmax_output: bool = field(default=False, metadata=BOOL)
     # true: each chunk's timesteps unrolled into one straight graph (more memory, no cuDNN);
     # auto: the symbolic loop, which measured as fast on a CPU and keeps cuDNN on a GPU.
-    unroll: Any = "auto"
+    unroll: Any = field(default="auto", metadata=rule(lambda v: v is True or v is False or v == "auto",
+                                                      "use auto, true or false"))  # 1 == True: not allowed
+
+    def __post_init__(self) -> None:
+        check_fields(self, "model.")
+
+
+def seed_model() -> ModelConfig:
+    """The model of the classic stateful-LSTM question, layer for layer (``model=seed``):
+    Embedding(V, 200, mask_zero) -> Dropout(0.5) -> LSTM(512, relu, stateful) -> Dropout(0.5)
+    -> TimeDistributed(Dense(V, softmax)). relu takes the generic (non-cuDNN) kernel."""
+    return ModelConfig(preset="seed", embedding_dim=200, units=512, layers=1, dropout=0.5,
+                       activation=Activation.relu, mask_zero=True, softmax_output=True)
 
 
 @dataclass
 class EngineConfig:
-    name: str = "graph"  # graph: resets inside the train step; keras_fit: the classic callback
+    name: EngineName = EngineName.graph
+
+    def __post_init__(self) -> None:
+        if self.name not in list(EngineName):  # chosen as engine=NAME, so named so
+            raise ConfigError("engine", self.name, f"use one of {', '.join(EngineName)}")
+        self.name = EngineName(self.name)
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 3
-    optimizer: str = "adam"
-    learning_rate: float = 0.003
-    clipnorm: Optional[float] = None
-    steps_per_execution: int = 1
+    epochs: int = field(default=3, metadata=POSITIVE)
+    optimizer: Optimizer = Optimizer.adam
+    learning_rate: float = field(default=0.003, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number"))
+    clipnorm: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+                                                                  "use a positive number or null"))
+    steps_per_execution: int = field(default=1, metadata=POSITIVE)
     jit_compile: Optional[bool] = None  # None = Keras's "auto" (XLA on GPU where it can)
     shuffle: bool = True  # new sequence order each epoch; streams always stay continuous
     # Keras mixed precision: mixed_* compute in 16 bits, keep weights, LSTM state, output
     # layer and loss in float32; mixed_float16 scales the loss so gradients do not underflow.
-    precision: str = "float32"
+    precision: Precision = Precision.float32
+
+    def __post_init__(self) -> None:
+        check_fields(self, "trainer.")
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
-    experiment: str = "tbptt-exp"
+    experiment: str = field(default="tbptt-exp", metadata=rule(bool, "use a non-empty name"))
     run_name: Optional[str] = None
     # CPU, memory, disk, network (and GPU with nvidia-ml-py) sampled by MLflow's own system
     # metrics monitor every this many seconds during a training run; null: off.
-    system_metrics_interval_s: Optional[float] = 5.0
+    system_metrics_interval_s: Optional[float] = field(
+        default=5.0, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number of seconds, or null (off)"))
+
+    def __post_init__(self) -> None:
+        check_fields(self, "tracking.")
 
 
 @dataclass
@@ -117,26 +302,44 @@ class DeviceConfig:
     """GPU memory settings; applied before TensorFlow initialises the device."""
 
     preset: str = "auto"
-    memory_limit_mb: Optional[int] = None  # cap the GPU, e.g. 4096 to emulate a 4 GB card
+    # cap the GPU, e.g. 4096 to emulate a 4 GB card
+    memory_limit_mb: Optional[int] = field(default=None, metadata=POSITIVE)
     memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
-    memory_budget_mb: Optional[float] = None  # peak memory above this makes a run infeasible
+    # peak memory above this makes a run infeasible
+    memory_budget_mb: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+                                                                          "use a positive number of MiB or null"))
     # Each worker process claims this many of the host's GPUs for itself (a slot of its own,
     # set as CUDA_VISIBLE_DEVICES before TensorFlow starts); null: every visible GPU.
-    gpus_per_job: Optional[int] = None
+    gpus_per_job: Optional[int] = field(default=None, metadata=POSITIVE)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "device.")
+
+
+def gpu_card(preset: str, memory_limit_mb: int) -> Callable[[], DeviceConfig]:
+    """A device preset that caps the GPU at a smaller card's memory (before TensorFlow starts it)."""
+    return lambda: DeviceConfig(preset=preset, memory_limit_mb=memory_limit_mb, memory_growth=False)
 
 
 @dataclass
 class BatchFinderConfig:
     """``task=max_batch``: how the largest workable batch size is searched."""
 
-    granularity: int = 8  # batch sizes are multiples of this
-    min_batch_size: int = 8
-    max_batch_size: int = 4096
-    headroom: float = 0.1  # the recommended size leaves this fraction of the budget free
-    probe_seconds: float = 3.0  # steady-state seconds a probe trains (its throughput windows)
-    probe_timeout_s: float = 300.0  # a probe that takes longer counts as too big
+    granularity: int = field(default=8, metadata=POSITIVE)  # batch sizes are multiples of this
+    min_batch_size: int = field(default=8, metadata=POSITIVE)
+    max_batch_size: int = field(default=4096, metadata=POSITIVE)
+    headroom: float = field(default=0.1, metadata=FRACTION)  # the recommended size leaves this share of the budget free
+    probe_seconds: float = field(default=3.0, metadata=SECONDS)  # steady-state seconds a probe trains
+    probe_timeout_s: float = field(default=300.0, metadata=SECONDS)  # a probe that takes longer counts as too big
     cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
     cache_dir: Optional[str] = None  # None: mlruns/batch_cache
+
+    def __post_init__(self) -> None:
+        check_fields(self, "batch_finder.")
+        if self.max_batch_size < max(self.granularity, self.min_batch_size):
+            raise ConfigError("batch_finder.max_batch_size", self.max_batch_size,
+                              f"use at least batch_finder.granularity={self.granularity} "
+                              f"and min_batch_size={self.min_batch_size}")
 
 
 @dataclass
@@ -144,37 +347,51 @@ class NightlyConfig:
     """``sweep=nightly``: repeats, the baseline a night is judged against, and the verdict's rules."""
 
     record: bool = False  # set by sweep=nightly: each job records its figures for the report
-    rounds: int = 5  # the whole matrix runs this often, round after round, so drift hits every entry alike
+    # the whole matrix runs this often, round after round, so drift hits every entry alike
+    rounds: int = field(default=5, metadata=rule(lambda v: _whole(v) and v >= 2,
+                                                 "use 2 or more: a verdict needs the spread of repeated samples"))
     baseline: Optional[str] = None  # a pinned nightly_results.json; None: the last good night on this device
     accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
     advance: bool = False  # a good night rewrites the baseline file, which then holds the last good night
-    history_runs: int = 7  # previous nights drawn in the trend plots
-    thresholds: Dict[str, float] = field(default_factory=lambda: {
-        "tokens_per_s": 0.15, "peak_memory_mb": 0.10, "val_loss": 0.05,
-        "compile_time_s": 0.50, "epoch_time_s": 0.20,
-    })  # the figures judged, and the relative change beyond which each regresses
+    history_runs: int = field(default=7, metadata=POSITIVE)  # previous nights drawn in the trend plots
+    # the figures judged, and the relative change beyond which each regresses
+    thresholds: Dict[str, float] = field(default_factory=lambda: dict(NIGHTLY_THRESHOLDS))
     # The interval already carries the noise; a threshold may also widen to this many robust
     # sigmas of the samples' spread (0: never), to at most max_widening times itself.
-    noise_sigmas: float = 0.0
-    max_widening: float = 2.0
-    confidence: float = 0.9  # a regression's bootstrap interval on the change, at this level, excludes no change
+    noise_sigmas: float = field(default=0.0, metadata=rule(lambda v: _number(v) and v >= 0,
+                                                           "use 0 (no widening) or a positive number"))
+    max_widening: float = field(default=2.0, metadata=rule(lambda v: _number(v) and v >= 1, "use 1 (never widen) or more"))
+    # a regression's bootstrap interval on the change, at this level, excludes no change
+    confidence: float = field(default=0.9, metadata=rule(lambda v: _number(v) and 0.5 <= v < 1,
+                                                         "use a level from 0.5 up to (not including) 1, e.g. 0.9"))
     allow_other_device: bool = False  # compare with a baseline file from another device
 
-
-TASKS = ("train", "max_batch", "cleanup")
+    def __post_init__(self) -> None:
+        check_fields(self, "nightly.")
+        if self.baseline is not None and not Path(self.baseline).expanduser().is_file() and not (
+                self.accept or self.advance):
+            raise ConfigError("nightly.baseline", self.baseline, "use the path of a nightly_results.json, or null "
+                                                                 "(with nightly.accept or nightly.advance it is written)")
+        for figure, threshold in self.thresholds.items():
+            if figure not in NIGHTLY_THRESHOLDS:
+                raise ConfigError("nightly.thresholds", figure, f"use one of {', '.join(NIGHTLY_THRESHOLDS)}")
+            if not _number(threshold) or threshold < 0:
+                raise ConfigError(f"nightly.thresholds.{figure}", threshold, "use a relative change such as 0.1 (10%)")
 
 
 @dataclass
 class ExperimentConfig:
-    k: int = 25  # chunk length: timesteps per TBPTT chunk
-    batch_size: int = 32  # streams trained side by side
-    padding: str = "dummy"
-    reset: str = "sequence"
-    seed: int = 0
+    k: int = field(default=25, metadata=POSITIVE)  # chunk length: timesteps per TBPTT chunk
+    batch_size: int = field(default=32, metadata=POSITIVE)  # streams trained side by side
+    padding: Padding = Padding.dummy
+    reset: Reset = Reset.sequence
+    seed: int = field(default=0, metadata=rule(lambda v: _whole(v) and 0 <= v < 2**32,
+                                               "use a whole number from 0 to 4294967295 (NumPy's seed range)"))
     objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
-    task: str = "train"  # train: one experiment; max_batch: the largest workable batch; cleanup: close dead runs
-    verbose: bool = False  # True: TensorFlow's C++ logs and MLflow's INFO lines on the console too
-    data: Any = field(default_factory=CharsDataConfig)
+    task: Task = Task.train
+    # true: TensorFlow's C++ logs and MLflow's INFO lines on the console too
+    verbose: bool = field(default=False, metadata=BOOL)
+    data: CharsDataConfig | KeyRecallDataConfig = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -183,58 +400,87 @@ class ExperimentConfig:
     batch_finder: BatchFinderConfig = field(default_factory=BatchFinderConfig)
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "")
+        for name in objective_names(self.objective):
+            if name not in OBJECTIVES:
+                raise ConfigError("objective", name, f"use one of {', '.join(OBJECTIVES)}")
+        check_data_kind(self.data)
+        length = self.data.fixed_length
+        if length is not None and self.k > length:  # whole documents may be shorter than k
+            raise ConfigError("k", self.k, f"use a chunk length up to data.sequence_length={length}")
+        self.check_engine()
 
-DATA_CONFIGS = {"chars": CharsDataConfig, "key_recall": KeyRecallDataConfig}
+    def check_engine(self, num_sequences: int | None = None) -> None:
+        """``engine=keras_fit`` resets every row at once, from a callback Keras calls once per
+        execution: its layout must reset whole batches, one step per execution. Checked when
+        the config is built, and again once the number of training sequences is known
+        (``padding=stream`` resets rows apart only where several documents meet)."""
+        if self.engine.name != EngineName.keras_fit:
+            return
+        if self.padding == Padding.pack:
+            raise ConfigError("padding", self.padding, "engine=keras_fit resets all rows at once from a callback; "
+                                                       "use padding=dummy or drop, or engine=graph for pack")
+        if self.trainer.steps_per_execution != 1:
+            raise ConfigError("trainer.steps_per_execution", self.trainer.steps_per_execution,
+                              "engine=keras_fit resets state from a callback that Keras calls once per execution; "
+                              "use 1, or engine=graph")
+        if self.padding == Padding.stream and self.reset == Reset.sequence and (num_sequences or 0) > 1:
+            raise ConfigError("padding", self.padding,
+                              "engine=keras_fit resets all rows at once, and streams reset each row where its "
+                              "document starts; use engine=graph (or one text, or reset=never)")
 
 
-def to_dict(cfg: ExperimentConfig) -> dict:
-    """The config as plain JSON-able data (what crosses a process boundary)."""
-    return dataclasses.asdict(cfg)
+# What Hydra offers as config group options (``model=seed``): name -> a fresh instance.
+PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
+    "data": dict(DATA_KINDS),
+    "model": {"lstm": ModelConfig, "seed": seed_model},
+    "engine": {"graph": EngineConfig, "keras_fit": lambda: EngineConfig(EngineName.keras_fit)},
+    "trainer": {"default": TrainerConfig, "quick": lambda: TrainerConfig(epochs=1)},  # quick: one short epoch
+    "tracking": {"mlflow": TrackingConfig, "none": lambda: TrackingConfig(enabled=False)},
+    # auto: the first GPU if there is one, else the CPU; GPU memory grows as needed. The others
+    # cap the GPU to emulate a smaller card: NVIDIA Quadro K2200 (4 GB, the classic question's
+    # card), 16 GB (V100 16GB, T4), 24 GB (RTX 3090/4090, A10, L4), 80 GB (A100/H100 80GB).
+    "device": {"auto": DeviceConfig, "k2200": gpu_card("k2200", 4096), "gpu16": gpu_card("gpu16", 16384),
+               "gpu24": gpu_card("gpu24", 24576), "gpu80": gpu_card("gpu80", 81920)},
+}
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    """A dataclass from a dict, nested dataclasses included; unknown keys are errors."""
-    if not isinstance(values, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", values, "use a mapping of settings")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", values[unknown[0]], f"use one of {', '.join(fields)}")
-    kwargs = {}
-    for name, value in values.items():
-        f = fields[name]
-        if name == "data" and cls is ExperimentConfig:
-            kind = value.get("name", "chars") if isinstance(value, dict) else value
-            if kind not in DATA_CONFIGS:
-                raise ConfigError("data", kind, f"use one of {', '.join(DATA_CONFIGS)}")
-            kwargs[name] = _build(DATA_CONFIGS[kind], value, "data.")
-        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory) \
-                and isinstance(value, dict):
-            kwargs[name] = _build(f.default_factory, value, f"{prefix}{name}.")
+# Settings a task does not read, left out of its run's params and its fingerprint (MLflow's
+# columns and comparisons are then about what made runs differ). Tracking settings say where
+# a run is recorded, not what ran.
+NOT_READ_BY = {
+    Task.train: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
+    Task.max_batch: ("task", "verbose", "tracking.", "nightly.", "batch_size", "trainer.epochs", "objective"),
+    Task.cleanup: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
+}
+
+
+def settings_read(cfg: ExperimentConfig, task: Task | None = None) -> dict[str, Any]:
+    """The settings ``task`` (default ``cfg.task``) reads, flattened (``model.units``...); a
+    nightly entry keeps ``nightly.*``, which decide how it is judged."""
+    skip = tuple(s for s in NOT_READ_BY[task or cfg.task] if not (cfg.nightly.record and s == "nightly."))
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(skip)}
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings -> {"model.units": 256, ...}: every leaf one entry."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def from_dict(values: dict) -> ExperimentConfig:
-    """``to_dict``'s inverse, validated: a config that arrives from elsewhere is checked."""
-    cfg = _build(ExperimentConfig, values, "")
-    validate(cfg)
-    return cfg
-
-
-def model_preset(name: str) -> ModelConfig:
-    """A model preset from ``conf/model/NAME.yaml`` (the presets live there only)."""
-    import yaml
-
-    from tbptt_exp.paths import conf_dir
-
-    return ModelConfig(**yaml.safe_load((conf_dir() / "model" / f"{name}.yaml").read_text()))
-
-
-def seed_model() -> ModelConfig:
-    """The model from the original question, layer for layer (``model=seed``)."""
-    return model_preset("seed")
+def validate(cfg: ExperimentConfig) -> None:
+    """Check a config again, one changed in place after it was built (building one checks it)."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            section.__post_init__()
+    cfg.__post_init__()
 
 
 def objective_names(objective: str) -> list[str]:
@@ -242,133 +488,28 @@ def objective_names(objective: str) -> list[str]:
     return [name.strip() for name in str(objective).split(",")]
 
 
-def _one_of(setting: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(setting, value, f"use one of {', '.join(allowed)}")
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """The config as plain JSON-able data (what crosses a process boundary); choices as their names."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v
+                                                               for k, v in items})
 
 
-def _positive(setting: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(setting, value, "use a positive whole number")
+def from_dict(values: dict, kind: type = ExperimentConfig, prefix: str = "") -> Any:
+    """``to_dict``'s inverse: each mapping is built into the dataclass its field's type names
+    (of a union of data kinds, the one its ``name`` says); an unknown key is refused, and
+    every class checks itself as it is built."""
+    if not isinstance(values, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", values, "use a mapping of settings")
+    hints = _hints(kind)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        raise ConfigError(prefix + unknown[0], values[unknown[0]], f"use one of {', '.join(hints)}")
+    return kind(**{name: _built(hints[name], value, f"{prefix}{name}.") for name, value in values.items()})
 
 
-def _fraction(setting: str, value: Any, upper_open: bool = True) -> None:
-    if not isinstance(value, (int, float)) or not (0 <= value < 1 if upper_open else 0 <= value <= 1):
-        raise ConfigError(setting, value, "use a number from 0 up to (not including) 1")
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    """Raise ConfigError for the first setting that cannot work."""
-    _positive("k", cfg.k)
-    _positive("batch_size", cfg.batch_size)
-    _one_of("padding", cfg.padding, PADDINGS)
-    _one_of("reset", cfg.reset, RESETS)
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or not 0 <= cfg.seed < 2**32:
-        raise ConfigError("seed", cfg.seed, "use a whole number from 0 to 4294967295 (NumPy's seed range)")
-    for name in objective_names(cfg.objective):
-        _one_of("objective", name, OBJECTIVES)
-    _one_of("task", cfg.task, TASKS)
-    n = cfg.nightly
-    if n.baseline is not None and not Path(n.baseline).expanduser().is_file() and not (n.accept or n.advance):
-        raise ConfigError("nightly.baseline", n.baseline, "use the path of a nightly_results.json, or null "
-                                                          "(with nightly.accept or nightly.advance it is written)")
-    _positive("nightly.history_runs", n.history_runs)
-    if not isinstance(n.rounds, int) or isinstance(n.rounds, bool) or n.rounds < 2:
-        raise ConfigError("nightly.rounds", n.rounds, "use 2 or more: a verdict needs the spread of repeated samples")
-    if not isinstance(n.noise_sigmas, (int, float)) or n.noise_sigmas < 0:
-        raise ConfigError("nightly.noise_sigmas", n.noise_sigmas, "use 0 (no widening) or a positive number")
-    if not isinstance(n.max_widening, (int, float)) or n.max_widening < 1:
-        raise ConfigError("nightly.max_widening", n.max_widening, "use 1 (never widen) or more")
-    if not isinstance(n.confidence, (int, float)) or not 0.5 <= n.confidence < 1:
-        raise ConfigError("nightly.confidence", n.confidence, "use a level from 0.5 up to (not including) 1, e.g. 0.9")
-    for figure, value in n.thresholds.items():
-        _one_of("nightly.thresholds", figure, NIGHTLY_FIGURES)
-        if not isinstance(value, (int, float)) or value < 0:
-            raise ConfigError(f"nightly.thresholds.{figure}", value, "use a relative change such as 0.1 (10%)")
-    f = cfg.batch_finder
-    for name in ("granularity", "min_batch_size", "max_batch_size"):
-        _positive(f"batch_finder.{name}", getattr(f, name))
-    if f.max_batch_size < max(f.granularity, f.min_batch_size):
-        raise ConfigError("batch_finder.max_batch_size", f.max_batch_size,
-                          f"use at least batch_finder.granularity={f.granularity} and min_batch_size={f.min_batch_size}")
-    _fraction("batch_finder.headroom", f.headroom)
-    for name in ("probe_timeout_s", "probe_seconds"):
-        value = getattr(f, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"batch_finder.{name}", value, "use a positive number of seconds")
-
-    d = cfg.data
-    if isinstance(d, CharsDataConfig):
-        if d.path is not None and not Path(d.path).expanduser().exists():
-            raise ConfigError("data.path", d.path, "use an existing text file or folder, or null for the embedded corpus")
-        _one_of("data.cut", d.cut, CUTS)
-        _positive("data.sequence_length", d.sequence_length)
-        _positive("data.max_chars", d.max_chars)
-        _positive("data.max_vocab", d.max_vocab)
-        if d.max_sequences is not None:
-            _positive("data.max_sequences", d.max_sequences)
-        if d.max_sequence_length is not None:
-            _positive("data.max_sequence_length", d.max_sequence_length)
-            if d.cut != "documents":
-                raise ConfigError("data.max_sequence_length", d.max_sequence_length,
-                                  "applies to data.cut=documents only (cut=fixed has data.sequence_length)")
-    elif isinstance(d, KeyRecallDataConfig):
-        for name in ("num_sequences", "sequence_length", "num_keys", "num_noise_tokens"):
-            _positive(f"data.{name}", getattr(d, name))
-        if d.num_sequences < 2:
-            raise ConfigError("data.num_sequences", d.num_sequences, "use 2 or more (one at least for validation)")
-    else:
-        raise ConfigError("data", type(d).__name__, "use data=chars or data=key_recall")
-    _fraction("data.val_fraction", d.val_fraction)
-    fixed_length = isinstance(d, KeyRecallDataConfig) or d.cut == "fixed"
-    if fixed_length and cfg.k > d.sequence_length:  # whole documents may be shorter than k
-        raise ConfigError("k", cfg.k, f"use a chunk length up to data.sequence_length={d.sequence_length}")
-
-    m = cfg.model
-    for name in ("embedding_dim", "units", "layers"):
-        _positive(f"model.{name}", getattr(m, name))
-    _fraction("model.dropout", m.dropout)
-    _one_of("model.activation", m.activation, ACTIVATIONS)
-    _one_of("model.recurrent_activation", m.recurrent_activation, ACTIVATIONS)
-    if not (m.unroll is True or m.unroll is False or m.unroll == "auto"):  # 1 == True: not allowed
-        raise ConfigError("model.unroll", m.unroll, "use auto, true or false")
-
-    t = cfg.trainer
-    _positive("trainer.epochs", t.epochs)
-    _one_of("trainer.optimizer", t.optimizer, OPTIMIZERS)
-    if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
-        raise ConfigError("trainer.learning_rate", t.learning_rate, "use a positive number")
-    if t.clipnorm is not None and (not isinstance(t.clipnorm, (int, float)) or t.clipnorm <= 0):
-        raise ConfigError("trainer.clipnorm", t.clipnorm, "use a positive number or null")
-    _positive("trainer.steps_per_execution", t.steps_per_execution)
-    _one_of("trainer.precision", t.precision, PRECISIONS)
-
-    interval = cfg.tracking.system_metrics_interval_s
-    if interval is not None and (not isinstance(interval, (int, float)) or isinstance(interval, bool) or interval <= 0):
-        raise ConfigError("tracking.system_metrics_interval_s", interval, "use a positive number of seconds, or null (off)")
-    if not isinstance(cfg.verbose, bool):
-        raise ConfigError("verbose", cfg.verbose, "use true or false")
-    if not cfg.tracking.experiment:
-        raise ConfigError("tracking.experiment", cfg.tracking.experiment, "use a non-empty name")
-    if cfg.device.memory_limit_mb is not None:
-        _positive("device.memory_limit_mb", cfg.device.memory_limit_mb)
-    if cfg.device.gpus_per_job is not None:
-        _positive("device.gpus_per_job", cfg.device.gpus_per_job)
-    b = cfg.device.memory_budget_mb
-    if b is not None and (not isinstance(b, (int, float)) or b <= 0):
-        raise ConfigError("device.memory_budget_mb", b, "use a positive number of MiB or null")
-
-    _one_of("engine", cfg.engine.name, ENGINES)
-    if cfg.engine.name == "keras_fit":
-        if cfg.padding == "pack":
-            raise ConfigError(
-                "padding", "pack",
-                "engine=keras_fit resets all rows at once from a callback; use padding=dummy "
-                "or drop, or engine=graph for pack",
-            )
-        if t.steps_per_execution != 1:
-            raise ConfigError(
-                "trainer.steps_per_execution", t.steps_per_execution,
-                "engine=keras_fit resets state from a callback that Keras calls once per "
-                "execution; use 1, or engine=graph",
-            )
+def _built(hint: Any, value: Any, prefix: str) -> Any:
+    kinds = [t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)]
+    if not kinds or not isinstance(value, dict):
+        return value
+    named = [t for t in kinds if any(f.name == "name" and f.default == value.get("name") for f in dataclasses.fields(t))]
+    return from_dict(value, (named or kinds)[0], prefix)

@@ -7,13 +7,14 @@ else touches TensorFlow.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock, Timeout
 
 from tbptt_exp.core.config import ConfigError, DeviceConfig
 
@@ -112,7 +113,7 @@ def visible_gpus() -> list[str]:
         return []
 
 
-_claimed: dict = {}  # this process's slot: {"gpus": [...], "locks": [open files]}; held until it exits
+_claimed: dict = {}  # this process's slot: {"gpus": [...], "locks": [FileLock]}; held until it exits
 
 
 def default_slots_dir() -> Path:
@@ -140,19 +141,18 @@ def claim_gpus(gpus: list[str], per_job: int, slots_dir: Path) -> list[str]:
         mine = gpus[slot * per_job:(slot + 1) * per_job]
         held = []
         for gpu in mine:  # a lock per GPU, so claims of different sizes never overlap
-            handle = open(slots_dir / f"gpu-{gpu}.lock", "a")
+            lock = FileLock(slots_dir / f"gpu-{gpu}.lock", preserve_lock_file=True)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+                lock.acquire(timeout=0)
+            except Timeout:
                 break
-            held.append(handle)
+            held.append(lock)
         if len(held) == len(mine):
             _claimed.update(gpus=mine, locks=held)
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
             return mine
-        for handle in held:
-            handle.close()  # closing releases the lock
+        for lock in held:
+            lock.release()
     raise ConfigError("device.gpus_per_job", per_job,
                       f"all {slots} slot(s) of {per_job} GPU(s) on this host are held by other workers; "
                       f"run at most {slots} worker(s) at once (hydra.launcher.n_jobs={slots}) or lower device.gpus_per_job")

@@ -42,12 +42,13 @@ Reset policies (when a row's state is zeroed; every row starts the epoch from ze
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from tbptt_exp.core.config import PADDINGS, RESETS  # noqa: F401 - the layout's own vocabulary
+from tbptt_exp.core.config import Padding, Reset
 
 PAD_ID = 0
 
@@ -152,10 +153,10 @@ def build_layout(
         raise ValueError(f"k must be a positive number of timesteps, got {k}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if padding not in PADDINGS:
-        raise ValueError(f"padding={padding!r} is not one of {', '.join(PADDINGS)}")
-    if reset not in RESETS:
-        raise ValueError(f"reset={reset!r} is not one of {', '.join(RESETS)}")
+    if padding not in list(Padding):
+        raise ValueError(f"padding={padding!r} is not one of {', '.join(Padding)}")
+    if reset not in list(Reset):
+        raise ValueError(f"reset={reset!r} is not one of {', '.join(Reset)}")
     order = np.arange(len(corpus)) if order is None else np.asarray(order, dtype=np.int64)
     if padding == "stream":  # sequences split at the row boundaries: the pieces are laid out
         corpus, order = stream_pieces(corpus, order, k, batch_size)
@@ -164,29 +165,13 @@ def build_layout(
     if len(placements) == 0:
         raise ValueError(
             f"no sequence fits: {len(corpus)} sequences with batch_size={batch_size} "
-            f"and padding={padding!r}; use a smaller batch_size or padding='dummy'/'pack'"
+            f"and padding='{padding}'; use a smaller batch_size or padding='dummy'/'pack'"
         )
 
-    seqs, rows, first = placements.T
+    seqs, _, first = placements.T
     n_batches = int((first + n_chunks[seqs]).max())
-    steps = n_batches * k
-    inputs = np.zeros((batch_size, steps), dtype=np.int32)
-    targets = np.zeros((batch_size, steps), dtype=np.int32)
-    weights = np.zeros((batch_size, steps), dtype=np.float32)
-    for s, r, b in placements:
-        start, x = b * k, corpus.inputs[s]
-        inputs[r, start : start + len(x)] = x
-        targets[r, start : start + len(x)] = corpus.targets[s]
-        weights[r, start : start + len(x)] = 1.0
-
-    flags = np.zeros((n_batches, batch_size), dtype=bool)
-    flags[0, :] = True  # every epoch starts every stream from a zero state
-    if reset == "sequence":
-        # A group (dummy/drop) starts all its rows together, dummy rows included, so a
-        # whole-batch reset (the classic callback) and per-row flags agree.
-        flags[first, rows if padding in ("pack", "stream") else slice(None)] = True
-    elif reset == "chunk":
-        flags[:] = True
+    inputs, targets, weights = _streams(corpus, placements, batch_size, n_batches * k, k)
+    flags = _reset_flags(n_batches, batch_size, placements, padding, reset)
 
     def to_batches(a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.reshape(batch_size, n_batches, k).transpose(1, 0, 2))
@@ -201,6 +186,34 @@ def build_layout(
         dummy_rows=dummy_rows,
         sequences=corpus,
     )
+
+
+def _streams(corpus: Corpus, placements: np.ndarray, batch_size: int, steps: int, k: int):
+    """(inputs, targets, weights), each (rows, steps): every sequence at its row and first
+    batch; weight 1 on its real tokens, everything else padding (token 0, weight 0)."""
+    inputs = np.zeros((batch_size, steps), dtype=np.int32)
+    targets = np.zeros((batch_size, steps), dtype=np.int32)
+    weights = np.zeros((batch_size, steps), dtype=np.float32)
+    for s, r, b in placements:
+        start, x = b * k, corpus.inputs[s]
+        inputs[r, start : start + len(x)] = x
+        targets[r, start : start + len(x)] = corpus.targets[s]
+        weights[r, start : start + len(x)] = 1.0
+    return inputs, targets, weights
+
+
+def _reset_flags(n_batches: int, batch_size: int, placements: np.ndarray, padding: str, reset: str) -> np.ndarray:
+    """(batches, rows) flags: zero a row's state before that batch."""
+    _, rows, first = placements.T
+    flags = np.zeros((n_batches, batch_size), dtype=bool)
+    flags[0, :] = True  # every epoch starts every stream from a zero state
+    if reset == Reset.sequence:
+        # A group (dummy/drop) starts all its rows together, dummy rows included, so a
+        # whole-batch reset (the classic callback) and per-row flags agree.
+        flags[first, rows if padding in (Padding.pack, Padding.stream) else slice(None)] = True
+    elif reset == Reset.chunk:
+        flags[:] = True
+    return flags
 
 
 def _place(order: np.ndarray, n_chunks: np.ndarray, batch_size: int, padding: str):
@@ -291,8 +304,6 @@ def _groups(
 
 def _pack(order: np.ndarray, n_chunks: np.ndarray, batch_size: int) -> np.ndarray:
     """``pack``: each sequence goes to the stream that is shortest so far (ties: lowest row)."""
-    import heapq
-
     free = [(0, row) for row in range(batch_size)]  # (first free batch, row)
     placements = np.empty((len(order), 3), dtype=np.int64)
     for i, s in enumerate(order):

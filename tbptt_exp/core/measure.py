@@ -1,4 +1,5 @@
-"""Measurements, defined once for training runs, batch-size probes and nightly entries.
+"""Measurements, defined once for training runs, batch-size probes and nightly entries,
+and the registry of every figure the harness reports.
 
 - **Throughput.** An epoch's executions are timed in windows of at least ``WINDOW_S``
   seconds, each closed by one host sync. The first execution (tracing and compilation in
@@ -14,11 +15,19 @@
   ("unknown"), never a number that could pass a budget.
 - **Peak RSS.** The process's resident-set high-water mark since the run started (Linux
   resets it per run through ``/proc/self/clear_refs``; elsewhere the process lifetime).
+
+``FIGURES`` names each figure once: its field name (records, objectives, nightly files,
+sweep tables), its MLflow name, how it is shown, which way is better and what it means.
+Everything else (objectives, nightly thresholds, MLflow names, tables, descriptions) is
+derived from it, so a new figure is one entry here plus the code that measures it.
+TensorFlow is imported only by the functions that ask it, so the config can read the
+registry without loading it.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 import resource
 import statistics
 import time
@@ -26,25 +35,125 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
+import psutil
 
 MB = 1024 * 1024
 WINDOW_S = 0.5  # a throughput window closes at the first execution this long after the last
 
-DEFINITIONS = {  # what each figure means, for the people reading it (a run's MLflow description)
-    "tokens_per_s": "real tokens per second: the median over steady-state windows of at least "
-                    f"{WINDOW_S} s, the first execution (compilation) left out",
-    "tokens_per_s_spread": "the interquartile range of those windows' real-token rates",
-    "padded_tokens_per_s": "all timesteps computed per second, real and padding (never below tokens_per_s)",
-    "padding_waste": "the padded share of all timesteps computed",
-    "peak_memory_mb": "TensorFlow's allocator peak on the training device since the run started, "
-                      "training and validation included",
-    "peak_rss_mb": "the process's resident-set high-water mark since the run started",
-}
+
+@dataclass(frozen=True)
+class Figure:
+    """One reported figure."""
+
+    name: str  # the field name: in records, objectives, nightly results and sweep tables
+    mlflow: str  # MLflow's name; its section (``loss/``, ``speed/``...) groups the UI's charts
+    definition: str  # what it means, for the people reading it (a run's MLflow description)
+    fmt: str = ",.4g"  # format spec of one value
+    unit: str = ""
+    label: str = ""  # a plot's axis title; the name and unit when empty
+    higher_is_better: bool = False
+    objective: bool = False  # a sweep or a study may optimise it
+    nightly_threshold: float | None = None  # judged by the nightly benchmark, with this default threshold
+    sweep_table: bool = False  # a column of a sweep's results table and a ``best/`` metric of its parent
+    probe: bool = False  # a batch-size probe reports it
+
+    def show(self, value: float | None, unit: bool = False) -> str:
+        """``value`` as a person reads it; ``unknown`` for a figure the device does not report."""
+        if value is None:
+            return "unknown"
+        text = format(value, self.fmt)
+        return f"{text} {self.unit}" if unit and self.unit else text
+
+    @property
+    def probe_metric(self) -> str:
+        """MLflow's name for this figure of a batch-size probe (``probe/allocator_peak_mb``)."""
+        return "probe/" + self.mlflow.rsplit("/", 1)[-1]
+
+    @property
+    def axis(self) -> str:
+        return self.label or self.name + (f" ({self.unit})" if self.unit else "")
+
+
+PEAK_MEMORY = Figure(
+    "peak_memory_mb", "memory/allocator_peak_mb",
+    "TensorFlow's allocator peak on the training device since the run started, training and validation included",
+    fmt=",.1f", unit="MB", label="allocator peak (MB)", objective=True, nightly_threshold=0.10, sweep_table=True, probe=True)
+REAL_TOKENS = Figure(
+    "tokens_per_s", "speed/real_tokens_per_s",
+    f"real tokens per second: the median over steady-state windows of at least {WINDOW_S} s, each closed by one "
+    "host sync, the first execution (compilation) left out",
+    fmt=",.0f", unit="tokens/s", label="real tokens/s", higher_is_better=True, objective=True,
+    nightly_threshold=0.15, sweep_table=True, probe=True)
+REAL_TOKENS_SPREAD = Figure(
+    "tokens_per_s_spread", "speed/real_tokens_per_s_iqr",
+    "the interquartile range of those windows' real-token rates (absent with a single window)",
+    fmt=",.0f", unit="tokens/s", probe=True)
+OVER_BUDGET = Figure(
+    "peak_memory_over_budget_mb", "memory/over_budget_mb",
+    "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
+
+FIGURES: dict[str, Figure] = {f.name: f for f in (
+    Figure("val_loss", "loss/val", "cross-entropy per real token of the validation layout (nats), state carried "
+           "as in training", fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True),
+    Figure("train_loss", "loss/train", "cross-entropy per real token of the epoch's training batches (nats)",
+           fmt=".4f", objective=True, sweep_table=True),
+    Figure("val_bits_per_char", "loss/val_bits_per_char", "the validation loss in bits per character (text)",
+           fmt=".3f", unit="bits/char"),
+    REAL_TOKENS,
+    REAL_TOKENS_SPREAD,
+    Figure("padded_tokens_per_s", "speed/all_tokens_per_s",
+           "all timesteps computed per second, real and padding (never below tokens_per_s)",
+           fmt=",.0f", unit="tokens/s", higher_is_better=True, probe=True),
+    PEAK_MEMORY,
+    Figure("peak_rss_mb", "memory/process_rss_peak_mb",
+           "the process's resident-set high-water mark since the run started", fmt=",.0f", unit="MB"),
+    Figure("epoch_time_s", "speed/epoch_time_s", "the epoch's training wall time (layout and validation left out)",
+           fmt=".1f", unit="s", objective=True, nightly_threshold=0.20),
+    Figure("first_execution_s", "speed/first_execution_s", "the epoch's first execution, timed on its own",
+           fmt=".1f", unit="s"),
+    Figure("compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation",
+           fmt=".1f", unit="s", nightly_threshold=0.50),
+    Figure("padding_waste", "data/padding_waste", "the padded share of all timesteps computed",
+           fmt=".1%", sweep_table=True),
+    Figure("num_params", "model/num_params", "the model's parameter count", fmt=",.0f"),
+    Figure("tracking_overhead_s", "tracking/overhead_s", "seconds spent recording metrics to MLflow", fmt=".2f",
+           unit="s"),
+    OVER_BUDGET,
+    Figure("max_batch_size", "batch/max", "the largest batch size that fits, verified: the next size up was "
+           "probed and is too big (0: not even the smallest fits)", fmt="d", higher_is_better=True),
+    Figure("recommended_batch_size", "batch/recommended", "the largest probed batch size whose peak leaves "
+           "batch_finder.headroom of the budget free", fmt="d", higher_is_better=True),
+    Figure("probes", "batch/probes", "the probe runs the search took", fmt="d"),
+)}
+OBJECTIVES = tuple(f.name for f in FIGURES.values() if f.objective)
+NIGHTLY_THRESHOLDS = {f.name: f.nightly_threshold for f in FIGURES.values() if f.nightly_threshold is not None}
+PROBE_FIGURES = tuple(f for f in FIGURES.values() if f.probe)
+SWEEP_TABLE = tuple(f for f in FIGURES.values() if f.sweep_table)
+
+
+def mlflow_names(figures: dict[str, float | None]) -> dict[str, float | None]:
+    """Figures by field name -> by MLflow name; a name the registry lacks is an error."""
+    return {FIGURES[name].mlflow: value for name, value in figures.items()}
+
+
+def rate_text(rate: float | None, spread: float | None) -> str:
+    """Real tokens per second with their noise, ``32,812 ± 562``: ± half the interquartile
+    range of the windows (nothing with a single window)."""
+    noise = "" if spread is None else f" ± {REAL_TOKENS_SPREAD.show(spread / 2)}"
+    return REAL_TOKENS.show(rate) + noise
+
+
+def over_budget_mb(record, budget_mb: float | None) -> float | None:
+    """The peak memory of ``record`` (an epoch's or a probe's figures) above ``budget_mb``;
+    negative: within it. None without a budget, or where the device reports no peak."""
+    peak = record.peak_memory_mb
+    return None if budget_mb is None or peak is None else peak - budget_mb
 
 
 def training_device() -> str:
     """The device TensorFlow places training on: the first GPU, else the CPU."""
+    import tensorflow as tf
+
     return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
 
 
@@ -54,12 +163,10 @@ def device_description() -> dict[str, str]:
     GPU memory is the card's total from NVML (``nvidia-ml-py``, in the ``gpu`` extra);
     on a CPU it is the host's memory.
     """
+    import tensorflow as tf
+
     device = training_device()
     if not device.startswith("GPU"):
-        import platform
-
-        import psutil
-
         name = platform.processor() or platform.machine() or "cpu"
         return {"device": device, "device_name": f"CPU {name}", "device_memory_mb": f"{psutil.virtual_memory().total / MB:.0f}"}
     gpu = tf.config.list_physical_devices("GPU")[0]
@@ -76,6 +183,8 @@ def device_description() -> dict[str, str]:
 
 
 def reset_peak_memory(device: str) -> None:
+    import tensorflow as tf
+
     try:
         tf.config.experimental.reset_memory_stats(device)
     except (ValueError, tf.errors.InvalidArgumentError):
@@ -85,6 +194,8 @@ def reset_peak_memory(device: str) -> None:
 def peak_memory_mb(device: str) -> float | None:
     """Peak bytes TensorFlow's allocator held on ``device`` since the last reset, in MiB;
     None when the allocator keeps no statistics."""
+    import tensorflow as tf
+
     try:
         return tf.config.experimental.get_memory_info(device)["peak"] / MB
     except (ValueError, tf.errors.InvalidArgumentError):

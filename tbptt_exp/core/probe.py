@@ -6,8 +6,9 @@ user's data, layout, engine and resets, optimizer steps, a validation pass, meas
 ``core.measure`` as every run is. It prints one JSON line: the outcome, the allocator's
 peak memory and tokens/s with their spread. The parent classifies crashes and time-outs.
 
-Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment at the batch
-size to try, validated on arrival) and ``seconds`` (steady-state time to measure);
+Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment to run: the
+batch size to try, one epoch; checked once, as it is built on arrival) and ``seconds``
+(steady-state time to measure per epoch);
 ``{"describe": true}`` only reports the device. A probe imports the core only: neither
 Hydra nor MLflow.
 """
@@ -19,7 +20,11 @@ import re
 import sys
 import traceback
 
+from tbptt_exp.core import measure
 from tbptt_exp.core.config import ExperimentConfig, from_dict
+from tbptt_exp.core.device import configure_device, prepare_tensorflow
+from tbptt_exp.core.measure import PROBE_FIGURES, over_budget_mb
+from tbptt_exp.core.train import train
 
 MARKER = "TBPTT_PROBE_RESULT "
 
@@ -38,37 +43,28 @@ def classify_error(error: BaseException) -> str:
 
 
 def describe() -> dict:
-    import tensorflow as tf
-
-    from tbptt_exp.core import measure
+    import tensorflow as tf  # after configure_device: TensorFlow takes device settings only before it starts
 
     return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
 
 def run_probe(cfg: ExperimentConfig, seconds: float) -> dict:
-    """One epoch of ``cfg``'s real training, cut after ``seconds`` of steady state, then the
+    """``cfg``'s real training, each epoch cut after ``seconds`` of steady state, then the
     validation pass: the same layout, engine, resets and measurements as a training run,
-    so its peak memory is the peak a real run reaches."""
-    from dataclasses import replace
-
-    from tbptt_exp.core.train import train
-
-    result = train(replace(cfg, trainer=replace(cfg.trainer, epochs=1)), epoch_seconds=seconds)
-    m = result.final
+    so its peak memory is the peak a real run reaches. The finder sends one epoch."""
+    result = train(cfg, epoch_seconds=seconds)
+    answer = {f.name: result.value(f.name) for f in PROBE_FIGURES}
     budget = cfg.device.memory_budget_mb
-    answer = {"peak_memory_mb": m.peak_memory_mb, "tokens_per_s": m.tokens_per_s,
-              "tokens_per_s_spread": m.tokens_per_s_spread, "padded_tokens_per_s": m.padded_tokens_per_s}
-    if m.peak_memory_mb is None and budget is not None:
+    over = over_budget_mb(result.final, budget)
+    if budget is not None and over is None:
         device = result.device.get("device")
         return answer | {"outcome": "unknown", "error": f"TensorFlow's allocator on {device} reports no peak "
                          "memory, so device.memory_budget_mb cannot be checked"}
-    return answer | {"outcome": "budget" if budget is not None and m.peak_memory_mb > budget else "ok"}
+    return answer | {"outcome": "budget" if over is not None and over > 0 else "ok"}
 
 
 def answer(request: dict) -> dict:
     """The probe's answer to one request; any failure is reported and classified."""
-    from tbptt_exp.core.device import configure_device, prepare_tensorflow
-
     try:
         prepare_tensorflow()
         cfg = from_dict(request["config"])

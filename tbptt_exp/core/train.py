@@ -2,7 +2,8 @@
 
 This is the function every driver calls (the CLI, sweeps, the batch-size finder);
 none of them re-implements training. ``on_epoch`` receives each epoch's figures as they
-are measured (progress, tracking, pruning).
+are measured (progress, tracking, pruning). The records here carry the figures that
+``measure.FIGURES`` defines, and say themselves how they read on a console.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, validate
+from tbptt_exp.core import measure
+from tbptt_exp.core.config import ConfigError, ExperimentConfig, Padding
 from tbptt_exp.core.data import Dataset, load_dataset
-from tbptt_exp.core.layout import build_layout, epoch_order
+from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
+from tbptt_exp.core.layout import Layout, build_layout, epoch_order, planned_batches
+from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, rate_text
 
 
 @dataclass
 class EpochMetrics:
-    """One epoch's figures, each defined in ``measure`` (a new field is logged as a new metric)."""
+    """One epoch's figures, each defined in ``measure.FIGURES`` (a new field is logged as a new metric)."""
 
     epoch: int
     train_loss: float
@@ -32,6 +36,22 @@ class EpochMetrics:
     epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
     first_execution_s: float  # the first execution, timed on its own
     val_bits_per_char: Optional[float] = None
+
+    def figures(self) -> dict[str, float | None]:
+        """Every figure of the epoch by name."""
+        return {name: value for name, value in asdict(self).items() if name in FIGURES}
+
+    @property
+    def losses_text(self) -> str:
+        bits = "" if self.val_bits_per_char is None else f" ({FIGURES['val_bits_per_char'].show(self.val_bits_per_char, unit=True)})"
+        return f"val_loss {FIGURES['val_loss'].show(self.val_loss)}{bits}"
+
+    def describe(self, epochs: int) -> str:
+        """The epoch as one console line."""
+        return (f"epoch {self.epoch}/{epochs}  train_loss {FIGURES['train_loss'].show(self.train_loss)}  "
+                f"{self.losses_text}  {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s  "
+                f"peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}  "
+                f"{FIGURES['epoch_time_s'].show(self.epoch_time_s, unit=True)}")
 
 
 @dataclass
@@ -54,14 +74,43 @@ class RunResult:
     def final(self) -> EpochMetrics:
         return self.epochs[-1]
 
+    def value(self, name: str) -> float | None:
+        """A figure by name: the last epoch's, else the run's own (``compile_time_s``...)."""
+        return getattr(self.final if hasattr(self.final, name) else self, name)
+
     def objective(self, name: str = "val_loss") -> float:
-        return float(getattr(self.final, name))
+        return float(self.value(name))
+
+    def figures(self) -> dict[str, float | None]:
+        """The run's own figures by name (those of its epochs are in ``EpochMetrics.figures``)."""
+        return {name: value for name, value in asdict(self).items() if name in FIGURES}
+
+    def summary(self) -> list[str]:
+        """What a person wants to know once the run is done, a line each."""
+        final = self.final
+        return [
+            f"{final.losses_text}  train_loss {FIGURES['train_loss'].show(final.train_loss)}",
+            f"real tokens/s {rate_text(final.tokens_per_s, final.tokens_per_s_spread)} (all timesteps incl. padding "
+            f"{FIGURES['padded_tokens_per_s'].show(final.padded_tokens_per_s)}/s), first execution (tracing+compile) "
+            f"{FIGURES['compile_time_s'].show(self.compile_time_s, unit=True)}",
+            f"peak memory {PEAK_MEMORY.show(final.peak_memory_mb, unit=True)} on {self.device.get('device')} "
+            f"(TensorFlow allocator, this run), process RSS {FIGURES['peak_rss_mb'].show(final.peak_rss_mb, unit=True)}",
+            f"padding waste {FIGURES['padding_waste'].show(self.padding_waste)} ({self.dummy_rows} dummy rows, "
+            f"{self.dropped_sequences} sequences dropped, {self.n_batches} batches/epoch)",
+        ]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 MAX_LAYOUT_BYTES = 4 * 2**30  # a laid-out corpus larger than this is refused before it is built
+
+
+def prepare(cfg: ExperimentConfig) -> Dataset:
+    """The data ``cfg`` trains on, loaded and checked against its settings (before TensorFlow loads)."""
+    dataset = load_dataset(cfg.data, cfg.seed)
+    check_dataset(cfg, dataset)
+    return dataset
 
 
 def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
@@ -79,17 +128,14 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
             f"(limit {MAX_LAYOUT_BYTES / 2**30:.0f} GiB); lower batch_size or k, use padding=pack, "
             "or read less text (data.max_chars)",
         )
-    if cfg.padding == "stream":
+    if cfg.padding == Padding.stream:
         chunks = int((-(-dataset.train.lengths // cfg.k)).sum())
         if chunks < cfg.batch_size:
             raise ConfigError("batch_size", cfg.batch_size,
                               f"padding=stream cuts the training text into batch_size rows, and it makes only "
                               f"{chunks} chunks of k={cfg.k}; use batch_size up to {chunks}, or a smaller k")
-        if cfg.engine.name == "keras_fit" and cfg.reset == "sequence" and len(dataset.train) > 1:
-            raise ConfigError("padding", "stream",
-                              "engine=keras_fit resets all rows at once, and streams reset each row where its "
-                              "document starts; use engine=graph (or one text, or reset=never)")
-    if cfg.padding == "drop" and len(dataset.train) < cfg.batch_size:
+    cfg.check_engine(len(dataset.train))
+    if cfg.padding == Padding.drop and len(dataset.train) < cfg.batch_size:
         raise ConfigError(
             "batch_size", cfg.batch_size,
             f"padding=drop keeps only whole batches of the {len(dataset.train)} training sequences; "
@@ -100,8 +146,6 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
 def layout_bytes(corpus, k: int, batch_size: int, padding: str) -> int:
     """Bytes ``build_layout`` would allocate for ``corpus`` (inputs, targets, weights and
     their batched copies), from the placements alone."""
-    from tbptt_exp.core.layout import planned_batches
-
     return planned_batches(corpus, k, batch_size, padding) * batch_size * k * 12 * 2
 
 
@@ -112,22 +156,42 @@ def train(
     progress: Callable[[int, int, int], None] | None = None,
     epoch_seconds: float | None = None,
 ) -> RunResult:
-    """Train ``cfg``; ``progress(epoch, batches_done, n_batches)`` reports within epochs.
-
-    ``epoch_seconds`` ends each epoch once that much steady-state time is measured: a
-    batch-size probe is this same run, shortened.
+    """Train ``cfg`` (a config checks itself when it is built); ``dataset``: what
+    ``prepare(cfg)`` gave, else it is prepared here. ``progress(epoch, batches_done,
+    n_batches)`` reports within epochs. ``epoch_seconds`` ends each epoch once that much
+    steady-state time is measured: a batch-size probe is this same run, shortened.
     """
-    validate(cfg)
-    dataset = dataset or load_dataset(cfg.data, cfg.seed)
-    check_dataset(cfg, dataset)
+    dataset = dataset if dataset is not None else prepare(cfg)
+    engine, unroll = _build(cfg, dataset)  # TensorFlow loads here, once the config and data are known good
+    # Validation sees every sequence: ``drop`` would silently lose some, so it pads instead.
+    val_padding = Padding.dummy if cfg.padding == Padding.drop else cfg.padding
+    val_layout = build_layout(dataset.val, cfg.k, cfg.batch_size, val_padding, cfg.reset)
+    epochs: list[EpochMetrics] = []
+    first_layout = None
+    for epoch in range(1, cfg.trainer.epochs + 1):
+        order = epoch_order(len(dataset.train), cfg.seed, epoch - 1, cfg.trainer.shuffle)
+        layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
+        first_layout = first_layout or layout
+        report = None if progress is None else (lambda done, e=epoch, n=layout.n_batches: progress(e, done, n))
+        epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds))
+        if on_epoch is not None:
+            on_epoch(epochs[-1])
+    return RunResult(
+        epochs=epochs, compile_time_s=epochs[0].first_execution_s, padding_waste=first_layout.padding_waste,
+        real_tokens_per_epoch=first_layout.real_tokens, padded_tokens_per_epoch=first_layout.padded_tokens,
+        dropped_sequences=first_layout.dropped_sequences, dummy_rows=first_layout.dummy_rows,
+        n_batches=first_layout.n_batches, vocab_size=dataset.vocab_size, num_params=int(engine.model.count_params()),
+        device=measure.device_description(), jit_compile=engine.jit_compile, unroll=unroll,
+    )
 
-    from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 
+def _build(cfg: ExperimentConfig, dataset: Dataset):
+    """(engine, unroll as built) in a process cleared of earlier experiments, peaks reset."""
     prepare_tensorflow()
-    load_tensorflow()  # TensorFlow loads here, after the config and data are known to be good
+    load_tensorflow()
     import keras
 
-    from tbptt_exp.core import measure
+    # TensorFlow and everything built on it load only now, so a bad config or bad data fails fast.
     from tbptt_exp.core.engines import ENGINES
     from tbptt_exp.core.model import build_model, make_optimizer, resolve_unroll
 
@@ -136,8 +200,7 @@ def train(
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(cfg.seed)
-    device = measure.training_device()
-    measure.reset_peak_memory(device)  # this run's peak: the model, training and validation
+    measure.reset_peak_memory(measure.training_device())  # this run's peak: the model, training and validation
     measure.reset_peak_rss()
     unroll = resolve_unroll(cfg.model.unroll)
     model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k,
@@ -145,55 +208,26 @@ def train(
     engine = ENGINES[cfg.engine.name](
         model, cfg.trainer, from_logits=not cfg.model.softmax_output, optimizer=make_optimizer(cfg.trainer)
     )
-    # Validation sees every sequence: ``drop`` would silently lose some, so it pads instead.
-    val_layout = build_layout(
-        dataset.val, cfg.k, cfg.batch_size, "dummy" if cfg.padding == "drop" else cfg.padding, cfg.reset
-    )
-    epochs: list[EpochMetrics] = []
-    first_layout = None
-    compile_time_s = 0.0
-    for epoch in range(cfg.trainer.epochs):
-        order = epoch_order(len(dataset.train), cfg.seed, epoch, cfg.trainer.shuffle)
-        layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
-        first_layout = first_layout or layout
-        report = None
-        if progress is not None:
-            report = lambda done, e=epoch + 1, n=layout.n_batches: progress(e, done, n)  # noqa: E731
-        result = engine.train_epoch(layout, report, stop_after_s=epoch_seconds)
-        val_loss = engine.evaluate(val_layout)
-        t = result.timing
-        speed = measure.throughput(t, layout.real_tokens_per_batch, layout.batch_size * layout.k)
-        if epoch == 0:
-            compile_time_s = t.first_execution_s
-        metrics = EpochMetrics(
-            epoch=epoch + 1,
-            train_loss=result.loss,
-            val_loss=val_loss,
-            tokens_per_s=speed.tokens_per_s,
-            padded_tokens_per_s=speed.padded_tokens_per_s,
-            tokens_per_s_spread=speed.tokens_per_s_spread,
-            peak_memory_mb=measure.peak_memory_mb(device),
-            peak_rss_mb=measure.peak_rss_mb(),
-            epoch_time_s=t.wall_s,
-            first_execution_s=t.first_execution_s,
-            val_bits_per_char=val_loss / math.log(2) if dataset.is_text else None,
-        )
-        epochs.append(metrics)
-        if on_epoch is not None:
-            on_epoch(metrics)
+    return engine, unroll
 
-    return RunResult(
-        epochs=epochs,
-        compile_time_s=compile_time_s,
-        padding_waste=first_layout.padding_waste,
-        real_tokens_per_epoch=first_layout.real_tokens,
-        padded_tokens_per_epoch=first_layout.padded_tokens,
-        dropped_sequences=first_layout.dropped_sequences,
-        dummy_rows=first_layout.dummy_rows,
-        n_batches=first_layout.n_batches,
-        vocab_size=dataset.vocab_size,
-        num_params=int(model.count_params()),
-        device=measure.device_description(),
-        jit_compile=engine.jit_compile,
-        unroll=unroll,
+
+def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool,
+           report: Callable[[int], None] | None, seconds: float | None) -> EpochMetrics:
+    """Train one epoch, validate, and measure both."""
+    result = engine.train_epoch(layout, report, stop_after_s=seconds)
+    val_loss = engine.evaluate(val_layout)
+    timing = result.timing
+    speed = measure.throughput(timing, layout.real_tokens_per_batch, layout.batch_size * layout.k)
+    return EpochMetrics(
+        epoch=epoch,
+        train_loss=result.loss,
+        val_loss=val_loss,
+        tokens_per_s=speed.tokens_per_s,
+        padded_tokens_per_s=speed.padded_tokens_per_s,
+        tokens_per_s_spread=speed.tokens_per_s_spread,
+        peak_memory_mb=measure.peak_memory_mb(measure.training_device()),
+        peak_rss_mb=measure.peak_rss_mb(),
+        epoch_time_s=timing.wall_s,
+        first_execution_s=timing.first_execution_s,
+        val_bits_per_char=val_loss / math.log(2) if is_text else None,
     )

@@ -1,0 +1,27 @@
+"""Where a run opens in the MLflow UI: the address printed after every run and sweep."""
+
+from __future__ import annotations
+
+from tbptt_exp.app.stores import mask_credentials
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a local store's UI; None for a tracking server."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return f"mlflow ui --backend-store-uri {mask_credentials(uri)}"
+
+
+def ui_base(uri: str) -> str:
+    """The UI's address: the tracking server itself (credentials left out), or ``mlflow ui``'s."""
+    if not uri.startswith(("http://", "https://")):
+        return LOCAL_UI
+    scheme, rest = uri.split("://", 1)
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}".rstrip("/")
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A URL that opens straight on a run (a sweep's parent shows its children beneath)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
