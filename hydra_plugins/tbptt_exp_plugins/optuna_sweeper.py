@@ -1,7 +1,8 @@
 """Hydra adapter for tbptt-exp's Optuna 5 sweeper (``hydra/sweeper=optuna``).
 
 Hydra only instantiates sweepers from the ``hydra_plugins`` package, hence this module's
-home; the study itself is run by ``tbptt_exp.app.study.run_study``.
+home; the study itself is run by ``tbptt_exp.app.study.run_study``, its settings are
+``tbptt_exp.app.search_space.StudySettings``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from tbptt_exp.app.study import StudySettings, run_study
+from tbptt_exp.app.search_space import StudySettings
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySettings, provider="tbptt_exp")
 
@@ -36,6 +37,8 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
+        from tbptt_exp.app.study import run_study  # the study's storage and tracking load when a study runs
+
         if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
             print("tbptt-exp: hydra-optuna-sweeper is installed too and also registers hydra/sweeper=optuna; "
                   "tbptt-exp's sweeper is used. To silence this: pip uninstall hydra-optuna-sweeper", file=sys.stderr)

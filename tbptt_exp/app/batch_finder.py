@@ -28,13 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from tbptt_exp.core.config import (
-    BatchFinderConfig,
-    ExperimentConfig,
-    Task,
-    settings_read,
-    to_dict,
-)
+from tbptt_exp.core.config import BatchFinderConfig, ExperimentConfig, Task, settings_read, to_dict
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, rate_text
 from tbptt_exp.core.probe import MARKER
 from tbptt_exp.paths import default_store_dir

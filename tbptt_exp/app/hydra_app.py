@@ -22,10 +22,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from tbptt_exp.app import preflight
 from tbptt_exp.app.console import error, quiet_libraries
-from tbptt_exp.app.jobs import TASKS, JobContext
 from tbptt_exp.app.preflight import to_experiment  # noqa: F401 - the composed config -> one validated object
 from tbptt_exp.app.stores import mask_credentials_in_logs
-from tbptt_exp.app.sweep import SweepLink
+from tbptt_exp.app.sweep import JobContext, SweepLink
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
 from tbptt_exp.paths import conf_dir
 
@@ -98,6 +97,8 @@ def job_context(cfg: DictConfig) -> JobContext:
 def main(cfg: DictConfig) -> Any:
     """One job. A tbptt-exp sweeper gets the whole ``JobResult``, any other the objective."""
     quiet_libraries(bool(cfg.get("verbose", False)))  # before TensorFlow or MLflow load
+    from tbptt_exp.app.jobs import TASKS  # the tasks and the core they drive load at job time, not at start-up
+
     ctx = job_context(cfg)
     try:
         experiment = to_experiment(cfg)  # the one validation of this job's settings

@@ -12,49 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app import frontier
-from tbptt_exp.app.batch_finder import (
-    Frontier,
-    Probe,
-    ProbeError,
-    find_max_batch,
-    max_probes,
-)
+from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, find_max_batch, max_probes
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.stores import default_storage_url
 from tbptt_exp.app.study import job_trial
-from tbptt_exp.app.sweep import JobResult, SweepLink
+from tbptt_exp.app.sweep import JobContext, JobResult
 from tbptt_exp.app.trials import fail_orphans_in_storage
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ExperimentConfig, Task, objective_names, settings_read
-from tbptt_exp.core.device import (
-    claim_gpus,
-    configure_device,
-    default_slots_dir,
-    visible_gpus,
-)
+from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
 from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, over_budget_mb
 from tbptt_exp.core.train import RunResult, prepare, train
 
 EXIT_PROBE_ERROR = 3
-
-
-@dataclass
-class JobContext:
-    """What the Hydra entry point hands a job."""
-
-    overrides: list[str] = field(default_factory=list)  # the job's own task overrides
-    output_dir: Path = Path(".")
-    multirun: bool = False
-    link: SweepLink = field(default_factory=SweepLink)
-    sweeper: dict = field(default_factory=dict)  # the job's hydra.sweeper settings (Optuna: study, storage, pruner)
-    config_yaml: str = ""  # the resolved config, recorded as an artifact
 
 
 def run_params(experiment: ExperimentConfig) -> dict:

@@ -29,26 +29,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import (
-    ConfigAttributeError,
-    ConfigKeyError,
-    OmegaConfBaseException,
-)
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from tbptt_exp.app.stores import (
-    check_storage_url,
-    check_tracking_uri,
-    default_storage_url,
-    resolve_uri,
-    take_secrets,
-)
-from tbptt_exp.app.study import StudySettings
-from tbptt_exp.core.config import (
-    PRESETS,
-    ConfigError,
-    ExperimentConfig,
-    objective_names,
-)
+from tbptt_exp.app.search_space import StudySettings
+from tbptt_exp.app.stores import check_storage_url, check_tracking_uri, default_storage_url, resolve_uri, take_secrets
+from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
 from tbptt_exp.core.device import visible_gpus
 from tbptt_exp.paths import conf_dir, sweeps_dir
 

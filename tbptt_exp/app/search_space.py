@@ -1,4 +1,5 @@
-"""An Optuna study's search space, samplers and pruners, by the names a config gives them.
+"""An Optuna study's settings: its search space, sampler and pruner by the names a config
+gives them, and the settings of ``hydra/sweeper=optuna``, which check themselves.
 
 The search space uses hydra-optuna-sweeper's syntax (``choice(..)``, ``range(..)``,
 ``interval(..)``, ``tag(log, ..)``, ``int(..)``), parsed by Hydra's own override parser.
@@ -7,22 +8,16 @@ The search space uses hydra-optuna-sweeper's syntax (``choice(..)``, ``range(..)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Dict, Optional
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import (
-    ChoiceSweep,
-    IntervalSweep,
-    RangeSweep,
-    Transformer,
-)
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep, Transformer
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from tbptt_exp.core.config import ConfigError, check_fields, rule
 
 
 class Sampler(StrEnum):
@@ -38,6 +33,46 @@ class Pruner(StrEnum):
     none = "none"
     median = "median"
     hyperband = "hyperband"
+
+
+def _count(least: int) -> dict:
+    return rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least,
+                "use a positive whole number" if least else "use 0 or a positive whole number")
+
+
+@dataclass
+class StudySettings:
+    """``hydra/sweeper=optuna``: the study's settings (``hydra.sweeper.*``); they check themselves."""
+
+    _target_: str = "hydra_plugins.tbptt_exp_plugins.optuna_sweeper.OptunaSweeper"
+    study_name: str = "tbptt-exp"
+    storage: Optional[str] = None  # None: SQLite under mlruns/; postgresql://... for many workers
+    n_trials: int = field(default=20, metadata=_count(1))  # the study's target: COMPLETE + PRUNED (+ running)
+    n_jobs: int = field(default=1, metadata=_count(1))  # trials launched together (a process launcher runs them in parallel)
+    sampler: Sampler = Sampler.tpe
+    seed: Optional[int] = field(default=None, metadata=rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+        "use a whole number from 0 to 4294967295, or null"))
+    direction: Any = "minimize"  # or a list, one per objective: [minimize, maximize]
+    pruner: Pruner = Pruner.none
+    pruner_warmup_epochs: int = field(default=1, metadata=_count(0))  # epochs before a trial may be pruned
+    pruner_startup_trials: int = field(default=2, metadata=_count(0))  # trials that finish before the median pruner prunes
+    # stop the study when more trials than this fail
+    max_failure_rate: float = field(default=0.5, metadata=rule(
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+        "use a fraction from 0 up to (not including) 1: failed trials are retried"))
+    params: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "hydra.sweeper.")
+        for direction in self.directions:
+            if direction not in ("minimize", "maximize"):
+                raise ConfigError("hydra.sweeper.direction", direction,
+                                  "use minimize or maximize (a list for several objectives)")
+
+    @property
+    def directions(self) -> list[str]:
+        return [str(d) for d in self.direction] if isinstance(self.direction, (list, tuple)) else [str(self.direction)]
 
 
 def distribution(line: str) -> BaseDistribution | str:

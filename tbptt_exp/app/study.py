@@ -1,4 +1,4 @@
-"""Optuna studies for sweeps: the study's settings, its loop, and the job's side of a trial.
+"""Optuna studies for sweeps: the study's loop, and the job's side of a trial.
 
 The Hydra sweeper (``hydra/sweeper=optuna``, a thin adapter) calls ``run_study``, which
 asks the study for trials and launches one job per trial; the job finds its trial through
@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.trial import TrialState
@@ -25,69 +25,16 @@ from optuna.trial import TrialState
 from tbptt_exp.app.console import say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import KILLED, Ending, TrackedRun, ending_of, make_tracker
-from tbptt_exp.app.search_space import (
-    Pruner,
-    Sampler,
-    make_pruner,
-    make_sampler,
-    search_space,
-)
+from tbptt_exp.app.search_space import StudySettings, make_pruner, make_sampler, search_space
 from tbptt_exp.app.stores import default_storage_url, mask_credentials
 from tbptt_exp.app.study_report import log_study_summary
 from tbptt_exp.app.sweep import SweepLink, job_error, section
-from tbptt_exp.app.trials import (
-    TrialLocks,
-    counted_trials,
-    end_trial,
-    fail_orphaned_trials,
-    make_storage,
-    study_lock,
-)
-from tbptt_exp.core.config import ConfigError, TrackingConfig, check_fields, rule
+from tbptt_exp.app.trials import TrialLocks, counted_trials, end_trial, fail_orphaned_trials, make_storage, study_lock
+from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import OVER_BUDGET
 
 STARTS_KEY = "tbptt_exp_starts"  # the study's user attr counting the workers that started on it
 PARENT_RUN_KEY = "mlflow_parent_run_id"  # the study's user attr naming its MLflow parent run
-
-
-def _count(least: int) -> dict:
-    return rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least,
-                "use a positive whole number" if least else "use 0 or a positive whole number")
-
-
-@dataclass
-class StudySettings:
-    """``hydra/sweeper=optuna``: the study's settings (``hydra.sweeper.*``); they check themselves."""
-
-    _target_: str = "hydra_plugins.tbptt_exp_plugins.optuna_sweeper.OptunaSweeper"
-    study_name: str = "tbptt-exp"
-    storage: Optional[str] = None  # None: SQLite under mlruns/; postgresql://... for many workers
-    n_trials: int = field(default=20, metadata=_count(1))  # the study's target: COMPLETE + PRUNED (+ running)
-    n_jobs: int = field(default=1, metadata=_count(1))  # trials launched together (a process launcher runs them in parallel)
-    sampler: Sampler = Sampler.tpe
-    seed: Optional[int] = field(default=None, metadata=rule(
-        lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
-        "use a whole number from 0 to 4294967295, or null"))
-    direction: Any = "minimize"  # or a list, one per objective: [minimize, maximize]
-    pruner: Pruner = Pruner.none
-    pruner_warmup_epochs: int = field(default=1, metadata=_count(0))  # epochs before a trial may be pruned
-    pruner_startup_trials: int = field(default=2, metadata=_count(0))  # trials that finish before the median pruner prunes
-    # stop the study when more trials than this fail
-    max_failure_rate: float = field(default=0.5, metadata=rule(
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
-        "use a fraction from 0 up to (not including) 1: failed trials are retried"))
-    params: Dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_fields(self, "hydra.sweeper.")
-        for direction in self.directions:
-            if direction not in ("minimize", "maximize"):
-                raise ConfigError("hydra.sweeper.direction", direction,
-                                  "use minimize or maximize (a list for several objectives)")
-
-    @property
-    def directions(self) -> list[str]:
-        return [str(d) for d in self.direction] if isinstance(self.direction, (list, tuple)) else [str(self.direction)]
 
 
 def sampler_seed(seed: int | None, start: int) -> int | None:

@@ -1,6 +1,7 @@
 """The job <-> sweep protocol, in one place.
 
-What a sweep hands each job (``SweepLink``): its MLflow parent run and, for an Optuna
+What Hydra hands each job (``JobContext``, built by ``hydra_app``): its overrides, output
+folder and sweeper settings, and its ``SweepLink``. What a sweep hands each job (``SweepLink``): its MLflow parent run and, for an Optuna
 study, the number of the trial the job runs as. A job may run in another process (a
 joblib or Slurm launcher), so the link travels as Hydra ``hydra.job.env_set`` overrides —
 the one place where a process boundary forces environment variables — and the job reads
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
 from hydra.core.utils import JobStatus
@@ -70,6 +72,18 @@ class JobResult:
     def objective(self) -> float | list[float]:
         """What any Hydra sweeper optimises: one value, or a list for several objectives."""
         return self.values[0] if len(self.values) == 1 else self.values
+
+
+@dataclass
+class JobContext:
+    """What the Hydra entry point hands a job."""
+
+    overrides: list[str] = field(default_factory=list)  # the job's own task overrides
+    output_dir: Path = Path(".")
+    multirun: bool = False
+    link: SweepLink = field(default_factory=SweepLink)
+    sweeper: dict = field(default_factory=dict)  # the job's hydra.sweeper settings (Optuna: study, storage, pruner)
+    config_yaml: str = ""  # the resolved config, recorded as an artifact
 
 
 def job_error(job) -> BaseException | None:
