@@ -44,9 +44,8 @@ def register_configs() -> None:
     Called once by the entry point (and by tests that compose configs), never on import.
     """
     Plugins.instance()  # Hydra's plugin scan first: it re-executes the plugin modules it finds
-    from hydra_plugins.tbptt_exp_plugins import (
-        tracked_sweeper,  # after the scan (see tracked_sweeper)
-    )
+    # After the scan (see tracked_sweeper), so these are the classes Hydra keeps.
+    from hydra_plugins.tbptt_exp_plugins import tracked_sweeper
     from hydra_plugins.tbptt_exp_plugins.optuna_sweeper import OptunaSweeper
     from hydra_plugins.tbptt_exp_plugins.sweep_presets import SweepPresetsConfigSource
 
