@@ -246,10 +246,11 @@ def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
 NOT_DECISIVE = ("batch_finder.cache", "batch_finder.cache_dir", "batch_finder.probe_timeout_s")
 
 
-def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str) -> str:
-    """Everything that decides a probe's answer: the settings the search reads, the device, TensorFlow."""
+def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str, data: str = "") -> str:
+    """Everything that decides a probe's answer: the settings the search reads, the data they
+    name (its content: a file that changed is searched again), the device, TensorFlow."""
     config = {k: v for k, v in settings_read(cfg, Task.max_batch).items() if k not in NOT_DECISIVE}
-    decisive = {"config": config, "device": device, "tensorflow": tensorflow}
+    decisive = {"config": config, "device": device, "tensorflow": tensorflow} | ({"data": data} if data else {})
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -260,15 +261,16 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
 def find_max_batch(
     cfg: ExperimentConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
-    probe_command: tuple[str, ...] | None = None,
+    probe_command: tuple[str, ...] | None = None, data_fingerprint: str = "",
 ) -> Frontier:
     """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
-    ``probe_command`` runs a probe process (default ``PROBE_COMMAND``)."""
+    ``probe_command`` runs a probe process (default ``PROBE_COMMAND``); ``data_fingerprint``
+    (``Dataset.fingerprint``) keys the cache to the data's content."""
     probe_command = probe_command or PROBE_COMMAND
     finder = cfg.batch_finder
     device = describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
     budget = budget_for(device["device"], cfg)
-    key = fingerprint(cfg, device["device"], device["tensorflow"])
+    key = fingerprint(cfg, device["device"], device["tensorflow"], data_fingerprint)
     cached = cache_dir(finder) / f"{key}.json"
     if finder.cache and cached.is_file():
         say(f"k={cfg.k}: cached result {cached.name} (device {device['device']['device_name']})")

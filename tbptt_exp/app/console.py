@@ -102,6 +102,7 @@ class TrainingConsole:
         self.experiment = experiment
         self.progress = Progress()
         self.started = time.perf_counter()
+        self.step_name = "tokens"
 
     def __enter__(self) -> "TrainingConsole":
         return self
@@ -111,8 +112,9 @@ class TrainingConsole:
 
     def starting(self, dataset) -> None:
         experiment, model = self.experiment, self.experiment.model
+        self.step_name = dataset.step_name
         say(f"data: {dataset.source}: {len(dataset.train):,} train / {len(dataset.val):,} validation "
-            f"sequences, {dataset.train.num_tokens:,} training tokens, vocabulary {dataset.vocab_size}")
+            f"sequences, {dataset.train.num_tokens:,} training {dataset.step_name}, {dataset.io.describe()}")
         say(f"k={experiment.k} batch_size={experiment.batch_size} padding={experiment.padding} "
             f"reset={experiment.reset} engine={experiment.engine.name} model={model.preset} "
             f"({model.layers}x{model.units} LSTM) epochs={experiment.trainer.epochs}")
@@ -122,7 +124,7 @@ class TrainingConsole:
 
     def on_epoch(self, metrics) -> None:
         self.progress.close()
-        say(metrics.describe(self.experiment.trainer.epochs))
+        say(metrics.describe(self.experiment.trainer.epochs, self.step_name))
 
     def done(self, result, over_budget_mb: float | None) -> None:
         say(f"done in {time.perf_counter() - self.started:.1f} s")

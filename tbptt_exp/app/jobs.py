@@ -84,7 +84,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         device = measure.device_description()
         console.device(device)
         tags = {**device, "data.fingerprint": dataset.fingerprint, "device.gpus": gpus,
-                "mlflow.note.content": run_note(experiment), **trial.tags()}
+                "mlflow.note.content": run_note(experiment, dataset), **trial.tags()}
         with tracked_run(experiment, ctx, "experiment", run_name(experiment), tags,
                          experiment.tracking.system_metrics_interval_s) as run:
             log_inputs(run, ctx, dataset)
@@ -114,15 +114,17 @@ def run_name(experiment: ExperimentConfig) -> str:
             f"{experiment.engine.name} {model.preset}")
 
 
-def run_note(experiment: ExperimentConfig) -> str:
+def run_note(experiment: ExperimentConfig, dataset) -> str:
     """A training run's MLflow description: what ran, then what each figure means."""
     model, trainer = experiment.model, experiment.trainer
-    what = (f"Trained a {model.layers}x{model.units} LSTM ({model.preset}) with TBPTT: chunks of k={experiment.k}, "
+    steps = "" if dataset.is_text else f" A {dataset.step_name[:-1]} here is one timestep of the data."
+    what = (f"Trained a {model.layers}x{model.units} LSTM ({model.preset}) on {dataset.source} "
+            f"({dataset.io.describe()}) with TBPTT: chunks of k={experiment.k}, "
             f"{experiment.batch_size} streams per batch, padding={experiment.padding}, reset={experiment.reset}, "
             f"engine={experiment.engine.name}, {trainer.precision}, {trainer.epochs} epochs. "
             "`memory/allocator_peak_mb` is TensorFlow's "
             "allocator peak on the training device (the tensors: what decides the largest batch); "
-            "`memory/process_rss_peak_mb` is the whole process (runtime, libraries, data), far larger on a CPU.")
+            f"`memory/process_rss_peak_mb` is the whole process (runtime, libraries, data), far larger on a CPU.{steps}")
     return what + "\n\n" + "\n".join(f"- `{f.mlflow}`: {f.definition}" for f in FIGURES.values())
 
 
@@ -132,6 +134,8 @@ def log_inputs(run: TrackedRun, ctx: JobContext, dataset) -> None:
         run.log_text(ctx.config_yaml, "config.yaml")
     if dataset.vocabulary:
         run.log_dict({"vocabulary": dataset.vocabulary, "padding_id": 0, "unknown_id": 1}, "vocabulary.json")
+    if dataset.normalization:  # to map predictions back: value = standardised * std + mean
+        run.log_dict(dataset.normalization, "normalization.json")
 
 
 def log_result(run: TrackedRun, result: RunResult, over_budget: float | None) -> None:
@@ -144,7 +148,7 @@ def log_result(run: TrackedRun, result: RunResult, over_budget: float | None) ->
 
 def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     """Find the largest workable batch for this k; the job's value is that size (0: none)."""
-    prepare(experiment)  # data errors as one line here, not in every probe
+    dataset = prepare(experiment)  # data errors as one line here, not in every probe
     gpus = claim_devices(experiment)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
     say(search_line(experiment))
     tags = {"device.gpus": gpus, "mlflow.note.content": search_note(experiment)}
@@ -153,7 +157,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             run.log_metrics(probe.metrics(), step=probe.batch_size)
 
         try:
-            found = find_max_batch(experiment, on_probe, say)
+            found = find_max_batch(experiment, on_probe, say, data_fingerprint=dataset.fingerprint)
         except ProbeError as failure:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")

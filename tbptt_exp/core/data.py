@@ -1,12 +1,14 @@
-"""Corpora: text or synthetic tasks turned into token sequences, split train/validation.
+"""Datasets: text, synthetic tasks or your own sequences, split train/validation.
 
 No network is ever used. ``chars`` reads real text — by default a deterministic,
 size-capped selection of the Python standard library's own source files, which every
-Python install carries — and ``key_recall`` is a seeded synthetic task that only state
-carried across chunk boundaries can solve.
+Python install carries; ``key_recall`` (tokens) and ``series`` (numeric features) are
+seeded synthetic tasks that only state carried across chunk boundaries can solve;
+``arrays`` and ``table`` read your own numeric sequences (``core/sequences.py``).
 
-Token id 0 is padding and id 1 stands for characters outside the vocabulary, so every
-real token and every real target is >= 1 (see ``layout.PAD_ID``).
+Every dataset says what it gives a model and asks of it (``ModelIO``): token ids or float
+features in, class ids or values out. Token id 0 is padding and, for text, id 1 stands for
+characters outside the vocabulary, so every real token is >= 1 (see ``layout.PAD_ID``).
 """
 
 from __future__ import annotations
@@ -14,39 +16,34 @@ from __future__ import annotations
 import hashlib
 import sysconfig
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tbptt_exp.core.config import CharsDataConfig, ConfigError, KeyRecallDataConfig
+from tbptt_exp.core import sequences
+from tbptt_exp.core.config import (
+    ArraysDataConfig,
+    CharsDataConfig,
+    ConfigError,
+    DataConfig,
+    DataTask,
+    KeyRecallDataConfig,
+    SeriesDataConfig,
+    TableDataConfig,
+)
+from tbptt_exp.core.dataset import Dataset, ModelIO, token_io
 from tbptt_exp.core.layout import Corpus
+from tbptt_exp.core.sequences import regime_series
 
 UNK_ID = 1
 FIRST_CHAR_ID = 2
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".text")
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """Train and validation corpora plus what is needed to reproduce and interpret them."""
-
-    train: Corpus
-    val: Corpus
-    vocab_size: int  # embedding/output size, padding and unknown ids included
-    vocabulary: list[str] = field(default_factory=list)  # chars only: id i+2 -> vocabulary[i]
-    source: str = ""  # where the text came from, one line
-    fingerprint: str = ""  # sha256 of the text the corpus was built from
-
-    @property
-    def is_text(self) -> bool:
-        return bool(self.vocabulary)
-
-
-def load_dataset(cfg: CharsDataConfig | KeyRecallDataConfig, seed: int) -> Dataset:
-    if isinstance(cfg, KeyRecallDataConfig):
-        return key_recall(cfg, seed)
-    return chars(cfg, seed)
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    if isinstance(cfg, (ArraysDataConfig, TableDataConfig)):
+        return sequences.load(cfg)
+    return {CharsDataConfig: chars, KeyRecallDataConfig: key_recall, SeriesDataConfig: series}[type(cfg)](cfg, seed)
 
 
 # --- chars -------------------------------------------------------------------------------
@@ -215,7 +212,7 @@ def chars(cfg: CharsDataConfig, seed: int) -> Dataset:  # noqa: ARG001 - the spl
     return Dataset(
         train=corpus(train_pieces),
         val=corpus(val_pieces),
-        vocab_size=len(vocabulary) + FIRST_CHAR_ID,
+        io=token_io(len(vocabulary) + FIRST_CHAR_ID),
         vocabulary=vocabulary,
         source=source,
         fingerprint=fingerprint,
@@ -258,7 +255,37 @@ def key_recall(cfg: KeyRecallDataConfig, seed: int) -> Dataset:
     return Dataset(
         train=corpus(train_idx),
         val=corpus(val_idx),
-        vocab_size=cfg.num_keys + cfg.num_noise_tokens + 1,
+        io=token_io(cfg.num_keys + cfg.num_noise_tokens + 1),
         source=f"key_recall: {n} sequences of {t} steps, {cfg.num_keys} keys",
         fingerprint=hashlib.sha256(noise.tobytes()).hexdigest(),
+    )
+
+
+# --- series ----------------------------------------------------------------------------------
+
+
+def series(cfg: SeriesDataConfig, seed: int) -> Dataset:
+    """A hidden regime per step, to be told from noisy features.
+
+    One step's features say little about the regime (the noise is larger than the gap
+    between levels); a model that carries what it has seen along the sequence gets it
+    right, one that starts every chunk from zero state (``reset=chunk``) guesses at each
+    chunk's start.
+    """
+    rng = np.random.default_rng([seed, 11])
+    lengths = np.full(cfg.num_sequences, cfg.sequence_length)
+    features, regimes = regime_series(lengths, cfg.num_features, cfg.num_regimes, cfg.switch_probability,
+                                      cfg.noise, rng)
+    train_idx, val_idx = split_indices(cfg.num_sequences, cfg.val_fraction, seed)
+
+    def corpus(idx: np.ndarray) -> Corpus:
+        return Corpus([features[i] for i in idx], [regimes[i] for i in idx])
+
+    return Dataset(
+        train=corpus(train_idx),
+        val=corpus(val_idx),
+        io=ModelIO(DataTask.classification, cfg.num_regimes, num_features=cfg.num_features),
+        source=(f"series: {cfg.num_sequences} sequences of {cfg.sequence_length} steps, {cfg.num_features} noisy "
+                f"features, {cfg.num_regimes} hidden regimes"),
+        fingerprint=hashlib.sha256(np.concatenate(features).tobytes()).hexdigest(),
     )

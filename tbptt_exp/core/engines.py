@@ -23,43 +23,47 @@ import numpy as np
 import tensorflow as tf
 
 from tbptt_exp.core.config import TrainerConfig
+from tbptt_exp.core.dataset import token_io
 from tbptt_exp.core.layout import Layout
 from tbptt_exp.core.measure import EpochTiming
-from tbptt_exp.core.model import get_states, reset_rows, set_states, stateful_layers, token_loss
-
+from tbptt_exp.core.model import Head, get_states, reset_rows, set_states, stateful_layers
 
 Progress = Callable[[int], None]
 
 
 @dataclass
 class EpochResult:
-    loss: float  # mean cross-entropy per real token (nats), over the batches trained
+    loss: float  # the loss per weighted step (cross-entropy in nats, or squared error), over the batches trained
     timing: EpochTiming  # marks: the first execution, then throughput windows (measure.py)
 
 
 class Engine:
-    """Shared by both engines: compile, per-token evaluation, state snapshots."""
+    """Shared by both engines: compile, per-step evaluation, state snapshots.
+
+    ``head`` says how outputs are judged (``model.Head``); without one, as a language model:
+    a class per output unit, from logits unless ``from_logits`` is false.
+    """
 
     name = ""
 
-    def __init__(self, model: keras.Model, cfg: TrainerConfig, from_logits: bool, optimizer):
+    def __init__(self, model: keras.Model, cfg: TrainerConfig, from_logits: bool = True, optimizer=None,
+                 head: Head | None = None):
         self.model, self.cfg = model, cfg
+        self.head = head or Head(token_io(model.outputs[0].shape[-1]), from_logits)
         self.layers = stateful_layers(model)
-        self.token_losses = token_loss(from_logits, reduction="none")
+        self.step_losses = self.head.loss(reduction="none")
         model.compile(
             optimizer=optimizer,
-            loss=token_loss(from_logits),
-            weighted_metrics=[
-                keras.metrics.SparseCategoricalCrossentropy(name="token_loss", from_logits=from_logits)
-            ],
+            loss=self.head.loss(),
+            weighted_metrics=[self.head.metric()],
             jit_compile="auto" if cfg.jit_compile is None else cfg.jit_compile,
         )
         model.optimizer.build(model.trainable_variables)
         self.jit_compile = bool(model.jit_compile)  # Keras resolves "auto" per model and device
-        batch, k = model.inputs[0].shape
+        batch, k = model.inputs[0].shape[:2]
         spec = [
-            tf.TensorSpec((None, batch, k), tf.int32),
-            tf.TensorSpec((None, batch, k), tf.int32),
+            tf.TensorSpec((None, *model.inputs[0].shape), tf.as_dtype(model.inputs[0].dtype)),
+            self.head.target_spec(batch, k),
             tf.TensorSpec((None, batch, k), tf.float32),
             tf.TensorSpec((None, batch), tf.bool),
         ]
@@ -78,29 +82,31 @@ class Engine:
 
     def _weighted_sums(self, targets, y_pred, weights):
         """(sum of loss x weight, sum of weights) for one batch."""
-        per_token = self.token_losses(targets, y_pred)
-        return tf.reduce_sum(per_token * weights), tf.reduce_sum(weights)
+        per_step = self.step_losses(targets, y_pred)
+        return tf.reduce_sum(per_step * weights), tf.reduce_sum(weights)
 
     def _evaluate_steps(self, inputs, targets, weights, resets):
-        loss_sum, weight_sum = tf.constant(0.0), tf.constant(0.0)
+        totals = tf.zeros([self.head.size])
         for s in tf.range(tf.shape(inputs)[0]):
             reset_rows(self.layers, resets[s])
-            y_pred = self.model(inputs[s], training=False)
-            batch_loss, batch_weight = self._weighted_sums(targets[s], y_pred, weights[s])
-            loss_sum += batch_loss
-            weight_sum += batch_weight
-        return loss_sum, weight_sum
+            totals += self.head.sums(targets[s], self.model(inputs[s], training=False), weights[s], self.step_losses)
+        return totals
 
-    def evaluate(self, layout: Layout) -> float:
-        """Per-real-token loss over ``layout``; the training state is left as it was."""
+    def validate(self, layout: Layout) -> dict[str, float]:
+        """The head's figures over ``layout`` (``loss`` per weighted step, ``accuracy`` or
+        ``rmse`` and ``mae``); the training state is left as it was."""
         saved = get_states(self.layers)
         sums = [self._evaluate_execution(*arrays) for arrays in executions(layout, self.cfg.steps_per_execution)]
         set_states(self.layers, saved)
-        return per_token_loss(sums)
+        return self.head.figures(np.sum([np.asarray(s) for s in sums], axis=0))
+
+    def evaluate(self, layout: Layout) -> float:
+        """Loss per weighted step over ``layout``; the training state is left as it was."""
+        return self.validate(layout)["loss"]
 
 
 def per_token_loss(sums) -> float:
-    """Executions' (loss x weight sum, weight sum) pairs -> mean loss per real token."""
+    """Executions' (loss x weight sum, weight sum) pairs -> mean loss per weighted step."""
     loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
     return float(loss_sum / weight_sum)
 
@@ -216,8 +222,8 @@ class KerasFitEngine(Engine):
         timing = EpochTiming()
         clock = _TimeAndReport(timing, progress, stop_after_s)
         history = self.model.fit(
-            layout.inputs.reshape(-1, k),
-            layout.targets.reshape(-1, k),
+            layout.inputs.reshape(-1, k, *layout.inputs.shape[3:]),
+            layout.targets.reshape(-1, k, *layout.targets.shape[3:]),
             sample_weight=layout.sample_weights.reshape(-1, k),
             batch_size=layout.batch_size,
             epochs=1 if stop_after_s is None else 1_000_000,  # a timed run ends from the callback
@@ -226,7 +232,7 @@ class KerasFitEngine(Engine):
             callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), clock],
         )
         timing.finish(clock.done)
-        return EpochResult(float(history.history["token_loss"][-1]), timing)
+        return EpochResult(float(history.history["step_loss"][-1]), timing)
 
 
 ENGINES = {engine.name: engine for engine in (GraphEngine, KerasFitEngine)}

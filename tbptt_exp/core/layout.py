@@ -1,4 +1,4 @@
-"""TBPTT layout: token sequences -> the ordered batches a stateful LSTM trains on.
+"""TBPTT layout: sequences -> the ordered batches a stateful LSTM trains on.
 
 Pure NumPy, no TensorFlow: this is where TBPTT's invariants live, so they can be
 property-tested quickly.
@@ -7,7 +7,8 @@ A stateful LSTM with a fixed batch size B keeps one state per batch row, and row
 batch b+1 continues row i of batch b. Each row is therefore a *stream*: a sequence of
 chunks of k timesteps. The layout decides which sequence occupies which stream and
 chunk, sets a per-row *reset flag* where a stream's state must be zeroed before a chunk,
-and gives every timestep a *sample weight*: 1 for a real token, 0 for padding.
+and gives every timestep a *sample weight* (1 for a real step with a target, 0 for padding)
+and a *real* flag (a step of a sequence, not padding).
 
 Every sequence starts at a chunk boundary. That keeps resets per row and per chunk (one
 flag per row, applied before the chunk) so the LSTM itself stays a plain, cuDNN-eligible
@@ -55,22 +56,30 @@ PAD_ID = 0
 
 @dataclass(frozen=True)
 class Corpus:
-    """Token sequences to train on: sequence i is inputs[i] -> targets[i] (same length).
+    """Sequences to train on: sequence i is inputs[i] -> targets[i], step for step.
 
-    Token id 0 is reserved for padding, so real tokens and real targets are >= 1.
+    Inputs are token ids, (T,) int (id 0 is reserved for padding, so real tokens are >= 1),
+    or float features, (T, F). Targets are class ids, (T,) int, or values, (T, D) float.
+    ``weights`` gives each step's weight in the loss (a per-sequence target weighs only at
+    the sequence's last step, a missing target nothing); None: every step weighs 1.
     """
 
     inputs: list[np.ndarray]
     targets: list[np.ndarray]
+    weights: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.inputs) != len(self.targets):
-            raise ValueError("corpus: inputs and targets hold different numbers of sequences")
+        if len(self.inputs) != len(self.targets) or (self.weights is not None and len(self.weights) != len(self.inputs)):
+            raise ValueError("corpus: inputs, targets and weights hold different numbers of sequences")
         for i, (x, y) in enumerate(zip(self.inputs, self.targets)):
-            if len(x) != len(y):
-                raise ValueError(f"corpus: sequence {i} has {len(x)} inputs but {len(y)} targets")
+            if len(x) != len(y) or (self.weights is not None and len(self.weights[i]) != len(x)):
+                raise ValueError(f"corpus: sequence {i} has {len(x)} inputs but {len(y)} targets or weights")
             if len(x) == 0:
                 raise ValueError(f"corpus: sequence {i} is empty")
+
+    def weight(self, i: int) -> np.ndarray:
+        """The loss weight of each step of sequence ``i``."""
+        return np.ones(len(self.inputs[i]), np.float32) if self.weights is None else self.weights[i]
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -86,16 +95,17 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Layout:
-    """One epoch of TBPTT batches plus the accounting of real vs padded tokens.
+    """One epoch of TBPTT batches plus the accounting of real vs padded steps.
 
     Arrays are indexed [batch, row, step]; ``reset[b, r]`` means "zero row r's state
     before batch b". ``placements`` has one row per placed sequence:
     (sequence index, stream row, first batch) — the map from corpus to streams.
     """
 
-    inputs: np.ndarray  # (n_batches, B, k) int32
-    targets: np.ndarray  # (n_batches, B, k) int32
-    sample_weights: np.ndarray  # (n_batches, B, k) float32, 1 = real token, 0 = padding
+    inputs: np.ndarray  # (n_batches, B, k) int32 token ids, or (n_batches, B, k, F) float32 features
+    targets: np.ndarray  # (n_batches, B, k) int32 class ids, or (n_batches, B, k, D) float32 values
+    sample_weights: np.ndarray  # (n_batches, B, k) float32: a step's loss weight, 0 on padding
+    real: np.ndarray  # (n_batches, B, k) bool: a real step of a sequence, False on padding
     reset: np.ndarray  # (n_batches, B) bool
     placements: np.ndarray  # (n_placed, 3) int64: sequence, row, first batch
     dropped_sequences: int
@@ -116,11 +126,12 @@ class Layout:
 
     @property
     def real_tokens(self) -> int:
-        return int(self.sample_weights.sum())
+        """Real steps (tokens of text, timesteps of numeric data), whatever their loss weight."""
+        return int(self.real.sum())
 
     @property
     def total_tokens(self) -> int:
-        return int(self.sample_weights.size)
+        return int(self.real.size)
 
     @property
     def padded_tokens(self) -> int:
@@ -133,7 +144,7 @@ class Layout:
 
     @property
     def real_tokens_per_batch(self) -> np.ndarray:
-        return self.sample_weights.sum(axis=(1, 2))
+        return self.real.sum(axis=(1, 2))
 
 
 def build_layout(
@@ -170,16 +181,18 @@ def build_layout(
 
     seqs, _, first = placements.T
     n_batches = int((first + n_chunks[seqs]).max())
-    inputs, targets, weights = _streams(corpus, placements, batch_size, n_batches * k, k)
+    inputs, targets, weights, real = _streams(corpus, placements, batch_size, n_batches * k, k)
     flags = _reset_flags(n_batches, batch_size, placements, padding, reset)
 
-    def to_batches(a: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(a.reshape(batch_size, n_batches, k).transpose(1, 0, 2))
+    def to_batches(a: np.ndarray) -> np.ndarray:  # (rows, steps, ...) -> (batches, rows, k, ...)
+        batched = a.reshape(batch_size, n_batches, k, *a.shape[2:])
+        return np.ascontiguousarray(np.swapaxes(batched, 0, 1))
 
     return Layout(
         inputs=to_batches(inputs),
         targets=to_batches(targets),
         sample_weights=to_batches(weights),
+        real=to_batches(real),
         reset=flags,
         placements=placements,
         dropped_sequences=dropped,
@@ -189,17 +202,20 @@ def build_layout(
 
 
 def _streams(corpus: Corpus, placements: np.ndarray, batch_size: int, steps: int, k: int):
-    """(inputs, targets, weights), each (rows, steps): every sequence at its row and first
-    batch; weight 1 on its real tokens, everything else padding (token 0, weight 0)."""
-    inputs = np.zeros((batch_size, steps), dtype=np.int32)
-    targets = np.zeros((batch_size, steps), dtype=np.int32)
+    """(inputs, targets, weights, real), each (rows, steps, ...): every sequence at its row
+    and first batch, with its steps' weights; everything else padding (zeros, weight 0)."""
+    x0, y0 = corpus.inputs[0], corpus.targets[0]
+    inputs = np.zeros((batch_size, steps, *x0.shape[1:]), dtype=np.int32 if x0.ndim == 1 else np.float32)
+    targets = np.zeros((batch_size, steps, *y0.shape[1:]), dtype=np.int32 if y0.ndim == 1 else np.float32)
     weights = np.zeros((batch_size, steps), dtype=np.float32)
+    real = np.zeros((batch_size, steps), dtype=bool)
     for s, r, b in placements:
         start, x = b * k, corpus.inputs[s]
         inputs[r, start : start + len(x)] = x
         targets[r, start : start + len(x)] = corpus.targets[s]
-        weights[r, start : start + len(x)] = 1.0
-    return inputs, targets, weights
+        weights[r, start : start + len(x)] = corpus.weight(s)
+        real[r, start : start + len(x)] = True
+    return inputs, targets, weights, real
 
 
 def _reset_flags(n_batches: int, batch_size: int, placements: np.ndarray, padding: str, reset: str) -> np.ndarray:
@@ -237,18 +253,19 @@ def stream_pieces(corpus: Corpus, order: np.ndarray, k: int, batch_size: int) ->
     start at chunk boundaries of it, so every real token lands exactly once.
     """
     per_row = stream_chunks(corpus, k, batch_size)
-    inputs, targets = [], []
+    inputs, targets, weights = [], [], []
     used = 0  # chunks filled in the current row
     for s in order:
-        x, y = corpus.inputs[s], corpus.targets[s]
+        x, y, w = corpus.inputs[s], corpus.targets[s], corpus.weight(s)
         start = 0
         while start < len(x):
             take = min(-(-(len(x) - start) // k), per_row - used)  # chunks of this piece
             end = min(len(x), start + take * k)
             inputs.append(x[start:end])
             targets.append(y[start:end])
+            weights.append(w[start:end])
             start, used = end, (used + take) % per_row
-    return Corpus(inputs, targets), np.arange(len(inputs))
+    return Corpus(inputs, targets, weights), np.arange(len(inputs))
 
 
 def _rows_in_order(order: np.ndarray, n_chunks: np.ndarray, batch_size: int) -> np.ndarray:

@@ -93,12 +93,24 @@ OVER_BUDGET = Figure(
     "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
 
 FIGURES: dict[str, Figure] = {f.name: f for f in (
-    Figure("val_loss", "loss/val", "cross-entropy per real token of the validation layout (nats), state carried "
-           "as in training", fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True),
-    Figure("train_loss", "loss/train", "cross-entropy per real token of the epoch's training batches (nats)",
+    Figure("val_loss", "loss/val", "the loss per weighted validation step, state carried as in training: "
+           "cross-entropy (nats) for classes, squared error of standardised targets for regression",
+           fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True),
+    Figure("train_loss", "loss/train", "the loss per weighted step of the epoch's training batches",
            fmt=".4f", objective=True, sweep_table=True),
     Figure("val_bits_per_char", "loss/val_bits_per_char", "the validation loss in bits per character (text)",
            fmt=".3f", unit="bits/char"),
+    Figure("val_accuracy", "loss/val_accuracy", "the share of weighted validation steps whose most likely class is "
+           "the target (classification)", fmt=".4f", higher_is_better=True, objective=True, sweep_table=True),
+    Figure("val_rmse", "loss/val_rmse", "root mean squared error of the validation targets, in their own units "
+           "(regression)", fmt=".4g", objective=True, sweep_table=True),
+    Figure("val_mae", "loss/val_mae", "mean absolute error of the validation targets, in their own units "
+           "(regression)", fmt=".4g", objective=True),
+    Figure("baseline_accuracy", "baseline/val_accuracy", "val_accuracy of always predicting the training "
+           "targets' majority class: what a model that learned nothing scores", fmt=".4f", higher_is_better=True),
+    Figure("baseline_rmse", "baseline/val_rmse", "val_rmse of the better naive guess: the training mean, or the "
+           "previous step's target", fmt=".4g"),
+    Figure("baseline_mae", "baseline/val_mae", "val_mae of that same naive guess", fmt=".4g"),
     REAL_TOKENS,
     REAL_TOKENS_SPREAD,
     Figure("padded_tokens_per_s", "speed/all_tokens_per_s",

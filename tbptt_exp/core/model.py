@@ -1,4 +1,4 @@
-"""The Keras model: a stateful LSTM language model with a fixed batch size.
+"""The Keras model: a stateful LSTM with a fixed batch size, and the head that judges it.
 
 Stateful RNN layers keep one state per batch row in non-trainable variables
 (``layer.states``). That is what carries a stream from chunk to chunk, and also why
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
-from tbptt_exp.core.config import ModelConfig, TrainerConfig
+from tbptt_exp.core.config import DataTask, ModelConfig, TrainerConfig
+from tbptt_exp.core.dataset import ModelIO, error_figures, token_io
 
 
 def resolve_unroll(setting) -> bool:
@@ -29,26 +31,33 @@ def resolve_unroll(setting) -> bool:
 
 def build_model(
     cfg: ModelConfig,
-    vocab_size: int,
+    io: ModelIO | int,
     batch_size: int,
     k: int | None,
     stateful: bool = True,
     unroll: bool = False,
     precision: str = "float32",
 ) -> keras.Model:
-    """Embedding -> Dropout -> [LSTM -> Dropout] x layers -> TimeDistributed(Dense).
+    """[Embedding ->] Dropout -> [LSTM -> Dropout] x layers -> TimeDistributed(Dense).
 
-    With ``model.preset=seed`` this is the original question's model layer for layer.
-    A Keras mask (``mask_zero``) can leave a dummy row entirely masked, which cuDNN's
-    kernel rejects on GPU, so masked models take the generic LSTM kernel.
+    ``io`` says what goes in and out (an int: a vocabulary of token ids, predicting one of
+    them): token ids go through an embedding, float features straight into the LSTM; the
+    head gives a logit per class (probabilities with ``softmax_output``) or a value per
+    regression target. With ``model=seed`` on text this is the original question's model
+    layer for layer. A Keras mask (``mask_zero``) can leave a dummy row entirely masked,
+    which cuDNN's kernel rejects on GPU, so masked models take the generic LSTM kernel.
 
     ``precision`` is a Keras dtype policy given to every layer but the output layer, which
-    stays float32 (so do the loss and the softmax): logits rounded to 16 bits would cost
+    stays float32 (so do the loss and the softmax): outputs rounded to 16 bits would cost
     the loss its precision. Weights and the LSTM state variables are float32 under every
     policy, so a chunk's state is carried to the next without rounding.
     """
-    tokens = keras.Input(batch_shape=(batch_size, k), dtype="int32", name="tokens")
-    x = keras.layers.Embedding(vocab_size, cfg.embedding_dim, mask_zero=cfg.mask_zero, dtype=precision)(tokens)
+    io = token_io(io) if isinstance(io, int) else io
+    if io.tokens:
+        inputs = keras.Input(batch_shape=(batch_size, k), dtype="int32", name="tokens")
+        x = keras.layers.Embedding(io.vocab_size, cfg.embedding_dim, mask_zero=cfg.mask_zero, dtype=precision)(inputs)
+    else:
+        x = inputs = keras.Input(batch_shape=(batch_size, k, io.num_features), dtype="float32", name="features")
     x = keras.layers.Dropout(cfg.dropout, dtype=precision)(x)
     for i in range(cfg.layers):
         x = keras.layers.LSTM(
@@ -58,17 +67,77 @@ def build_model(
             return_sequences=True,
             stateful=stateful,
             unroll=unroll,
-            use_cudnn=False if cfg.mask_zero else "auto",
+            use_cudnn=False if cfg.mask_zero and io.tokens else "auto",
             dtype=precision,
             name=f"lstm_{i}",
         )(x)
         x = keras.layers.Dropout(cfg.dropout, dtype=precision)(x)
+    softmax = cfg.softmax_output and io.task == DataTask.classification
     out = keras.layers.TimeDistributed(
-        keras.layers.Dense(vocab_size, activation="softmax" if cfg.softmax_output else None, dtype="float32"),
+        keras.layers.Dense(io.num_outputs, activation="softmax" if softmax else None, dtype="float32"),
         dtype="float32",
-        name="next_token",
+        name="head",
     )(x)
-    return keras.Model(tokens, out, name=f"tbptt_{cfg.preset}")
+    return keras.Model(inputs, out, name=f"tbptt_{cfg.preset}")
+
+
+class Head:
+    """How a model's outputs are judged: the loss it trains on, and what validation reports.
+
+    Classification: sparse cross-entropy per step (from logits, or from probabilities with
+    ``softmax_output``), and the share of weighted steps whose most likely class is the
+    target. Regression: mean squared error per step of the standardised targets, and RMSE
+    and MAE back in the targets' own units (``target_scale``: their standard deviations).
+    Every sum is weighted by the sample weights, and every loss is divided by their sum, so
+    padding and dummy rows count nothing (Keras's default reduction would divide by every
+    element, padding included, and dilute loss and gradient).
+    """
+
+    def __init__(self, io: ModelIO, from_logits: bool = True, target_scale: np.ndarray | None = None):
+        self.classification = io.task == DataTask.classification
+        self.outputs, self.from_logits = io.num_outputs, from_logits
+        self.scale = np.ones(io.num_outputs, np.float32) if target_scale is None else np.asarray(target_scale, np.float32)
+
+    @property
+    def size(self) -> int:
+        """How many sums ``sums`` gives."""
+        return 3 if self.classification else 2 + 2 * self.outputs
+
+    def loss(self, reduction: str = "mean_with_sample_weight", name: str | None = None) -> keras.losses.Loss:
+        if self.classification:
+            return keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits, reduction=reduction, name=name)
+        return keras.losses.MeanSquaredError(reduction=reduction, name=name)
+
+    def metric(self) -> keras.metrics.Metric:
+        """The per-step loss as a weighted metric (``model.fit``'s epoch loss)."""
+        if self.classification:
+            return keras.metrics.SparseCategoricalCrossentropy(name="step_loss", from_logits=self.from_logits)
+        return keras.metrics.MeanSquaredError(name="step_loss")
+
+    def target_spec(self, batch_size: int, k: int) -> tf.TensorSpec:
+        if self.classification:
+            return tf.TensorSpec((None, batch_size, k), tf.int32)
+        return tf.TensorSpec((None, batch_size, k, self.outputs), tf.float32)
+
+    def sums(self, targets, outputs, weights, step_loss: keras.losses.Loss):
+        """One batch's weighted sums: loss, weight, then correct predictions (classification)
+        or squared and absolute errors per target value (regression)."""
+        totals = [ops.sum(step_loss(targets, outputs) * weights), ops.sum(weights)]
+        if self.classification:
+            hits = ops.cast(ops.equal(ops.argmax(outputs, axis=-1), ops.cast(targets, "int64")), "float32")
+            return ops.stack([*totals, ops.sum(hits * weights)])
+        error, weight = ops.cast(outputs, "float32") - targets, ops.expand_dims(weights, -1)
+        squared = ops.sum(weight * ops.square(error), axis=(0, 1))
+        absolute = ops.sum(weight * ops.abs(error), axis=(0, 1))
+        return ops.concatenate([ops.stack(totals), squared, absolute])
+
+    def figures(self, sums: np.ndarray) -> dict[str, float]:
+        """Summed ``sums`` -> ``loss`` per weighted step, and ``accuracy`` or ``rmse`` and ``mae``."""
+        loss, weight = float(sums[0]), float(sums[1])
+        if self.classification:
+            return {"loss": loss / weight, "accuracy": float(sums[2]) / weight}
+        squared, absolute = sums[2:2 + self.outputs], sums[2 + self.outputs:]
+        return {"loss": loss / weight, **error_figures(squared, absolute, weight, self.scale)}
 
 
 def make_optimizer(cfg: TrainerConfig) -> keras.optimizers.Optimizer:
@@ -84,15 +153,6 @@ def make_optimizer(cfg: TrainerConfig) -> keras.optimizers.Optimizer:
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
-
-
-def token_loss(from_logits: bool, reduction: str = "mean_with_sample_weight") -> keras.losses.Loss:
-    """Cross-entropy per token, divided by the *sum of sample weights*.
-
-    Keras's default reduction divides by every element, padding included, so dummy rows
-    and padded steps would dilute loss and gradient; this one counts only real tokens.
-    """
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, reduction=reduction)
 
 
 def stateful_layers(model: keras.Model) -> list[keras.layers.RNN]:

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, Padding
-from tbptt_exp.core.data import Dataset, load_dataset
+from tbptt_exp.core.config import ConfigError, DataTask, ExperimentConfig, Padding, objective_names
+from tbptt_exp.core.data import load_dataset
+from tbptt_exp.core.dataset import Dataset, baselines
 from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 from tbptt_exp.core.layout import Layout, build_layout, epoch_order, planned_batches
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, rate_text
@@ -35,21 +36,30 @@ class EpochMetrics:
     peak_rss_mb: float  # process resident-set high-water mark since the run started
     epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
     first_execution_s: float  # the first execution, timed on its own
-    val_bits_per_char: Optional[float] = None
+    val_bits_per_char: Optional[float] = None  # text
+    val_accuracy: Optional[float] = None  # classification
+    val_rmse: Optional[float] = None  # regression, in the targets' units
+    val_mae: Optional[float] = None  # regression, in the targets' units
 
     def figures(self) -> dict[str, float | None]:
         """Every figure of the epoch by name."""
         return {name: value for name, value in asdict(self).items() if name in FIGURES}
 
     @property
-    def losses_text(self) -> str:
-        bits = "" if self.val_bits_per_char is None else f" ({FIGURES['val_bits_per_char'].show(self.val_bits_per_char, unit=True)})"
-        return f"val_loss {FIGURES['val_loss'].show(self.val_loss)}{bits}"
+    def validation_text(self) -> str:
+        """``val_loss 1.7188 (2.480 bits/char)  val_accuracy 0.4512``, with the figures the data has."""
+        bits = self.val_bits_per_char
+        text = f"val_loss {FIGURES['val_loss'].show(self.val_loss)}"
+        text += "" if bits is None else f" ({FIGURES['val_bits_per_char'].show(bits, unit=True)})"
+        for name in ("val_accuracy", "val_rmse", "val_mae"):
+            if getattr(self, name) is not None:
+                text += f"  {name} {FIGURES[name].show(getattr(self, name))}"
+        return text
 
-    def describe(self, epochs: int) -> str:
+    def describe(self, epochs: int, step_name: str = "tokens") -> str:
         """The epoch as one console line."""
         return (f"epoch {self.epoch}/{epochs}  train_loss {FIGURES['train_loss'].show(self.train_loss)}  "
-                f"{self.losses_text}  {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s  "
+                f"{self.validation_text}  {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} {step_name}/s  "
                 f"peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}  "
                 f"{FIGURES['epoch_time_s'].show(self.epoch_time_s, unit=True)}")
 
@@ -64,11 +74,17 @@ class RunResult:
     dropped_sequences: int
     dummy_rows: int
     n_batches: int
-    vocab_size: int
+    vocab_size: Optional[int]  # token ids in: the embedding's size; None: float features
     num_params: int
     device: dict[str, str] = field(default_factory=dict)
     jit_compile: bool = False
     unroll: bool = False  # model.unroll as built (auto resolved for the device and k)
+    step_name: str = "tokens"  # what a step is called: tokens of text and token ids, else timesteps
+    # What a model that learned nothing scores on the same validation steps (``data.baselines``).
+    baseline: str = ""  # which naive guess: majority class, training mean, previous step
+    baseline_accuracy: Optional[float] = None
+    baseline_rmse: Optional[float] = None
+    baseline_mae: Optional[float] = None
 
     @property
     def final(self) -> EpochMetrics:
@@ -89,8 +105,9 @@ class RunResult:
         """What a person wants to know once the run is done, a line each."""
         final = self.final
         return [
-            f"{final.losses_text}  train_loss {FIGURES['train_loss'].show(final.train_loss)}",
-            f"real tokens/s {rate_text(final.tokens_per_s, final.tokens_per_s_spread)} (all timesteps incl. padding "
+            f"{final.validation_text}  train_loss {FIGURES['train_loss'].show(final.train_loss)}",
+            *([self.baseline_text] if self.baseline else []),
+            f"real {self.step_name}/s {rate_text(final.tokens_per_s, final.tokens_per_s_spread)} (all timesteps incl. padding "
             f"{FIGURES['padded_tokens_per_s'].show(final.padded_tokens_per_s)}/s), first execution (tracing+compile) "
             f"{FIGURES['compile_time_s'].show(self.compile_time_s, unit=True)}",
             f"peak memory {PEAK_MEMORY.show(final.peak_memory_mb, unit=True)} on {self.device.get('device')} "
@@ -98,6 +115,13 @@ class RunResult:
             f"padding waste {FIGURES['padding_waste'].show(self.padding_waste)} ({self.dummy_rows} dummy rows, "
             f"{self.dropped_sequences} sequences dropped, {self.n_batches} batches/epoch)",
         ]
+
+    @property
+    def baseline_text(self) -> str:
+        """``baseline (majority class): val_accuracy 0.1523``: what learning nothing would score."""
+        figures = {"val_accuracy": self.baseline_accuracy, "val_rmse": self.baseline_rmse, "val_mae": self.baseline_mae}
+        shown = "  ".join(f"{name} {FIGURES[name].show(value)}" for name, value in figures.items() if value is not None)
+        return f"baseline ({self.baseline}): {shown}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +139,11 @@ def prepare(cfg: ExperimentConfig) -> Dataset:
 
 def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
     """Settings that can only be checked against the data, before any training or allocation."""
+    task_figures = ("val_accuracy",) if dataset.io.task == DataTask.classification else ("val_rmse", "val_mae")
+    for name in objective_names(cfg.objective):
+        if name in ("val_accuracy", "val_rmse", "val_mae") and name not in task_figures:
+            raise ConfigError("objective", name, f"is not a figure of {dataset.io.task} data; "
+                                                 f"use {', '.join(task_figures)} or another figure")
     longest = int(max(dataset.train.lengths.max(), dataset.val.lengths.max()))
     if cfg.k > longest:
         raise ConfigError("k", cfg.k, f"use a chunk length up to the longest sequence ({longest:,} steps): "
@@ -144,9 +173,10 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
 
 
 def layout_bytes(corpus, k: int, batch_size: int, padding: str) -> int:
-    """Bytes ``build_layout`` would allocate for ``corpus`` (inputs, targets, weights and
-    their batched copies), from the placements alone."""
-    return planned_batches(corpus, k, batch_size, padding) * batch_size * k * 12 * 2
+    """Bytes ``build_layout`` would allocate for ``corpus`` (inputs, targets, weights, real
+    flags and their batched copies), from the placements alone."""
+    per_step = 4 * (corpus.inputs[0][0].size + corpus.targets[0][0].size) + 4 + 1
+    return planned_batches(corpus, k, batch_size, padding) * batch_size * k * per_step * 2
 
 
 def train(
@@ -182,7 +212,14 @@ def train(
         dropped_sequences=first_layout.dropped_sequences, dummy_rows=first_layout.dummy_rows,
         n_batches=first_layout.n_batches, vocab_size=dataset.vocab_size, num_params=int(engine.model.count_params()),
         device=measure.device_description(), jit_compile=engine.jit_compile, unroll=unroll,
+        step_name=dataset.step_name, **_baseline(dataset),
     )
+
+
+def _baseline(dataset: Dataset) -> dict:
+    """The naive guess's figures (``data.baselines``) as the run's ``baseline*`` fields."""
+    scores = baselines(dataset)
+    return {"baseline": scores.pop("kind"), **{f"baseline_{name}": value for name, value in scores.items()}}
 
 
 def _build(cfg: ExperimentConfig, dataset: Dataset):
@@ -193,7 +230,7 @@ def _build(cfg: ExperimentConfig, dataset: Dataset):
 
     # TensorFlow and everything built on it load only now, so a bad config or bad data fails fast.
     from tbptt_exp.core.engines import ENGINES
-    from tbptt_exp.core.model import build_model, make_optimizer, resolve_unroll
+    from tbptt_exp.core.model import Head, build_model, make_optimizer, resolve_unroll
 
     # Free what an earlier experiment in this process left (sweeps run jobs in one
     # process), so that its tensors do not count in this one's peak memory.
@@ -203,11 +240,9 @@ def _build(cfg: ExperimentConfig, dataset: Dataset):
     measure.reset_peak_memory(measure.training_device())  # this run's peak: the model, training and validation
     measure.reset_peak_rss()
     unroll = resolve_unroll(cfg.model.unroll)
-    model = build_model(cfg.model, dataset.vocab_size, cfg.batch_size, cfg.k,
-                        unroll=unroll, precision=cfg.trainer.precision)
-    engine = ENGINES[cfg.engine.name](
-        model, cfg.trainer, from_logits=not cfg.model.softmax_output, optimizer=make_optimizer(cfg.trainer)
-    )
+    model = build_model(cfg.model, dataset.io, cfg.batch_size, cfg.k, unroll=unroll, precision=cfg.trainer.precision)
+    head = Head(dataset.io, from_logits=not cfg.model.softmax_output, target_scale=dataset.target_scale)
+    engine = ENGINES[cfg.engine.name](model, cfg.trainer, head=head, optimizer=make_optimizer(cfg.trainer))
     return engine, unroll
 
 
@@ -215,7 +250,8 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
            report: Callable[[int], None] | None, seconds: float | None) -> EpochMetrics:
     """Train one epoch, validate, and measure both."""
     result = engine.train_epoch(layout, report, stop_after_s=seconds)
-    val_loss = engine.evaluate(val_layout)
+    validation = engine.validate(val_layout)
+    val_loss = validation["loss"]
     timing = result.timing
     speed = measure.throughput(timing, layout.real_tokens_per_batch, layout.batch_size * layout.k)
     return EpochMetrics(
@@ -230,4 +266,7 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
         epoch_time_s=timing.wall_s,
         first_execution_s=timing.first_execution_s,
         val_bits_per_char=val_loss / math.log(2) if is_text else None,
+        val_accuracy=validation.get("accuracy"),
+        val_rmse=validation.get("rmse"),
+        val_mae=validation.get("mae"),
     )
