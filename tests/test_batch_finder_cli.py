@@ -161,3 +161,25 @@ def test_a_planted_out_of_memory_is_classified_as_too_big(tmp_path):
     assert frontier.max_batch_size == 32
     with pytest.raises(ProbeError, match="planted failure"):
         find_max_batch(small(10, tmp_path, cache=False), probe_command=planted("error:8"))
+
+
+def test_the_frontier_of_arrays_and_table_datasets(tmp_path):
+    """``-m sweep=max_batch`` on your own numeric sequences: probes load the same file."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(3000, 3)).astype("float32"), rng.integers(0, 3, 3000)
+    np.savez(tmp_path / "d.npz", x=x, y=y, lengths=[100] * 30)
+    pd.DataFrame({"s": np.repeat(np.arange(30), 100), "a": x[:, 0], "b": x[:, 1], "y": y}).to_csv(tmp_path / "d.csv")
+    kinds = {"arrays": ["data=arrays", f"data.path={tmp_path / 'd.npz'}"],
+             "table": ["data=table", f"data.path={tmp_path / 'd.csv'}", "data.sequence_column=s", "data.target_column=y"]}
+    for kind, data in kinds.items():
+        cwd = tmp_path / kind
+        cwd.mkdir()
+        out = cli(["-m", "sweep=max_batch", "k=10,20", *data, "model.units=16", "batch_finder.max_batch_size=32",
+                   "batch_finder.probe_seconds=0.5", *store_args(tmp_path)], cwd=cwd)
+        assert out.returncode == 0, out.stderr[-3000:]
+        rows = json.loads((sweep_dir(cwd) / "batch_frontier.json").read_text())
+        assert [r["k"] for r in rows] == [10, 20] and all(r["max_batch_size"] == 32 for r in rows), rows  # no budget
+        assert all(p["outcome"] == "ok" and p["tokens_per_s"] for r in rows for p in r["probe_log"])

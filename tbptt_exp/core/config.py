@@ -318,6 +318,9 @@ class TableDataConfig:
                 if value is not None:
                     raise ConfigError(f"data.{name}", value, "names a column of your own table: set data.path too")
             return
+        if self.feature_columns is not None and not self.feature_columns:
+            raise ConfigError("data.feature_columns", self.feature_columns,
+                              "name one column or more, or null for every other numeric column")
         targets = self.target_columns
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ConfigError("data.target_column", self.target_column,

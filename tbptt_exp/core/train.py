@@ -142,8 +142,8 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
     task_figures = ("val_accuracy",) if dataset.io.task == DataTask.classification else ("val_rmse", "val_mae")
     for name in objective_names(cfg.objective):
         if name in ("val_accuracy", "val_rmse", "val_mae") and name not in task_figures:
-            raise ConfigError("objective", name, f"is not a figure of {dataset.io.task} data; "
-                                                 f"use {', '.join(task_figures)} or another figure")
+            raise ConfigError("objective", name, f"this data is {dataset.io.task}, whose figures are "
+                                                 f"{', '.join(task_figures)}; use one of them or another figure")
     longest = int(max(dataset.train.lengths.max(), dataset.val.lengths.max()))
     if cfg.k > longest:
         raise ConfigError("k", cfg.k, f"use a chunk length up to the longest sequence ({longest:,} steps): "
