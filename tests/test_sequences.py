@@ -203,3 +203,12 @@ def test_the_embedded_examples_load_and_say_what_they_are():
     assert table.targets_per_sequence and "embedded example" in table.source
     with pytest.raises(ConfigError, match=r"^data.target_column='label' is not allowed: names a column of your own"):
         TableDataConfig(target_column="label")
+
+
+def test_integer_ids_of_one_value_per_step_are_tokens_for_an_embedding(tmp_path):
+    ids = RNG.integers(0, 50, 400)
+    np.savez(tmp_path / "t.npz", x=ids, y=(ids % 3), lengths=[100] * 4)
+    dataset = load_dataset(ArraysDataConfig(path=str(tmp_path / "t.npz")), 0)
+    assert dataset.io.tokens and dataset.io.vocab_size == ids.max() + 2 and dataset.io.num_outputs == 3
+    np.testing.assert_array_equal(np.concatenate(dataset.train.inputs), ids[:300] + 1)  # id 0 is padding
+    assert dataset.step_name == "tokens" and not dataset.normalization

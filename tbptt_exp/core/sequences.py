@@ -174,7 +174,8 @@ def read_table(path: str, columns: Columns, setting: str = "data.path", frame=No
         if not (pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])):
             raise ConfigError("data.feature_columns" if name in features else "data.target_column", name,
                               f"column '{name}' of {path} is not numeric ({frame[name].dtype}); use numeric columns")
-    groups = [frame] if columns.sequence is None else [g for _, g in frame.groupby(columns.sequence, sort=False)]
+    by_sequence = [] if columns.sequence is None else frame.groupby(columns.sequence, sort=False, dropna=False)
+    groups = [g for _, g in by_sequence] or [frame]
     if columns.time is not None:
         groups = [g.sort_values(columns.time, kind="stable") for g in groups]
     inputs = [g[features].to_numpy(np.float32) for g in groups]
