@@ -13,6 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tbptt_exp.app import signals
 from tbptt_exp.app.liveness import HOLDER_PREFIX, STALE_AFTER_S, Holder, dead_reason, this_process
 from tbptt_exp.app.run import Tracker
 from tbptt_exp.app.stores import mask_credentials, take_secrets
@@ -230,3 +231,59 @@ def test_sigterm_during_start_up_is_one_line_not_a_traceback(tmp_path, after_s):
     assert "Traceback" not in err
     if proc.returncode == 143:
         assert err.strip().splitlines()[-1].startswith("tbptt-exp: stopped by SIGTERM")
+
+
+@pytest.fixture
+def interrupt_handlers(monkeypatch):
+    """The CLI's SIGTERM and Ctrl-C handlers, for one test."""
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(signals, "_terminated", False)
+    signals.install()
+    yield
+    signal.signal(signal.SIGTERM, saved[0])
+    signal.signal(signal.SIGINT, saved[1])
+
+
+class Store:
+    """A SQLite write that a signal interrupts half-way: the transaction is open when it arrives."""
+
+    def __init__(self, path):
+        self.path = path
+        sqlite3.connect(path).execute("CREATE TABLE IF NOT EXISTS t (v)").connection.commit()
+
+    def write(self, how):
+        connection = sqlite3.connect(self.path, timeout=0.1, isolation_level=None)
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute("INSERT INTO t VALUES (1)")
+        os.kill(os.getpid(), how)
+        connection.execute("COMMIT")
+        connection.close()
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_waits_for_a_store_write_so_the_writes_that_end_the_run_go_through(
+        tmp_path, interrupt_handlers, how):
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # the hazard: cut half-way, the lock stays
+        try:
+            Store(tmp_path / "cut.db").write(how)
+        except KeyboardInterrupt:
+            sqlite3.connect(tmp_path / "cut.db", timeout=0.1).execute("INSERT INTO t VALUES (2)").connection.commit()
+
+    store = Store(tmp_path / "store.db")
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        signals.Deferring(store).write(how)
+    sqlite3.connect(tmp_path / "store.db", timeout=0.1).execute("INSERT INTO t VALUES (3)").connection.commit()
+    assert [v for (v,) in sqlite3.connect(tmp_path / "store.db").execute("SELECT v FROM t")] == [1, 3]
+    assert isinstance(stopped.value, signals.Terminated) == (how == signal.SIGTERM) == signals.terminated()
+
+
+def test_an_interrupt_outside_a_store_write_is_raised_at_once(interrupt_handlers):
+    done = []
+    with pytest.raises(signals.Terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+        done.append("after")
+    assert done == []
+    with pytest.raises(KeyboardInterrupt), signals.deferred(), signals.deferred():  # nested: raised at the outer end
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("inner")
+    assert done == ["inner"]

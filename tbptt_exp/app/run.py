@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock
 
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
+from tbptt_exp.app.signals import Deferring
 from tbptt_exp.app.stores import mask_credentials, resolve_uri
 from tbptt_exp.app.ui import run_url, ui_command
 from tbptt_exp.core.config import TrackingConfig
@@ -104,7 +105,8 @@ class Tracker:
 
         self.uri = resolve_uri(cfg.uri)
         with local_store_lock(self.uri):  # workers starting together on a new SQLite store
-            self.client = MlflowClient(tracking_uri=self.uri)
+            # An interrupt waits for a write in progress, so the writes that end the run can go through.
+            self.client = Deferring(MlflowClient(tracking_uri=self.uri))
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
                 self.experiment_id = self.client.create_experiment(

@@ -1,25 +1,84 @@
-"""SIGTERM ends a job the way Ctrl-C does, so its MLflow run ends KILLED, not RUNNING."""
+"""SIGTERM ends a job the way Ctrl-C does, so its MLflow run ends KILLED, not RUNNING.
+
+Both raise in the main thread wherever it is, except inside a store write: an exception
+raised half-way through a SQLite transaction leaves this process holding the database's
+write lock, and the writes that end the run and its trial then wait on it (MLflow's busy
+timeout is 20 s per statement) and fail. Store calls run inside ``deferred()`` (the
+tracking client is wrapped in ``Deferring``), so the interrupt is raised when the write
+is done.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import signal
+from typing import Any, Iterator
 
 _terminated = False
+_depth = 0  # how many deferred() blocks the main thread is in
+_pending: KeyboardInterrupt | None = None
 
 
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
+def _interrupt(error: KeyboardInterrupt) -> None:
+    global _pending
+    if _depth:
+        _pending = _pending or error
+        return
+    raise error
+
+
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
     global _terminated
     _terminated = True
-    raise Terminated("terminated by SIGTERM")
+    _interrupt(Terminated("terminated by SIGTERM"))
+
+
+def _on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
+    _interrupt(KeyboardInterrupt())
 
 
 def install() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
 
 
 def terminated() -> bool:
     return _terminated
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A Ctrl-C or SIGTERM that arrives inside the block is raised when the block ends."""
+    global _depth, _pending
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if not _depth and _pending is not None:
+            error, _pending = _pending, None
+            raise error
+
+
+class Deferring:
+    """``target`` with every method call made inside ``deferred()`` (an MLflow client)."""
+
+    def __init__(self, target: Any):
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def call(*args, **kwargs):
+            with deferred():
+                return value(*args, **kwargs)
+
+        return call

@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from tbptt_exp.app.console import say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import KILLED, Ending, TrackedRun, ending_of, make_tracker
+from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.search_space import StudySettings, make_pruner, make_sampler, search_space
 from tbptt_exp.app.stores import default_storage_url, mask_credentials
 from tbptt_exp.app.study_report import log_study_summary
@@ -138,7 +139,7 @@ def study_parent(tracker, study: optuna.Study, storage, settings: StudySettings)
 def ask(study: optuna.Study, storage, locks: TrialLocks, n_jobs: int, n_trials: int, space) -> list[optuna.Trial]:
     """Up to ``n_jobs`` new trials while the study is short of ``n_trials``, each locked by
     this worker before the study lock goes (so no other worker sees it orphaned)."""
-    with study_lock(storage, study.study_name):
+    with study_lock(storage, study.study_name), deferred():
         fail_orphaned_trials(study, locks)
         room = n_trials - counted_trials(study)
         trials = [study.ask(space) for _ in range(min(n_jobs, max(room, 0)))]
@@ -237,8 +238,10 @@ class JobTrial:
         if len(self.study.directions) > 1:
             return
         value = metrics.figures()[self.objective]
-        self.trial.report(value, step=metrics.epoch)
-        if self.trial.should_prune():
+        with deferred():  # a write to the storage is not cut half-way
+            self.trial.report(value, step=metrics.epoch)
+            prune = self.trial.should_prune()
+        if prune:
             pruned = optuna.TrialPruned(f"pruned at epoch {metrics.epoch} ({value:.4f})")
             say(f"trial {self.trial.number} {pruned}")
             raise pruned
@@ -246,7 +249,8 @@ class JobTrial:
     def constrain(self, budget_mb: float | None, over_budget_mb: float | None) -> None:
         """The memory constraint: feasible within the budget; an unknown peak never is."""
         if budget_mb is not None:
-            self.trial.set_constraint(OVER_BUDGET.name, budget_mb if over_budget_mb is None else over_budget_mb)
+            with deferred():
+                self.trial.set_constraint(OVER_BUDGET.name, budget_mb if over_budget_mb is None else over_budget_mb)
 
     def tags(self) -> dict[str, Any]:
         return {"optuna.study": self.study.study_name, "optuna.trial": self.trial.number}

@@ -18,6 +18,8 @@ from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 from sqlalchemy import text
 
+from tbptt_exp.app.signals import deferred
+
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # toward n_trials; failed ones are retried
 
 
@@ -133,14 +135,15 @@ def end_trial(study: optuna.Study, storage: optuna.storages.BaseStorage, number:
     """The one place a trial's state is written: COMPLETE with its values, PRUNED, or FAIL
     with its reason (a failed job, an interrupt, a worker that died). A trial already
     finished (by another worker) is left as it is."""
-    if reason:
-        # Optuna sets a user attribute only through a Trial object or the storage; the
-        # trial may be another worker's, so the storage's public API addresses it by id.
-        trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name),
-                                                                   number)
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-    study.tell(number, values, state=state, skip_if_finished=True)
+    with deferred():  # an interrupt half-way would leave this process holding the storage's lock
+        if reason:
+            # Optuna sets a user attribute only through a Trial object or the storage; the
+            # trial may be another worker's, so the storage's public API addresses it by id.
+            study_id = storage.get_study_id_from_name(study.study_name)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        study.tell(number, values, state=state, skip_if_finished=True)
 
 
 def fail_orphaned_trials(study: optuna.Study, locks: TrialLocks) -> list[int]:
