@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbptt_exp.core.config import EngineConfig, ModelConfig, TrainerConfig
+from tbptt_exp.core.config import EngineConfig, TrainerConfig
 from tbptt_exp.core.layout import build_layout
 from tbptt_exp.core.model import build_model, get_states, make_optimizer, reset_rows, resolve_unroll, stateful_layers
 from tbptt_exp.core.train import train

@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from tbptt_exp.core.config import BatchFinderConfig, ExperimentConfig, Task, settings_read, to_dict
+from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
+from tbptt_exp.core.factories import factory_source
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, rate_text
 from tbptt_exp.core.probe import MARKER
 from tbptt_exp.paths import default_store_dir
@@ -224,7 +225,11 @@ def run_probe_process(request: dict, timeout_s: float, command: tuple[str, ...] 
 
 
 def describe_device(config: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
+    """The probes' device and TensorFlow version, from a first probe process (which also checks
+    a model of your own: a refused one is a ConfigError here)."""
     result = run_probe_process({"config": config, "describe": True}, timeout_s, command)
+    if result.get("outcome") == "refused":
+        raise ConfigError(result["setting"], result["value"], result["allowed"])
     if result.get("outcome") != "describe":
         raise ProbeError(f"cannot start a probe: {result.get('error', result)}")
     return result
@@ -250,7 +255,8 @@ def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str, data: str 
     """Everything that decides a probe's answer: the settings the search reads, the data they
     name (its content: a file that changed is searched again), the device, TensorFlow."""
     config = {k: v for k, v in settings_read(cfg, Task.max_batch).items() if k not in NOT_DECISIVE}
-    decisive = {"config": config, "device": device, "tensorflow": tensorflow} | ({"data": data} if data else {})
+    model = {"model_source": factory_source(cfg.model.factory)} if cfg.model.factory else {}  # the factory's code
+    decisive = {"config": config, "device": device, "tensorflow": tensorflow} | ({"data": data} if data else {}) | model
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -261,14 +267,15 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
 def find_max_batch(
     cfg: ExperimentConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
-    probe_command: tuple[str, ...] | None = None, data_fingerprint: str = "",
+    probe_command: tuple[str, ...] | None = None, data_fingerprint: str = "", device: dict | None = None,
 ) -> Frontier:
     """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
     ``probe_command`` runs a probe process (default ``PROBE_COMMAND``); ``data_fingerprint``
-    (``Dataset.fingerprint``) keys the cache to the data's content."""
+    (``Dataset.fingerprint``) keys the cache to the data's content; ``device``: what
+    ``describe_device`` answered, else it is asked here."""
     probe_command = probe_command or PROBE_COMMAND
     finder = cfg.batch_finder
-    device = describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
+    device = device or describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
     budget = budget_for(device["device"], cfg)
     key = fingerprint(cfg, device["device"], device["tensorflow"], data_fingerprint)
     cached = cache_dir(finder) / f"{key}.json"

@@ -117,7 +117,7 @@ class TrainingConsole:
             f"sequences, {dataset.train.num_tokens:,} training {dataset.step_name}, {dataset.io.describe()}")
         say(f"k={experiment.k} batch_size={experiment.batch_size} padding={experiment.padding} "
             f"reset={experiment.reset} engine={experiment.engine.name} model={model.preset} "
-            f"({model.layers}x{model.units} LSTM) epochs={experiment.trainer.epochs}")
+            f"({model.shape}) epochs={experiment.trainer.epochs}")
 
     def device(self, description: dict[str, str]) -> None:
         say(f"training on {description['device']} ({description['device_name']})")

@@ -20,7 +20,7 @@ from tbptt_exp.core.measure import PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
 
 # A row is a ``Frontier`` (its probe log and fingerprint aside) and what the job set apart.
 COLUMNS = ("k", "precision", "unroll",
-           *(f.name for f in fields(Frontier) if f.name not in ("k", "probe_log", "fingerprint")), "job")
+           *(f.name for f in fields(Frontier) if f.name not in ("k", "probe_log", "fingerprint")), "model", "job")
 
 
 def table(rows: list[dict]) -> str:
@@ -33,9 +33,9 @@ def table(rows: list[dict]) -> str:
 
 
 def line_label(row: dict, rows: list[dict]) -> str:
-    """``k=25``, with the precision or unroll setting when the sweep varies them, else the job."""
+    """``k=25``, with the model, precision or unroll setting when the sweep varies them, else the job."""
     label = f"k={row['k']}"
-    for setting in ("precision", "unroll"):
+    for setting in ("model", "precision", "unroll"):
         if len({r.get(setting) for r in rows}) > 1:
             label += f" {setting}={row.get(setting)}"
     if row.get("job") and len(rows) > len({label_key(r) for r in rows}):
@@ -44,7 +44,7 @@ def line_label(row: dict, rows: list[dict]) -> str:
 
 
 def label_key(row: dict) -> tuple:
-    return row["k"], row.get("precision"), row.get("unroll")
+    return row["k"], row.get("model"), row.get("precision"), row.get("unroll")
 
 
 def write_files(rows: list[dict], folder: Path) -> list[Path]:

@@ -57,7 +57,10 @@ def register_configs() -> None:
     store.store(name="experiment_schema", node=ExperimentSchema)
     for group, presets in PRESETS.items():
         for name, preset in presets.items():
-            store.store(group=group, name=name, node=preset(), provider="tbptt_exp")
+            node = OmegaConf.structured(preset())
+            if group == "model":  # a factory's own arguments are its own: model.params.units=512 needs no "+"
+                OmegaConf.set_struct(node.params, False)
+            store.store(group=group, name=name, node=node, provider="tbptt_exp")
 
 
 class PreflightCallback(Callback):

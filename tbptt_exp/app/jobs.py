@@ -15,7 +15,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app import frontier
-from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, find_max_batch, max_probes
+from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_device, find_max_batch, max_probes
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import TrackedRun, Tracker, make_tracker
@@ -24,10 +24,10 @@ from tbptt_exp.app.study import job_trial
 from tbptt_exp.app.sweep import JobContext, JobResult
 from tbptt_exp.app.trials import fail_orphans_in_storage
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ExperimentConfig, Task, objective_names, settings_read
+from tbptt_exp.core.config import ExperimentConfig, Task, objective_names, settings_read, to_dict
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
 from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, over_budget_mb
-from tbptt_exp.core.train import RunResult, prepare, train
+from tbptt_exp.core.train import RunResult, build, prepare, train
 
 EXIT_PROBE_ERROR = 3
 
@@ -81,6 +81,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         trial = job_trial(ctx.sweeper, ctx.link.trial_number, objectives[0])
         gpus = claim_devices(experiment)
         configure_device(experiment.device, say)  # TensorFlow loads here, once the settings are known good
+        engine = build(experiment, dataset)  # a model refused here stops in one line, before a run is recorded
         device = measure.device_description()
         console.device(device)
         tags = {**device, "data.fingerprint": dataset.fingerprint, "device.gpus": gpus,
@@ -88,7 +89,8 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         with tracked_run(experiment, ctx, "experiment", run_name(experiment), tags,
                          experiment.tracking.system_metrics_interval_s) as run:
             log_inputs(run, ctx, dataset)
-            result = train(experiment, dataset=dataset, progress=console.progress,
+            log_model(run, engine.model)
+            result = train(experiment, dataset=dataset, engine=engine, progress=console.progress,
                            on_epoch=each(console.on_epoch, run.log_epoch, trial.report))  # a pruned trial raises here
             over = over_budget_mb(result.final, budget)
             console.done(result, over)
@@ -108,6 +110,11 @@ def nightly_entry(result: RunResult, ctx: JobContext) -> dict:
     return nightly.entry(result, ctx.overrides)
 
 
+def model_name(model) -> str:
+    """``a 1x256 LSTM (lstm)``, or ``the model of my.models:build (custom)``."""
+    return f"{'the model of ' if model.factory else 'a '}{model.shape} ({model.preset})"
+
+
 def run_name(experiment: ExperimentConfig) -> str:
     model = experiment.model
     return (f"k={experiment.k} B={experiment.batch_size} {experiment.padding}/{experiment.reset} "
@@ -118,7 +125,7 @@ def run_note(experiment: ExperimentConfig, dataset) -> str:
     """A training run's MLflow description: what ran, then what each figure means."""
     model, trainer = experiment.model, experiment.trainer
     steps = "" if dataset.is_text else f" A {dataset.step_name[:-1]} here is one timestep of the data."
-    what = (f"Trained a {model.layers}x{model.units} LSTM ({model.preset}) on {dataset.source} "
+    what = (f"Trained {model_name(model)} on {dataset.source} "
             f"({dataset.io.describe()}) with TBPTT: chunks of k={experiment.k}, "
             f"{experiment.batch_size} streams per batch, padding={experiment.padding}, reset={experiment.reset}, "
             f"engine={experiment.engine.name}, {trainer.precision}, {trainer.epochs} epochs. "
@@ -138,6 +145,13 @@ def log_inputs(run: TrackedRun, ctx: JobContext, dataset) -> None:
         run.log_dict(dataset.normalization, "normalization.json")
 
 
+def log_model(run: TrackedRun, model) -> None:
+    """What ran, layer by layer: the model's summary as an artifact (``model_summary.txt``)."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    run.log_text("\n".join(lines), "model_summary.txt")
+
+
 def log_result(run: TrackedRun, result: RunResult, over_budget: float | None) -> None:
     """The run's own figures, the whole result and how the model was built."""
     run.log_figures(result.figures() | {"tracking_overhead_s": run.logging_s,
@@ -150,6 +164,9 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     """Find the largest workable batch for this k; the job's value is that size (0: none)."""
     dataset = prepare(experiment)  # data errors as one line here, not in every probe
     gpus = claim_devices(experiment)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
+    # The probes' device, from a first probe process, which also refuses a model of your own
+    # that cannot be trained: in one line, before a run is recorded.
+    device = describe_device(to_dict(experiment), experiment.batch_finder.probe_timeout_s)
     say(search_line(experiment))
     tags = {"device.gpus": gpus, "mlflow.note.content": search_note(experiment)}
     with tracked_run(experiment, ctx, "max_batch", search_name(experiment), tags) as run:
@@ -157,7 +174,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             run.log_metrics(probe.metrics(), step=probe.batch_size)
 
         try:
-            found = find_max_batch(experiment, on_probe, say, data_fingerprint=dataset.fingerprint)
+            found = find_max_batch(experiment, on_probe, say, data_fingerprint=dataset.fingerprint, device=device)
         except ProbeError as failure:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")
@@ -186,7 +203,7 @@ def search_name(experiment: ExperimentConfig) -> str:
 
 def search_line(experiment: ExperimentConfig) -> str:
     model, finder = experiment.model, experiment.batch_finder
-    return (f"largest workable batch for k={experiment.k}, model={model.preset} ({model.layers}x{model.units}), "
+    return (f"largest workable batch for k={experiment.k}, model={model.preset} ({model.shape}), "
             f"engine={experiment.engine.name}: sizes {finder.min_batch_size}..{finder.max_batch_size} in steps of "
             f"{finder.granularity}, each probe a {finder.probe_seconds:g} s training run in its own process "
             f"(at most {max_probes(finder)} probes)")
@@ -205,7 +222,8 @@ def search_note(experiment: ExperimentConfig) -> str:
 
 def frontier_row(found: Frontier, experiment: ExperimentConfig, ctx: JobContext) -> dict:
     """The search's answer as a row of the sweep's frontier table."""
-    return found.to_dict() | {"job": ctx.output_dir.name, "precision": str(experiment.trainer.precision),
+    return found.to_dict() | {"job": ctx.output_dir.name, "model": f"{experiment.model.preset} ({experiment.model.shape})",
+                              "precision": str(experiment.trainer.precision),
                               "unroll": str(experiment.model.unroll).lower(),
                               "headroom": experiment.batch_finder.headroom}
 

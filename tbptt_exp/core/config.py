@@ -80,6 +80,13 @@ class Cut(StrEnum):
     documents = "documents"
 
 
+class Cell(StrEnum):
+    """The built-in stack's recurrent layer: an LSTM (two states per row) or a GRU (one)."""
+
+    lstm = "lstm"
+    gru = "gru"
+
+
 class Activation(StrEnum):
     tanh = "tanh"
     relu = "relu"
@@ -348,7 +355,8 @@ def check_data_kind(data: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    """Embedding -> Dropout -> [stateful LSTM -> Dropout] x layers -> per-step Dense."""
+    """Embedding -> Dropout -> [stateful LSTM or GRU -> Dropout] x layers -> per-step Dense;
+    or your own model, built by ``factory`` with ``params`` (``core/model.py``: the contract)."""
 
     preset: str = "lstm"
     embedding_dim: int = field(default=64, metadata=POSITIVE)
@@ -365,9 +373,37 @@ class ModelConfig:
     # auto: the symbolic loop, which measured as fast on a CPU and keeps cuDNN on a GPU.
     unroll: Any = field(default="auto", metadata=rule(lambda v: v is True or v is False or v == "auto",
                                                       "use auto, true or false"))  # 1 == True: not allowed
+    cell: Cell = Cell.lstm
+    # Your own model: "module.path:function" or "path/to/file.py:function", called with the
+    # harness's arguments and ``params``; it returns an uncompiled keras.Model.
+    factory: Optional[str] = field(default=None, metadata=rule(
+        lambda v: isinstance(v, str) and all(part.strip() for part in v.rpartition(":")[::2]) and ":" in v,
+        "use module.path:function or path/to/file.py:function"))
+    params: Dict[str, Any] = field(default_factory=dict)  # the factory's own keyword arguments
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
+        if self.params and self.factory is None:
+            raise ConfigError("model.params", dict(self.params), "they are a model factory's arguments: set "
+                                                                 "model.factory (model=custom), or the built-in "
+                                                                 "model's own settings (model.units...)")
+
+    @property
+    def shape(self) -> str:
+        """``1x256 LSTM``, or the factory that builds the model."""
+        return self.factory or f"{self.layers}x{self.units} {str(self.cell).upper()}"
+
+
+# The built-in stack's settings: a custom model (``model.factory``) reads none of them.
+BUILT_IN_MODEL = ("embedding_dim", "units", "layers", "dropout", "activation", "recurrent_activation", "mask_zero",
+                  "unroll", "cell")
+
+
+def custom_model() -> ModelConfig:
+    """``model=custom``: a model factory, by default the example in ``tbptt_exp/core/factories.py``
+    (GRU layers with layer normalisation between them), with no arguments of its own until
+    ``model.params.NAME=VALUE`` gives them (another factory takes other arguments)."""
+    return ModelConfig(preset="custom", factory="tbptt_exp.core.factories:gru_layer_norm")
 
 
 def seed_model() -> ModelConfig:
@@ -558,7 +594,7 @@ class ExperimentConfig:
 # What Hydra offers as config group options (``model=seed``): name -> a fresh instance.
 PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
     "data": dict(DATA_KINDS),
-    "model": {"lstm": ModelConfig, "seed": seed_model},
+    "model": {"lstm": ModelConfig, "seed": seed_model, "custom": custom_model},
     "engine": {"graph": EngineConfig, "keras_fit": lambda: EngineConfig(EngineName.keras_fit)},
     "trainer": {"default": TrainerConfig, "quick": lambda: TrainerConfig(epochs=1)},  # quick: one short epoch
     "tracking": {"mlflow": TrackingConfig, "none": lambda: TrackingConfig(enabled=False)},
@@ -584,7 +620,8 @@ def settings_read(cfg: ExperimentConfig, task: Task | None = None) -> dict[str, 
     """The settings ``task`` (default ``cfg.task``) reads, flattened (``model.units``...); a
     nightly entry keeps ``nightly.*``, which decide how it is judged."""
     skip = tuple(s for s in NOT_READ_BY[task or cfg.task] if not (cfg.nightly.record and s == "nightly."))
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(skip)}
+    unread = tuple(f"model.{name}" for name in BUILT_IN_MODEL) if cfg.model.factory else ("model.factory", "model.params")
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(skip + unread)}
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:

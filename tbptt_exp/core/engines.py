@@ -45,6 +45,7 @@ class Engine:
     """
 
     name = ""
+    unroll = False  # the model's recurrent loop as built (``train.build`` records it)
 
     def __init__(self, model: keras.Model, cfg: TrainerConfig, from_logits: bool = True, optimizer=None,
                  head: Head | None = None):

@@ -8,13 +8,16 @@ variable, not as a tensor connected to the previous chunk's graph.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tbptt_exp.core.config import DataTask, ModelConfig, TrainerConfig
+from tbptt_exp.core.config import Cell, ConfigError, DataTask, ModelConfig, TrainerConfig
 from tbptt_exp.core.dataset import ModelIO, error_figures, token_io
+from tbptt_exp.core.factories import load_factory
 
 
 def resolve_unroll(setting) -> bool:
@@ -38,7 +41,7 @@ def build_model(
     unroll: bool = False,
     precision: str = "float32",
 ) -> keras.Model:
-    """[Embedding ->] Dropout -> [LSTM -> Dropout] x layers -> TimeDistributed(Dense).
+    """[Embedding ->] Dropout -> [LSTM or GRU -> Dropout] x layers -> TimeDistributed(Dense).
 
     ``io`` says what goes in and out (an int: a vocabulary of token ids, predicting one of
     them): token ids go through an embedding, float features straight into the LSTM; the
@@ -59,8 +62,9 @@ def build_model(
     else:
         x = inputs = keras.Input(batch_shape=(batch_size, k, io.num_features), dtype="float32", name="features")
     x = keras.layers.Dropout(cfg.dropout, dtype=precision)(x)
+    recurrent = keras.layers.GRU if cfg.cell == Cell.gru else keras.layers.LSTM
     for i in range(cfg.layers):
-        x = keras.layers.LSTM(
+        x = recurrent(
             cfg.units,
             activation=cfg.activation,
             recurrent_activation=cfg.recurrent_activation,
@@ -69,7 +73,7 @@ def build_model(
             unroll=unroll,
             use_cudnn=False if cfg.mask_zero and io.tokens else "auto",
             dtype=precision,
-            name=f"lstm_{i}",
+            name=f"{cfg.cell}_{i}",
         )(x)
         x = keras.layers.Dropout(cfg.dropout, dtype=precision)(x)
     softmax = cfg.softmax_output and io.task == DataTask.classification
@@ -79,6 +83,68 @@ def build_model(
         name="head",
     )(x)
     return keras.Model(inputs, out, name=f"tbptt_{cfg.preset}")
+
+
+def make_model(cfg: ModelConfig, io: ModelIO, batch_size: int, k: int, unroll: bool = False,
+               precision: str = "float32") -> keras.Model:
+    """The model ``cfg`` asks for: the built-in stack, or what ``cfg.factory`` builds with
+    ``cfg.params`` (the contract: ``core/factories.py``), checked before anything trains."""
+    if cfg.factory is None:
+        return build_model(cfg, io, batch_size, k, unroll=unroll, precision=precision)
+    factory = load_factory(cfg.factory)
+    try:
+        model = factory(batch_size=batch_size, k=k, vocab_size=io.vocab_size, num_features=io.num_features,
+                        num_outputs=io.num_outputs, task=str(io.task), precision=precision, stateful=True,
+                        **cfg.params)
+    except Exception as error:  # the factory is the user's code: whatever it raises is reported, one line
+        raise ConfigError("model.factory", cfg.factory, f"raised {type(error).__name__}: {error}") from None
+    check_model(model, io, batch_size, k, cfg.factory)
+    return model
+
+
+def check_model(model: Any, io: ModelIO, batch_size: int, k: int, factory: str) -> None:
+    """Refuse, in one line, a model the harness cannot train with TBPTT: not a keras.Model,
+    inputs or outputs that do not fit the data, no stateful recurrent layer, one that is not
+    stateful or is bidirectional or keeps state for another batch size, or per-row state kept
+    where the harness cannot reset it."""
+    def refuse(what: str) -> ConfigError:
+        return ConfigError("model.factory", factory, what)
+
+    if not isinstance(model, keras.Model) or not getattr(model, "inputs", None):
+        raise refuse(f"returned {type(model).__name__}; return a keras.Model built on keras.Input(batch_shape=...)")
+    want_in = (batch_size, k) if io.tokens else (batch_size, k, io.num_features)
+    want_out = (batch_size, k, io.num_outputs)
+    shapes = {"input": [tuple(t.shape) for t in model.inputs], "output": [tuple(t.shape) for t in model.outputs]}
+    for side, want in (("input", want_in), ("output", want_out)):
+        if shapes[side] != [want]:
+            raise refuse(f"its {side} shape is {', '.join(map(str, shapes[side]))}; the data and batch_size need one "
+                         f"{side} of {want} ({_what(io, side)})")
+    bidirectional = [layer.name for layer in sublayers(model) if isinstance(layer, keras.layers.Bidirectional)]
+    if bidirectional:
+        raise refuse(f"layer '{bidirectional[0]}' is bidirectional: its backward pass needs the whole sequence, and "
+                     "TBPTT gives it chunks of k steps")
+    recurrent = [layer for layer in sublayers(model) if isinstance(layer, keras.layers.RNN)]
+    if not recurrent:
+        raise refuse("has no recurrent layer: TBPTT carries state in a stateful one (LSTM, GRU, SimpleRNN, "
+                     "ConvLSTM or keras.layers.RNN around a cell)")
+    for layer in recurrent:
+        if not layer.stateful:
+            raise refuse(f"layer '{layer.name}' is not stateful: build it with stateful=True (the factory gets stateful)")
+        rows = {int(state.shape[0]) for state in layer.states}
+        if rows != {batch_size}:
+            raise refuse(f"layer '{layer.name}' keeps state for {sorted(rows)} rows, not batch_size={batch_size}")
+    states = {id(state) for layer in recurrent for state in layer.states}
+    hidden = [v for v in model.non_trainable_variables
+              if id(v) not in states and len(v.shape) >= 2 and v.shape[0] == batch_size]
+    if hidden:
+        raise refuse(f"variable '{hidden[0].path}' keeps a state per row that the harness cannot reset at a sequence "
+                     "start; keep recurrent state in a stateful recurrent layer")
+
+
+def _what(io: ModelIO, side: str) -> str:
+    if side == "output":
+        return "a logit per class" if io.task == DataTask.classification else "a value per target"
+    return "token ids" if io.tokens else "features per step"
 
 
 class Head:
@@ -155,8 +221,17 @@ def make_optimizer(cfg: TrainerConfig) -> keras.optimizers.Optimizer:
     return optimizer
 
 
+def sublayers(layer: keras.layers.Layer):
+    """Every layer inside ``layer``, nested models included (depth first)."""
+    for inner in getattr(layer, "layers", []):
+        yield inner
+        yield from sublayers(inner)
+
+
 def stateful_layers(model: keras.Model) -> list[keras.layers.RNN]:
-    return [layer for layer in model.layers if isinstance(layer, keras.layers.RNN) and layer.stateful]
+    """The model's stateful recurrent layers (LSTM, GRU, SimpleRNN, ConvLSTM, an RNN around a
+    custom cell), nested models included: the state TBPTT carries and resets."""
+    return [layer for layer in sublayers(model) if isinstance(layer, keras.layers.RNN) and layer.stateful]
 
 
 def reset_rows(layers: list[keras.layers.RNN], reset) -> None:
@@ -169,8 +244,9 @@ def reset_rows(layers: list[keras.layers.RNN], reset) -> None:
 
     def zero_rows():
         for layer in layers:
-            for state in layer.states:
-                state.assign(ops.where(ops.expand_dims(reset, -1), ops.zeros_like(state), state))
+            for state in layer.states:  # (batch, units), or (batch, rows, cols, filters) for ConvLSTM
+                rows = ops.reshape(reset, (-1,) + (1,) * (len(state.shape) - 1))
+                state.assign(ops.where(rows, ops.zeros_like(state), state))
 
     ops.cond(ops.any(reset), zero_rows, lambda: None)
 

@@ -9,8 +9,9 @@ peak memory and tokens/s with their spread. The parent classifies crashes and ti
 Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment to run: the
 batch size to try, one epoch; checked once, as it is built on arrival) and ``seconds``
 (steady-state time to measure per epoch);
-``{"describe": true}`` only reports the device. A probe imports the core only: neither
-Hydra nor MLflow.
+``{"describe": true}`` reports the device (and checks a model of your own). A setting
+that cannot work is answered as ``refused`` with the setting, its value and what is
+allowed. A probe imports the core only: neither Hydra nor MLflow.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import sys
 import traceback
 
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ExperimentConfig, from_dict
+from tbptt_exp.core.config import ConfigError, ExperimentConfig, from_dict
 from tbptt_exp.core.device import configure_device, prepare_tensorflow
 from tbptt_exp.core.measure import PROBE_FIGURES, over_budget_mb
-from tbptt_exp.core.train import train
+from tbptt_exp.core.train import build, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
 
@@ -42,9 +43,14 @@ def classify_error(error: BaseException) -> str:
     return "oom" if OOM_PATTERNS.search(text) else "error"
 
 
-def describe() -> dict:
+def describe(cfg: ExperimentConfig) -> dict:
+    """The device and TensorFlow's version; for a model of your own, first its check: the
+    factory loaded and its model built once, so a refused model stops the search before
+    any probe."""
     import tensorflow as tf  # after configure_device: TensorFlow takes device settings only before it starts
 
+    if cfg.model.factory is not None:
+        build(cfg, prepare(cfg))
     return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
 
@@ -70,8 +76,11 @@ def answer(request: dict) -> dict:
         cfg = from_dict(request["config"])
         configure_device(cfg.device, say=lambda line: print(line, file=sys.stderr))  # before TensorFlow starts
         if request.get("describe"):
-            return describe()
+            return describe(cfg)
         return run_probe(cfg, request["seconds"])
+    except ConfigError as refused:  # a setting that cannot work: the parent says so in one line
+        return {"outcome": "refused", "error": str(refused), "setting": refused.setting, "value": refused.value,
+                "allowed": refused.allowed}
     except Exception as error:  # the parent decides what it means
         return {
             "outcome": classify_error(error),

@@ -185,14 +185,16 @@ def train(
     dataset: Dataset | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     epoch_seconds: float | None = None,
+    engine=None,
 ) -> RunResult:
     """Train ``cfg`` (a config checks itself when it is built); ``dataset``: what
-    ``prepare(cfg)`` gave, else it is prepared here. ``progress(epoch, batches_done,
-    n_batches)`` reports within epochs. ``epoch_seconds`` ends each epoch once that much
-    steady-state time is measured: a batch-size probe is this same run, shortened.
+    ``prepare(cfg)`` gave, else it is prepared here; ``engine``: what ``build(cfg, dataset)``
+    gave, else it is built here. ``progress(epoch, batches_done, n_batches)`` reports within
+    epochs. ``epoch_seconds`` ends each epoch once that much steady-state time is measured: a
+    batch-size probe is this same run, shortened.
     """
     dataset = dataset if dataset is not None else prepare(cfg)
-    engine, unroll = _build(cfg, dataset)  # TensorFlow loads here, once the config and data are known good
+    engine = engine if engine is not None else build(cfg, dataset)
     # Validation sees every sequence: ``drop`` would silently lose some, so it pads instead.
     val_padding = Padding.dummy if cfg.padding == Padding.drop else cfg.padding
     val_layout = build_layout(dataset.val, cfg.k, cfg.batch_size, val_padding, cfg.reset)
@@ -211,7 +213,7 @@ def train(
         real_tokens_per_epoch=first_layout.real_tokens, padded_tokens_per_epoch=first_layout.padded_tokens,
         dropped_sequences=first_layout.dropped_sequences, dummy_rows=first_layout.dummy_rows,
         n_batches=first_layout.n_batches, vocab_size=dataset.vocab_size, num_params=int(engine.model.count_params()),
-        device=measure.device_description(), jit_compile=engine.jit_compile, unroll=unroll,
+        device=measure.device_description(), jit_compile=engine.jit_compile, unroll=engine.unroll,
         step_name=dataset.step_name, **_baseline(dataset),
     )
 
@@ -222,15 +224,16 @@ def _baseline(dataset: Dataset) -> dict:
     return {"baseline": scores.pop("kind"), **{f"baseline_{name}": value for name, value in scores.items()}}
 
 
-def _build(cfg: ExperimentConfig, dataset: Dataset):
-    """(engine, unroll as built) in a process cleared of earlier experiments, peaks reset."""
+def build(cfg: ExperimentConfig, dataset: Dataset):
+    """The model ``cfg`` asks for, checked (``model.make_model``) and compiled in its engine, in
+    a process cleared of earlier experiments, with this run's peaks reset. TensorFlow loads
+    here, once the config and data are known to be good."""
     prepare_tensorflow()
     load_tensorflow()
     import keras
 
-    # TensorFlow and everything built on it load only now, so a bad config or bad data fails fast.
     from tbptt_exp.core.engines import ENGINES
-    from tbptt_exp.core.model import Head, build_model, make_optimizer, resolve_unroll
+    from tbptt_exp.core.model import Head, make_model, make_optimizer, resolve_unroll
 
     # Free what an earlier experiment in this process left (sweeps run jobs in one
     # process), so that its tensors do not count in this one's peak memory.
@@ -239,11 +242,12 @@ def _build(cfg: ExperimentConfig, dataset: Dataset):
     keras.utils.set_random_seed(cfg.seed)
     measure.reset_peak_memory(measure.training_device())  # this run's peak: the model, training and validation
     measure.reset_peak_rss()
-    unroll = resolve_unroll(cfg.model.unroll)
-    model = build_model(cfg.model, dataset.io, cfg.batch_size, cfg.k, unroll=unroll, precision=cfg.trainer.precision)
+    unroll = resolve_unroll(cfg.model.unroll) and cfg.model.factory is None
+    model = make_model(cfg.model, dataset.io, cfg.batch_size, cfg.k, unroll=unroll, precision=cfg.trainer.precision)
     head = Head(dataset.io, from_logits=not cfg.model.softmax_output, target_scale=dataset.target_scale)
     engine = ENGINES[cfg.engine.name](model, cfg.trainer, head=head, optimizer=make_optimizer(cfg.trainer))
-    return engine, unroll
+    engine.unroll = unroll  # as built: auto resolved for the device, never for a model of your own
+    return engine
 
 
 def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool,
