@@ -105,6 +105,21 @@ def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
     assert json.loads(pinned.read_text()) != accepted_once  # a good night becomes the baseline
 
 
+def test_an_entry_that_failed_is_a_gap_even_on_a_first_night(tmp_path):
+    from tbptt_exp.app.nightly_report import report
+    from tbptt_exp.app.run import _NoRun
+
+    pinned = tmp_path / "baseline.json"
+    cfg = NightlyConfig(record=True, baseline=str(pinned), advance=True)  # written by the first good night
+    assert report(entries_of(samples(1000, 0.02, 3)), tmp_path, cfg, None, _NoRun(), ["model=seed k=25"]) == EXIT_REGRESSED
+    text = (tmp_path / "nightly_report.md").read_text()
+    assert "GAP" in text and "failed tonight (a gap): model=seed k=25" in text
+    assert not pinned.exists()  # a night with a failed entry never becomes the baseline
+    assert report([], tmp_path, cfg, None, _NoRun(), ["model=lstm k=25", "model=seed k=25"]) == EXIT_REGRESSED
+    assert report(entries_of(samples(1000, 0.02, 3)), tmp_path, cfg, None, _NoRun(), []) == 0  # none failed: first night
+    assert pinned.exists()
+
+
 def test_a_baseline_file_from_another_device_is_refused_unless_allowed(tmp_path):
     path = tmp_path / "base.json"
     path.write_text(json.dumps({"device_fingerprint": "GPU A100 | 81920 MB | TensorFlow 2.21.0",

@@ -20,6 +20,7 @@ from typing import Any, List
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
+from tbptt_exp.app.sweep import KeepFailures
 from tbptt_exp.app.sweep_summary import tracked_sweep
 
 
@@ -50,8 +51,9 @@ class TrackedSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         basic_sweep = super().sweep
 
-        def launch(link, rounds: int) -> list:
+        def launch(link, rounds: int, on_failure) -> list:
             self.link_overrides, self.rounds = link.overrides(), rounds
+            self.launcher = KeepFailures(self.launcher, on_failure)  # a failed job ends in the report, not the sweep
             return [ret for batch in basic_sweep(arguments) for ret in batch]
 
         return tracked_sweep(self.config, launch)

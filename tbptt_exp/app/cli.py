@@ -1,8 +1,10 @@
 """``python -m tbptt_exp [overrides]``: set the process up, then hand over to Hydra.
 
-Exit codes: 0 done; 2 a setting cannot work (one line on stderr), or a nightly baseline
-cannot be used; 3 the batch-size search stopped on an error that is not out-of-memory;
-4 a nightly figure regressed or the nightly matrix has a gap; 130 Ctrl-C; 143 SIGTERM.
+Exit codes: 0 done; 1 the training diverged, a grid job failed or a study stopped past its
+failure rate (one line on stderr), or an unforeseen failure;
+2 a setting cannot work (one line on stderr), or a nightly baseline cannot be used; 3 the
+batch-size search stopped on an error that is not out-of-memory; 4 a nightly figure
+regressed or the nightly matrix has a gap; 130 Ctrl-C; 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from tbptt_exp.app import signals
-from tbptt_exp.app.console import error, quiet_libraries, verbose_requested
+from tbptt_exp.app.console import Stopped, error, quiet_libraries, verbose_requested
 from tbptt_exp.app.hydra_app import main as hydra_main
 from tbptt_exp.app.hydra_app import register_configs
 from tbptt_exp.app.preflight import composition_error, take_command_line_secrets
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.device import prepare_tensorflow
+from tbptt_exp.core.measure import Diverged
 
 
 def main() -> None:
@@ -54,6 +57,9 @@ def run(argv: list[str]) -> None:
     except ConfigError as bad:
         error(str(bad))
         sys.exit(2)
+    except (Diverged, Stopped) as failed:  # its runs are recorded FAILED with this reason
+        error(str(failed))
+        sys.exit(1)
     except (HydraException, OmegaConfBaseException) as bad:
         error(str(composition_error(bad, overrides(sys.argv[1:]))))
         sys.exit(2)

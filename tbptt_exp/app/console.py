@@ -18,6 +18,11 @@ def say(line: str) -> None:
     print(f"{PREFIX} {line}", flush=True)
 
 
+class Stopped(Exception):
+    """A command that stops on purpose (a study past its failure rate): its reason is one
+    line on stderr, exit 1."""
+
+
 def error(line: str) -> None:
     """A one-line error for the user, on stderr."""
     print(f"tbptt-exp: error: {line}", file=sys.stderr, flush=True)

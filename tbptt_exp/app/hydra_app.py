@@ -26,6 +26,7 @@ from tbptt_exp.app.preflight import to_experiment  # noqa: F401 - the composed c
 from tbptt_exp.app.stores import mask_credentials_in_logs
 from tbptt_exp.app.sweep import JobContext, SweepLink
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
+from tbptt_exp.core.measure import Diverged
 from tbptt_exp.paths import conf_dir
 
 
@@ -105,9 +106,9 @@ def main(cfg: DictConfig) -> Any:
     try:
         experiment = to_experiment(cfg)  # the one validation of this job's settings
         result = TASKS[experiment.task](experiment, ctx)  # settings that only the data can check raise here
-    except ConfigError as bad:
+    except (ConfigError, Diverged) as bad:
         if ctx.multirun:
             raise  # one job of a sweep: the sweeper records it (an Optuna trial fails with it)
-        error(str(bad))
-        raise SystemExit(2) from None
+        error(str(bad))  # the run, if one was recorded, ended FAILED with this reason
+        raise SystemExit(2 if isinstance(bad, ConfigError) else 1) from None
     return result if ctx.link.returns_result else result.objective

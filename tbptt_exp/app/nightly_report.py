@@ -133,13 +133,18 @@ def results_record(entries: list[dict], rounds: int) -> dict:
     }
 
 
-def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, parent) -> int:
+def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, parent,
+           failed: list[str] | None = None) -> int:
     """Judge tonight's samples against the baseline, write the report; the exit code.
 
     0: no regression and no gap (inconclusive included: noise is not a failure, but such
     a night never becomes a baseline), or accepted; ``EXIT_REGRESSED``: a figure regressed
-    or the matrix has a gap; ``EXIT_NO_BASELINE``: the baseline cannot be used.
+    or the matrix has a gap (``failed``: jobs of the matrix that failed, a gap even on a
+    first night); ``EXIT_NO_BASELINE``: the baseline cannot be used.
     """
+    if not entries:
+        error("no entry of the nightly matrix finished: nothing to judge (each failure is said above)")
+        return EXIT_REGRESSED
     results = results_record(entries, cfg.rounds)
     (sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     try:
@@ -150,6 +155,8 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
         return EXIT_NO_BASELINE
     rows = compare(samples_of(results), baseline, cfg)
     verdict = "accepted" if cfg.accept else night_verdict(rows, bool(baseline))
+    if failed and verdict != "accepted":
+        verdict, note = "gap", f"{note}; failed tonight (a gap): {', '.join(failed)}"
     markdown = report_markdown(results, rows, note, verdict, cfg.confidence)
     plots = trend_plots(history, results, sweep_dir)
     files = {"nightly_report.md": markdown, "nightly_report.html": report_html(markdown, rows, plots, cfg.confidence)}
@@ -166,11 +173,11 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
 
 
 def advance_baseline(cfg: NightlyConfig, results: dict, verdict: str) -> None:
-    """A pinned baseline file is written when it does not exist yet, when tonight is accepted,
-    and after a good night with ``nightly.advance``; a red night never moves it."""
+    """A pinned baseline file is written when tonight is accepted, and after a good night
+    when it does not exist yet or with ``nightly.advance``; a red night never writes it."""
     pinned = Path(cfg.baseline).expanduser() if cfg.baseline else None
-    if pinned is not None and (verdict == "accepted" or not pinned.is_file()
-                               or (cfg.advance and verdict in GOOD_NIGHTS)):
+    if pinned is not None and (verdict == "accepted" or (
+            verdict in GOOD_NIGHTS and (cfg.advance or not pinned.is_file()))):
         pinned.parent.mkdir(parents=True, exist_ok=True)
         pinned.write_text(json.dumps(results, indent=1))
         say(f"baseline written to {pinned}")

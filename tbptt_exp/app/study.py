@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from tbptt_exp.app.console import say
+from tbptt_exp.app.console import Stopped, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import KILLED, Ending, TrackedRun, ending_of, make_tracker
 from tbptt_exp.app.signals import deferred
@@ -158,8 +158,9 @@ def run_trials(study: optuna.Study, storage, trials: list[optuna.Trial], fixed: 
     try:
         returns = launch(batch)
     except BaseException as error:
-        for trial in trials:
-            end_trial(study, storage, trial.number, TrialState.FAIL, reason=ending_of(error).reason)
+        with deferred():  # a second Ctrl-C waits until every trial is ended
+            for trial in trials:
+                end_trial(study, storage, trial.number, TrialState.FAIL, reason=ending_of(error).reason)
         raise
     for trial, job in zip(trials, returns):
         error = job_error(job)
@@ -178,7 +179,7 @@ def check_failure_rate(study: optuna.Study, settings: StudySettings) -> None:
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if len(failed) >= 2 and len(failed) / len(trials) > settings.max_failure_rate:
         last = failed[-1].user_attrs.get("fail_reason", "no reason recorded")
-        raise RuntimeError(
+        raise Stopped(
             f"stopping study '{settings.study_name}': {len(failed)} of {len(trials)} trials failed "
             f"(hydra.sweeper.max_failure_rate={settings.max_failure_rate}); last: {last}"
         )

@@ -19,7 +19,7 @@ import contextlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
@@ -98,6 +98,25 @@ def job_error(job) -> BaseException | None:
         except BaseException as error:  # noqa: BLE001 - every way a job ends is an answer here
             return error
     return None
+
+
+class KeepFailures:
+    """A launcher whose failed jobs stay in the sweep. Hydra's basic sweeper raises the first
+    failed job's error once its batch is done, which ends the sweep before its report; here
+    ``on_failure(overrides, error)`` is told of each failed job, which is handed on as a
+    ``JobReturn`` whose value is None, so the report shows it FAILED (a nightly: a gap)."""
+
+    def __init__(self, launcher, on_failure: Callable[[list[str], BaseException], None]):
+        self.launcher, self.on_failure = launcher, on_failure
+
+    def launch(self, job_overrides, initial_job_idx):
+        returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
+        for job in returns:
+            error = job_error(job)
+            if error is not None:
+                self.on_failure(list(job.overrides), error)
+                job.status, job.return_value = JobStatus.COMPLETED, None  # Hydra raises only on FAILED
+        return returns
 
 
 def section(config, key: str, schema: type[T]) -> T:

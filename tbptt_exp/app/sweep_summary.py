@@ -20,7 +20,7 @@ from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
 from tbptt_exp.app import frontier, tables
-from tbptt_exp.app.console import say
+from tbptt_exp.app.console import error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import make_tracker
 from tbptt_exp.app.sweep import JobResult, SweepLink, section
@@ -158,9 +158,10 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
     """Run a grid sweep under one MLflow parent run and report on its jobs.
 
     ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch(link,
-    rounds)`` starts every job with the given link, the whole grid ``rounds`` times (a
-    nightly's repeats; else once), and returns Hydra's ``JobReturn``s. Raises
-    ``SystemExit`` with the nightly verdict's code when that is not 0.
+    rounds, on_failure)`` starts every job with the given link, the whole grid ``rounds``
+    times (a nightly's repeats; else once), tells ``on_failure(overrides, error)`` of each
+    job that failed and returns Hydra's ``JobReturn``s, a failed job's with the value None. Raises ``SystemExit`` with the nightly verdict's code when that is
+    not 0, else 1 when a job failed.
     """
     tracking = section(config, "tracking", TrackingConfig)
     tracker = make_tracker(tracking)
@@ -181,7 +182,10 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
         rounds = nightly.rounds if nightly.record else 1
         if rounds > 1:
             say(f"nightly: the matrix runs {rounds} times, round after round")
-        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds)
+        def failed(overrides: list[str], why: BaseException) -> None:
+            error(f"job {label(overrides, swept)} failed: {why}")
+
+        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds, failed)
         exit_code = report(returns, swept, str(config.objective), sweep_dir, parent, tracker, nightly)
     parent.announce(say, "the sweep (its runs are beneath it)")
     if exit_code:
@@ -195,16 +199,20 @@ def report(returns: list, swept: dict[str, str], objective: str, sweep_dir: Path
     the grid's results table, best job and plots."""
     results = [r.return_value if r.status == JobStatus.COMPLETED else None for r in returns]
     done = [result for result in results if result is not None]
+    failed = len(results) - len(done)  # each said in one line as it failed (``sweep.KeepFailures``)
     rows = [result.frontier_row for result in done if result.frontier_row is not None]
     entries = [result.nightly_entry for result in done if result.nightly_entry is not None]
-    if rows:
-        frontier.report(rows, sweep_dir, parent)
-        return 0
-    if entries:
-        # The nightly's statistics (SciPy) load for a nightly only.
+    if nightly.record:
+        # The nightly's statistics (SciPy) load for a nightly only; a failed entry is a gap.
         from tbptt_exp.app import nightly_report
 
-        return nightly_report.report(entries, sweep_dir, nightly, tracker, parent)
-    jobs = [(list(r.overrides), result) for r, result in zip(returns, results)]
-    grid_report(jobs, swept, objective_names(objective)[0], sweep_dir, parent)
-    return 0
+        failures = [label(list(r.overrides), swept) for r, result in zip(returns, results) if result is None]
+        return nightly_report.report(entries, sweep_dir, nightly, tracker, parent, list(dict.fromkeys(failures)))
+    if rows:
+        frontier.report(rows, sweep_dir, parent)
+    else:
+        jobs = [(list(r.overrides), result) for r, result in zip(returns, results)]
+        grid_report(jobs, swept, objective_names(objective)[0], sweep_dir, parent)
+    if failed:
+        error(f"{failed} of {len(results)} jobs failed (each said above)")
+    return 1 if failed else 0

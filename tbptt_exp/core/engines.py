@@ -10,7 +10,9 @@
 
 Both divide the loss by the sum of sample weights, so padded steps and dummy rows
 contribute nothing to loss or gradient, and both validate with the same in-graph
-evaluation, which restores the training state afterwards.
+evaluation, which restores the training state afterwards. Both stop at the first
+host sync that sees a training loss that is NaN or infinite (``NonFiniteLoss``): once
+the weights hold NaN every later figure is meaningless.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tensorflow as tf
 from tbptt_exp.core.config import TrainerConfig
 from tbptt_exp.core.dataset import token_io
 from tbptt_exp.core.layout import Layout
-from tbptt_exp.core.measure import EpochTiming
+from tbptt_exp.core.measure import EpochTiming, NonFiniteLoss
 from tbptt_exp.core.model import Head, get_states, reset_rows, set_states, stateful_layers
 
 Progress = Callable[[int], None]
@@ -112,6 +114,14 @@ def per_token_loss(sums) -> float:
     return float(loss_sum / weight_sum)
 
 
+def first_non_finite(sums, ends: list[int]) -> NonFiniteLoss:
+    """The first execution whose loss sum is not finite, as the batch it ended with (exact
+    with one step per execution); its losses are on the host already, so this costs no sync."""
+    first = next(i for i, (loss, _) in enumerate(sums) if not np.isfinite(float(loss)))
+    batches = ends[first] - (ends[first - 1] if first else 0)
+    return NonFiniteLoss(float(sums[first][0]), ends[first], exact=batches == 1)
+
+
 def executions(layout: Layout, steps: int):
     """The layout's arrays cut into consecutive runs of ``steps`` batches."""
     for start in range(0, layout.n_batches, steps):
@@ -155,13 +165,15 @@ class GraphEngine(Engine):
     def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
         steps = self.cfg.steps_per_execution
         timing = EpochTiming()
-        sums, done = [], 0
+        sums, ends, done = [], [], 0  # ends[i]: batches done after execution i
         while True:
             for arrays in executions(layout, steps):
                 sums.append(self._train_execution(*arrays))
                 done += min(steps, layout.n_batches - done % layout.n_batches)
+                ends.append(done)
                 if timing.due():  # the one host sync: a window closes (the first one: compilation)
-                    float(sums[-1][0])
+                    if not np.isfinite(float(sums[-1][0])):  # NaN weights: every later loss is NaN too
+                        raise first_non_finite(sums, ends)
                     timing.mark(done)
                     if progress is not None:
                         progress(done)
@@ -172,6 +184,8 @@ class GraphEngine(Engine):
                     continue  # not measured long enough yet: once more round the layout
             break
         loss = per_token_loss(sums)  # waits for the last execution
+        if not np.isfinite(loss):
+            raise first_non_finite(sums, ends)
         timing.finish(done)
         return EpochResult(loss, timing)
 
@@ -205,7 +219,9 @@ class _TimeAndReport(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.done += 1
         if self.timing.due():  # the one host sync: a window closes (the first one: compilation)
-            float(logs["loss"])
+            loss = float(logs["loss"])  # the epoch's running mean: not finite once any batch was not
+            if not np.isfinite(loss):
+                raise NonFiniteLoss(loss, self.done, exact=False)
             self.timing.mark(self.done)
             if self.progress is not None:
                 self.progress(self.done)
@@ -232,8 +248,11 @@ class KerasFitEngine(Engine):
             verbose=0,
             callbacks=[ResetStatesOnNewGroup(layout.reset, self.layers), clock],
         )
+        loss = float(history.history["step_loss"][-1])
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(loss, clock.done, exact=False)
         timing.finish(clock.done)
-        return EpochResult(float(history.history["step_loss"][-1]), timing)
+        return EpochResult(loss, timing)
 
 
 ENGINES = {engine.name: engine for engine in (GraphEngine, KerasFitEngine)}

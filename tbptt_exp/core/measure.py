@@ -237,6 +237,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class NonFiniteLoss(ArithmeticError):
+    """The training loss became NaN or infinite at ``batch`` (counted from 1 through the epoch;
+    ``exact``: that batch itself, else the first check that saw it)."""
+
+    def __init__(self, loss: float, batch: int, exact: bool = True):
+        super().__init__(f"the training loss became {loss} {'at' if exact else 'by'} batch {batch}")
+        self.loss, self.batch, self.exact = loss, batch, exact
+
+
+class Diverged(ArithmeticError):
+    """The training diverged: the run failed, and none of its figures is a result (one line:
+    where, and what usually helps; ``train.diverged``)."""
+
+
 @dataclass
 class EpochTiming:
     """Wall-clock marks of one epoch: its start, and (time, batches done) at each sync.

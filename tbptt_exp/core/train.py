@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ConfigError, DataTask, ExperimentConfig, Padding, objective_names
+from tbptt_exp.core.config import Activation, ConfigError, DataTask, ExperimentConfig, Padding, objective_names
 from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.dataset import Dataset, baselines
 from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 from tbptt_exp.core.layout import Layout, build_layout, epoch_order, planned_batches
-from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, rate_text
+from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, Diverged, NonFiniteLoss, rate_text
 
 
 @dataclass
@@ -205,7 +205,12 @@ def train(
         layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
         first_layout = first_layout or layout
         report = None if progress is None else (lambda done, e=epoch, n=layout.n_batches: progress(e, done, n))
-        epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds))
+        try:
+            epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds))
+        except NonFiniteLoss as loss:
+            raise diverged(cfg, epoch, str(loss)) from None
+        if not math.isfinite(epochs[-1].val_loss):
+            raise diverged(cfg, epoch, f"the validation loss became {epochs[-1].val_loss}")
         if on_epoch is not None:
             on_epoch(epochs[-1])
     return RunResult(
@@ -216,6 +221,18 @@ def train(
         device=measure.device_description(), jit_compile=engine.jit_compile, unroll=engine.unroll,
         step_name=dataset.step_name, **_baseline(dataset),
     )
+
+
+def diverged(cfg: ExperimentConfig, epoch: int, where: str) -> Diverged:
+    """One line: where the loss stopped being finite, and what usually helps."""
+    trainer, model = cfg.trainer, cfg.model
+    helps = ("set trainer.clipnorm (1.0 usually works)" if trainer.clipnorm is None
+             else f"lower trainer.clipnorm (now {trainer.clipnorm:g})")
+    helps += f" or lower trainer.learning_rate (now {trainer.learning_rate:g})"
+    if model.factory is None and model.activation == Activation.relu:
+        helps += ("; the LSTM's relu activation is unbounded, so its state can grow without limit: "
+                  "clipping is what usually helps, or model.activation=tanh")
+    return Diverged(f"training diverged: {where} of epoch {epoch}; {helps}")
 
 
 def _baseline(dataset: Dataset) -> dict:
