@@ -194,6 +194,9 @@ def test_a_store_that_cannot_work_is_one_line_before_tensorflow_loads(tmp_path, 
     (["data.path=short.txt"], "data.sequence_length="),
     (["data.path=short.txt", "data.cut=documents", "k=1000"], "k="),  # one file works, but not with k past its length
     (["data=key_recall", "data.num_sequences=1"], "data.num_sequences="),
+    (["data.val_fraction=0"], "data.val_fraction=0.0 is not allowed: use a fraction above 0"),
+    (["+trainer.lr=0.5"], "trainer.lr=0.5 is not allowed: there is no such setting; did you mean trainer.learning_rate?"),
+    (["+foo=1"], "foo=1 is not allowed: there is no such setting"),
 ])
 def test_bounds_and_tiny_data_are_one_line_before_allocating(tmp_path, args, setting):
     (tmp_path / "short.txt").write_text("a short text. " * 21)  # about 300 characters
@@ -202,6 +205,29 @@ def test_bounds_and_tiny_data_are_one_line_before_allocating(tmp_path, args, set
     assert out.stderr.startswith(f"tbptt-exp: error: {setting}")
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert runs(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (["k=int(interval(5,1))"], "k='int(interval(5,1))' is not allowed: `low <= high` must hold"),
+    (["trainer.learning_rate=tag(log,interval(0,0.1))"], "trainer.learning_rate='tag(log,interval(0,0.1))' is not"),
+    (["k=int(interval(-5,0))"], "k=-5 is not allowed: use a positive whole number"),  # every point is invalid
+    (["k=choice(10,500)"], "k=500 is not allowed: use a chunk length up to data.sequence_length=200"),
+    (["hydra.sweeper.sampler=grid", "k=int(interval(5,10))"], "hydra.sweeper.sampler='grid' is not allowed: a grid"),
+    (["k=range(10,1)"], "k='range(10,1)' is not allowed"),
+])
+def test_a_search_space_that_can_only_fail_is_one_line_before_a_trial(tmp_path, args, says):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = cli(["-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", *args,
+               f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"tbptt-exp: error: {says}")
+    assert len(out.stderr.strip().splitlines()) == 1 and runs(store) == [] and not (tmp_path / "optuna.db").exists()
+
+
+def test_an_empty_grid_sweep_is_one_line(tmp_path):
+    out = cli(["-m", "k=range(10,1)", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("tbptt-exp: error: k='range(10,1)' is not allowed: the sweep "
+                                                         "has no values"), out.stderr[-2000:]
 
 
 def test_files_that_cannot_be_read_are_reported_not_dropped(tmp_path):
@@ -287,3 +313,26 @@ def test_an_interrupt_outside_a_store_write_is_raised_at_once(interrupt_handlers
         os.kill(os.getpid(), signal.SIGINT)
         done.append("inner")
     assert done == ["inner"]
+
+
+@pytest.mark.slow
+def test_a_finder_killed_outright_takes_its_probe_with_it(tmp_path):
+    import psutil
+
+    finder = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "task=max_batch", "data=key_recall", "batch_finder.probe_seconds=60",
+         "batch_finder.cache=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline, seen, probe = time.monotonic() + 180, set(), None
+    while probe is None and time.monotonic() < deadline:  # the second probe: the first only describes the device
+        time.sleep(0.5)
+        children = [p for p in psutil.Process(finder.pid).children() if "tbptt_exp.core.probe" in " ".join(p.cmdline())]
+        seen |= {p.pid for p in children}
+        probe = children[0] if children and len(seen) > 1 else None
+    assert probe is not None, "no training probe started"
+    time.sleep(5)  # well into the probe, which trains for a minute
+    finder.kill()
+    finder.wait()
+    gone, alive = psutil.wait_procs([probe], timeout=15)
+    assert probe in gone and not alive

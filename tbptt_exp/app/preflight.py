@@ -19,19 +19,21 @@ option or key, a value of the wrong type) into the same one-line ``ConfigError``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import os
 import typing
 from enum import Enum
-from typing import Iterable
+from typing import Any, Iterable
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from optuna.distributions import CategoricalDistribution
 
-from tbptt_exp.app.search_space import StudySettings
+from tbptt_exp.app.search_space import StudySettings, distribution
 from tbptt_exp.app.stores import check_storage_url, check_tracking_uri, default_storage_url, resolve_uri, take_secrets
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
 from tbptt_exp.core.device import visible_gpus
@@ -114,7 +116,11 @@ def _choices(overrides: list[str], multirun: bool) -> list[list[str]]:
                 raise ConfigError(o.key_or_group, o.input_line.split("=", 1)[1], "a list of values is a sweep: add -m")
             if not o.is_discrete_sweep():
                 continue  # a continuous search space: the sweeper samples it
-            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+            values = [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+            if not values:
+                raise ConfigError(o.key_or_group, o.input_line.split("=", 1)[1],
+                                  "the sweep has no values: range(start, stop) counts up from start to below stop")
+            choices.append(values)
         else:
             choices.append([o.input_line])
     return choices
@@ -135,8 +141,37 @@ def _combinations(choices: list[list[str]]) -> Iterable[list[str]]:
 
 def to_experiment(config: DictConfig) -> ExperimentConfig:
     """A composed config (its ``hydra`` node aside) -> the one config object, which checks
-    itself as it is built (``OmegaConf.to_object`` runs each class's ``__post_init__``)."""
+    itself as it is built (``OmegaConf.to_object`` runs each class's ``__post_init__``).
+    A key that no settings class has (``+trainer.lr=0.5``) would be dropped without a word,
+    so it is refused, with the setting it was probably meant to be."""
+    for setting, value, known in unknown_settings(config):
+        close = closest(setting, known)
+        raise ConfigError(setting, value, "there is no such setting" + (f"; did you mean {close[0]}?" if close else "")
+                          + " (python -m tbptt_exp --cfg job shows them all)")
     return OmegaConf.to_object(config)
+
+
+def closest(setting: str, known: list[str]) -> list[str]:
+    """The setting probably meant: by its initials (``lr``: ``learning_rate``), else by spelling."""
+    leaf = setting.rsplit(".", 1)[-1]
+    initials = [k for k in known if "".join(w[:1] for w in k.rsplit(".", 1)[-1].split("_")) == leaf]
+    return (initials or difflib.get_close_matches(setting, known, n=1, cutoff=0.75))[:1]
+
+
+def unknown_settings(node: DictConfig, prefix: str = "") -> Iterable[tuple[str, Any, list[str]]]:
+    """(setting, value, the settings there are) for each key of ``node`` that its settings
+    class does not have; free-form nodes (``model.params``) have none."""
+    kind = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(kind):
+        return
+    known = [f.name for f in dataclasses.fields(kind)]
+    for key, value in node.items_ex(resolve=False):
+        if not prefix and key == "hydra":
+            continue
+        if key not in known:
+            yield prefix + str(key), value, [prefix + name for name in known]
+        elif isinstance(value, DictConfig):
+            yield from unknown_settings(value, f"{prefix}{key}.")
 
 
 def is_optuna(config: DictConfig) -> bool:
@@ -150,6 +185,37 @@ def check_optuna_sweeper(config: DictConfig) -> None:
     if len(settings.directions) != len(objective_names(config.objective)):
         raise ConfigError("hydra.sweeper.direction", settings.directions,
                           f"give one direction per objective ({config.objective})")
+
+
+def check_search_space(config: DictConfig, overrides: list[str]) -> None:
+    """A search space that can only fail is refused before a trial starts: each parameter is
+    a distribution the sampler can use, and its ends (each choice) are settings the
+    experiment accepts, composed with the fixed overrides."""
+    sampler = str(config.hydra.sweeper.get("sampler"))
+    params = config.hydra.sweeper.get("params") or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    space = {}
+    for line in lines:
+        key, value = line.split("=", 1)
+        try:
+            space[line] = distribution(line)
+        except (ValueError, OverrideParseException) as bad:
+            raise ConfigError(key.lstrip("+~"), value, str(bad).splitlines()[0]) from None
+    fixed = [line for line, dist in space.items() if isinstance(dist, str)]
+    for line, dist in space.items():
+        if isinstance(dist, str):
+            continue
+        key = line.split("=", 1)[0]
+        if sampler == "grid" and not isinstance(dist, CategoricalDistribution):
+            raise ConfigError("hydra.sweeper.sampler", sampler, f"a grid needs choice(...) for every parameter, and "
+                                                                f"{line} is not: use choice(...) or another sampler")
+        ends = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        for end in ends:
+            combo = [*fixed, f"{key}={end}"]
+            try:
+                to_experiment(compose("config", overrides=combo))
+            except (HydraException, OmegaConfBaseException) as error:
+                raise composition_error(error, combo) from None
 
 
 def take_config_secrets(config: DictConfig) -> None:
@@ -215,6 +281,7 @@ def check(config: DictConfig, overrides: list[str], multirun: bool) -> None:
     """Everything that can be checked on a composed config before any job runs (raises ConfigError)."""
     if multirun and is_optuna(config):
         check_optuna_sweeper(config)
+        check_search_space(config, overrides)
     take_config_secrets(config)
     if multirun:
         check_combinations(config, overrides)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock
 
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
-from tbptt_exp.app.signals import Deferring
+from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.stores import mask_credentials, resolve_uri
 from tbptt_exp.app.ui import run_url, ui_command
 from tbptt_exp.core.config import TrackingConfig
@@ -135,7 +135,8 @@ class Tracker:
         try:
             yield run
         except BaseException as error:
-            run.end(ending_of(error))
+            with deferred():  # a second Ctrl-C waits until the run is ended
+                run.end(ending_of(error))
             raise
         if not run.left_running:
             run.end(ending_of(None))

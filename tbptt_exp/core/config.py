@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -141,11 +142,14 @@ def _whole(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite number: NaN and infinity pass no comparison a rule could make sense of."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 POSITIVE = rule(lambda v: _whole(v) and v > 0, "use a positive whole number")
 FRACTION = rule(lambda v: _number(v) and 0 <= v < 1, "use a number from 0 up to (not including) 1")
+VAL_FRACTION = rule(lambda v: _number(v) and 0 < v < 1,
+                    "use a fraction above 0 and below 1: the figures are measured on held-out sequences")
 SECONDS = rule(lambda v: _number(v) and v > 0, "use a positive number of seconds")
 BOOL = rule(lambda v: isinstance(v, bool), "use true or false")
 
@@ -193,7 +197,7 @@ class CharsDataConfig:
     max_sequences: Optional[int] = field(default=None, metadata=POSITIVE)
     max_chars: int = field(default=400_000, metadata=POSITIVE)  # cap on the characters read
     max_vocab: int = field(default=200, metadata=POSITIVE)  # most frequent characters kept; the rest: one unknown id
-    val_fraction: float = field(default=0.1, metadata=FRACTION)
+    val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
         check_data_kind(self)
@@ -223,7 +227,7 @@ class KeyRecallDataConfig:
     sequence_length: int = field(default=100, metadata=POSITIVE)
     num_keys: int = field(default=4, metadata=POSITIVE)
     num_noise_tokens: int = field(default=8, metadata=POSITIVE)
-    val_fraction: float = field(default=0.25, metadata=FRACTION)
+    val_fraction: float = field(default=0.25, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
         check_data_kind(self)
@@ -251,7 +255,7 @@ class SeriesDataConfig:
     num_regimes: int = field(default=3, metadata=rule(lambda v: _whole(v) and v >= 2, "use 2 or more"))
     switch_probability: float = field(default=0.005, metadata=FRACTION)  # per step
     noise: float = field(default=4.0, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number"))
-    val_fraction: float = field(default=0.25, metadata=FRACTION)
+    val_fraction: float = field(default=0.25, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
         check_data_kind(self)
@@ -281,7 +285,7 @@ class ArraysDataConfig:
     num_classes: Optional[int] = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)  # float features and regression targets, by training steps
-    val_fraction: float = field(default=0.1, metadata=FRACTION)
+    val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
         check_data_kind(self)
@@ -310,7 +314,7 @@ class TableDataConfig:
     num_classes: Optional[int] = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)
-    val_fraction: float = field(default=0.1, metadata=FRACTION)
+    val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
         check_data_kind(self)

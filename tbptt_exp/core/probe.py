@@ -16,8 +16,11 @@ allowed. A probe imports the core only: neither Hydra nor MLflow.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
+import signal
 import sys
 import traceback
 
@@ -28,6 +31,7 @@ from tbptt_exp.core.measure import PROBE_FIGURES, over_budget_mb
 from tbptt_exp.core.train import build, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 OOM_PATTERNS = re.compile(
     r"ResourceExhausted|RESOURCE_EXHAUSTED|out of memory|OOM when allocating|"
@@ -89,7 +93,21 @@ def answer(request: dict) -> dict:
         }
 
 
+def die_with_finder() -> None:
+    """A probe is part of its finder: when the finder is killed outright (``kill -9``), the
+    kernel ends the probe too (Linux), instead of it training on with nobody to answer."""
+    finder = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the probe ends by itself
+        return
+    if os.getppid() != finder:  # the finder died before the line above took effect
+        os._exit(1)
+
+
 def main() -> None:
+    die_with_finder()
     print(MARKER + json.dumps(answer(json.loads(sys.stdin.read()))), flush=True)
 
 
