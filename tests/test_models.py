@@ -20,7 +20,7 @@ from tbptt_exp.core.model import (
 
 import model_factories  # noqa: E402 - the factories of these tests
 from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
-from test_tbptt import chunked_forward  # noqa: E402
+from test_tbptt import assert_chunked_equals_full  # noqa: E402
 
 B, K, F = 4, 5, 3
 IO = ModelIO(DataTask.classification, 4, num_features=F)
@@ -43,13 +43,8 @@ def features(shape, seed=0):
 @pytest.mark.parametrize("kind", [*KINDS, "conv"])
 def test_chunked_forward_equals_the_full_sequence(kind):
     keras.utils.set_random_seed(0)
-    stateful, full = model_of(kind), model_of(kind, stateful=False, k=None, batch=None)
-    full.set_weights(stateful.get_weights())
-    x = features((B, 4 * K))
-    expected = np.asarray(full(x, training=False))
-    np.testing.assert_allclose(chunked_forward(stateful, x, K), expected, atol=1e-5)
-    no_carry = chunked_forward(stateful, x, K, reset_between=True)
-    assert not np.allclose(no_carry[:, K:], expected[:, K:], atol=1e-3)  # the comparison is sharp
+    assert_chunked_equals_full(model_of(kind), model_of(kind, stateful=False, k=None, batch=None),
+                               features((B, 4 * K)), K)
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "conv"])

@@ -46,18 +46,21 @@ def chunked_forward(model, x, k, reset_between=False):
     return np.concatenate(outs, axis=1)
 
 
+def assert_chunked_equals_full(stateful, full, x, k):
+    """``stateful`` fed ``x`` in chunks of ``k`` (state carried) gives what ``full`` (the same
+    weights, no state) gives on the whole sequence; without the carry it does not, so the
+    comparison is sharp."""
+    full.set_weights(stateful.get_weights())
+    expected = np.asarray(full(x, training=False))
+    np.testing.assert_allclose(chunked_forward(stateful, x, k), expected, atol=1e-5)
+    no_carry = chunked_forward(stateful, x, k, reset_between=True)
+    assert not np.allclose(no_carry[:, k:], expected[:, k:], atol=1e-3)
+
+
 def test_chunked_stateful_forward_equals_full_sequence_forward():
     keras.utils.set_random_seed(0)
     stateful = build_model(SMALL, V, B, K)
-    full = build_model(SMALL, V, B, None, stateful=False)
-    full.set_weights(stateful.get_weights())
-    x = tokens((B, 4 * K))
-
-    expected = np.asarray(full(x, training=False))
-    np.testing.assert_allclose(chunked_forward(stateful, x, K), expected, atol=1e-5)
-    # The comparison is sharp: without the carry, chunks after the first differ.
-    no_carry = chunked_forward(stateful, x, K, reset_between=True)
-    assert not np.allclose(no_carry[:, K:], expected[:, K:], atol=1e-3)
+    assert_chunked_equals_full(stateful, build_model(SMALL, V, B, None, stateful=False), tokens((B, 4 * K)), K)
 
 
 def test_final_state_after_chunks_equals_full_sequence_state():
@@ -335,13 +338,7 @@ def features(shape, seed=0):
 def test_chunked_forward_equals_the_full_sequence_for_float_features(io):
     keras.utils.set_random_seed(0)
     stateful = build_model(SMALL, io, B, K)
-    full = build_model(SMALL, io, B, None, stateful=False)
-    full.set_weights(stateful.get_weights())
-    x = features((B, 4 * K))
-    expected = np.asarray(full(x, training=False))
-    np.testing.assert_allclose(chunked_forward(stateful, x, K), expected, atol=1e-5)
-    no_carry = chunked_forward(stateful, x, K, reset_between=True)
-    assert not np.allclose(no_carry[:, K:], expected[:, K:], atol=1e-3)  # the comparison is sharp
+    assert_chunked_equals_full(stateful, build_model(SMALL, io, B, None, stateful=False), features((B, 4 * K)), K)
 
 
 def test_per_row_reset_is_bit_identical_for_float_features():
