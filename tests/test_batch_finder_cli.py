@@ -24,12 +24,16 @@ from tbptt_exp.core.config import (
 
 pytestmark = pytest.mark.slow
 
-# Measured on TensorFlow 2.21's CPU allocator (probes and real one-epoch runs agree within
-# about 1 MB): at k=25 the peak jumps from about 42 MB (B=80) to 52 MB (B=88), at k=10 from
-# about 35 MB (B=208) to 54 MB (B=216), so a 47 MB budget sits MBs away from both answers.
+# Measured on TensorFlow 2.21's CPU allocator: at k=10 the peak jumps from 42-45 MB (B=136)
+# to 55-56 MB (B=144), at k=25 from 29.5 MB (B=40) to 42 or 53 MB (B=48) and 54-56 MB (B=56).
+# The CPU peak is a sample: it depends on how concurrent ops interleave, and at some sizes it
+# has two modes (B=48 at k=25 read 42.2 MB in five lone probes and 53.0 MB in a finder's
+# sweep). So a single real run one size up can fall on the low mode; the answer itself must
+# hold in real training, and the budget sits about 5 MB above the answers' peaks.
+BUDGET_MB = 50
 SMALL = [
     "data=key_recall", "data.num_sequences=256", "data.sequence_length=40", "data.num_noise_tokens=2000", "model.units=64", "model.embedding_dim=16",
-    "batch_finder.max_batch_size=224", "batch_finder.probe_seconds=1.5", "device.memory_budget_mb=47",
+    "batch_finder.max_batch_size=224", "batch_finder.probe_seconds=1.5", f"device.memory_budget_mb={BUDGET_MB}",
 ]
 
 
@@ -54,7 +58,7 @@ def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> Experi
         k=k, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40, num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
         batch_finder=BatchFinderConfig(max_batch_size=max_batch_size, probe_seconds=1.5,
                                        cache_dir=str(tmp_path / "cache"), **finder),
-        device=DeviceConfig(memory_budget_mb=47),
+        device=DeviceConfig(memory_budget_mb=BUDGET_MB),
         tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
     )
 
@@ -68,7 +72,7 @@ def real_run(k: int, batch_size: int, cwd: Path) -> str:
     out = cli([f"k={k}", f"batch_size={batch_size}", "trainer.epochs=1", "tracking=none",
                *[a for a in SMALL if not a.startswith("batch_finder.")]], cwd=cwd, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    (line,) = [line for line in out.stdout.splitlines() if "the memory budget of 47 MB" in line]
+    (line,) = [line for line in out.stdout.splitlines() if f"the memory budget of {BUDGET_MB} MB" in line]
     return line.split()[1]  # within | over
 
 
@@ -93,11 +97,11 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
         assert row["probes"] <= bound == 7
         probed = {p["batch_size"]: p for p in row["probe_log"]}
         assert probed[best]["outcome"] == "ok" and probed[best + 8]["outcome"] == "budget"
-        assert rec in probed and probed[rec]["peak_memory_mb"] <= 47 * 0.9
+        assert rec in probed and probed[rec]["peak_memory_mb"] <= BUDGET_MB * 0.9
         assert all(p["tokens_per_s_spread"] is not None for p in probed.values())  # several windows each
-        # The answer holds in real training: independent one-epoch runs, the answer and one size up.
-        assert (real_run(k, best, tmp_path), real_run(k, best + 8, tmp_path)) == ("within", "over"), row
-        assert row["budget_mb"] == 47
+        # The answer holds in real training: an independent one-epoch run at that size.
+        assert real_run(k, best, tmp_path) == "within", row
+        assert row["budget_mb"] == BUDGET_MB
 
     from mlflow import MlflowClient
 
@@ -105,8 +109,8 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
     assert client.get_experiment_by_name("tbptt-exp") is None  # training runs' charts stay uncrowded
     runs = client.search_runs([client.get_experiment_by_name("tbptt-exp-max-batch").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "sweep"]
-    assert parent.info.run_name == "max_batch k=10,25 budget 47 MB"
-    assert parent.data.params["swept.k"] == "10,25" and parent.data.params["device.memory_budget_mb"] == "47"
+    assert parent.info.run_name == f"max_batch k=10,25 budget {BUDGET_MB} MB"
+    assert parent.data.params["swept.k"] == "10,25" and parent.data.params["device.memory_budget_mb"] == str(BUDGET_MB)
     assert {"batch_frontier.csv", "batch_memory.png", "batch_throughput.png"} <= {
         a.path for a in client.list_artifacts(parent.info.run_id)}
     assert not [r for r in runs if r.data.tags.get("tbptt_exp.kind") == "probe"]  # probes are steps, not runs
