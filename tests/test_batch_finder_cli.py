@@ -121,10 +121,26 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
         assert fits == {p["batch_size"]: float(p["outcome"] == "ok") for p in row["probe_log"]}
         assert per_k[row["k"]].data.metrics["batch/max"] == row["max_batch_size"]
         assert "batch_size" not in per_k[row["k"]].data.params  # a setting this task does not read
+        # Each k's run opens on its answer, and its name says the budget.
+        note = per_k[row["k"]].data.tags["mlflow.note.content"]
+        assert note.startswith(f"**k={row['k']}: largest {row['max_batch_size']}, recommended {rec}"), note
+        assert per_k[row["k"]].info.run_name.endswith(f"budget {BUDGET_MB} MB")
+        assert row["max_is_ceiling"] is False
+    # The parent answers: the frontier per k in its description and as metrics charted against k.
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"within a budget of {BUDGET_MB} MB" in note and "- k=10: largest" in note and "- k=25: largest" in note
+    history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "frontier/max_batch_size")}
+    assert history == {r["k"]: r["max_batch_size"] for r in json.loads((folder / "batch_frontier.json").read_text())}
+    assert out.stdout.count("in MLflow: http") == 1 and "open the run" not in out.stdout
+    assert "env_set" not in out.stdout + out.stderr and "job 2/2: k=25" in out.stdout
 
-    again = cli(["task=max_batch", "k=25", *SMALL, *store_args(tmp_path)], cwd=tmp_path)
+    # One k of the preset's list: the sweep is named after what ran, and comes from the cache.
+    again = cli(["-m", "sweep=max_batch", "k=25", *SMALL, *store_args(tmp_path)], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "cached result" in again.stdout and "batch_size=" not in again.stdout  # no probe ran
+    names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("tbptt-exp-max-batch").experiment_id])
+             if r.data.tags.get("tbptt_exp.kind") == "sweep"}
+    assert f"max_batch k=25 budget {BUDGET_MB} MB" in names
 
 
 def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
@@ -187,3 +203,6 @@ def test_the_frontier_of_arrays_and_table_datasets(tmp_path):
         rows = json.loads((sweep_dir(cwd) / "batch_frontier.json").read_text())
         assert [r["k"] for r in rows] == [10, 20] and all(r["max_batch_size"] == 32 for r in rows), rows  # no budget
         assert all(p["outcome"] == "ok" and p["tokens_per_s"] for r in rows for p in r["probe_log"])
+        # Every probe fitted: 32 is the range's ceiling, not a measured limit, and that is said.
+        assert all(r["max_is_ceiling"] for r in rows)
+        assert out.stdout.count("raise batch_finder.max_batch_size") >= 2, out.stdout[-2000:]

@@ -204,6 +204,10 @@ def test_a_sweep_through_a_real_mlflow_server_reads_well_in_its_ui(tmp_path):
         best = min(children, key=lambda r: r.data.metrics["loss/val"])
         assert parent.data.metrics["best/val_loss"] == pytest.approx(best.data.metrics["loss/val"])
         assert parent.data.tags["best.settings"] == f"k={best.data.params['k']}"
+        assert parent.data.tags["mlflow.note.content"].startswith(f"**Best val_loss {best.data.metrics['loss/val']:.4f} "
+                                                                  f"with k={best.data.params['k']}**")
+        by_k = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_k/val_loss")}
+        assert by_k == {int(r.data.params["k"]): r.data.metrics["loss/val"] for r in children}  # charted against k
         artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"sweep_k.png", "sweep_results.md"} <= artifacts
         table = Path(client.download_artifacts(parent.info.run_id, "sweep_results.md", str(tmp_path))).read_text()
@@ -217,9 +221,12 @@ def test_a_sweep_through_a_real_mlflow_server_reads_well_in_its_ui(tmp_path):
             assert "config.yaml" in {a.path for a in client.list_artifacts(child.info.run_id)}
 
         # The printed link opens the parent run in this server's UI.
-        links = re.findall(rf"{re.escape(uri)}/#/experiments/(\w+)/runs/(\w+)", out.stdout)
-        assert links and links[-1] == (parent.info.experiment_id, parent.info.run_id), out.stdout[-2000:]
-        assert client.get_experiment(links[-1][0]).name == "tbptt-exp"
+        # One link, the parent's, in the UI's model-training view (not its GenAI view).
+        links = re.findall(rf"{re.escape(uri)}/#/experiments/(\w+)/runs/(\w+)\?workflowType=machine_learning", out.stdout)
+        assert links == [(parent.info.experiment_id, parent.info.run_id)], out.stdout[-2000:]
+        experiment = client.get_experiment(links[-1][0])
+        assert experiment.name == "tbptt-exp" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "env_set" not in out.stdout + out.stderr and "job 2/2: k=10" in out.stdout
         assert urllib.request.urlopen(uri, timeout=10).status == 200
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tbptt_exp.app import signals
-from tbptt_exp.app.liveness import HOLDER_PREFIX, STALE_AFTER_S, Holder, dead_reason, this_process
+from tbptt_exp.app.liveness import STALE_AFTER_S, Holder, dead_reason, this_process
 from tbptt_exp.app.run import Tracker
 from tbptt_exp.app.stores import mask_credentials, take_secrets
 from tbptt_exp.app.study import sampler_seed

@@ -55,8 +55,12 @@ def test_the_context_manager_ends_runs_as_outcome_of_says(tracker):
     failed = ended(tracker, RuntimeError("planted"))
     assert failed.info.status == "FAILED" and failed.data.tags["fail_reason"] == "RuntimeError: planted"
     assert ended(tracker, KeyboardInterrupt()).info.status == "KILLED"
-    pruned = ended(tracker, optuna.TrialPruned("pruned at epoch 1"), **{"optuna.trial": 3})
+    pruned = ended(tracker, optuna.TrialPruned("pruned after epoch 1 (val_loss 2.5000)"),
+                   **{"optuna.trial": 3, "mlflow.note.content": "Trained for 4 epochs."})
     assert pruned.info.status == "FINISHED" and pruned.data.tags["optuna.state"] == "PRUNED"
+    assert pruned.info.run_name == "r (pruned)"  # a run that stopped early says so where it is listed
+    assert pruned.data.tags["mlflow.note.content"].startswith("**Pruned after epoch 1 (val_loss 2.5000)**")
+    assert pruned.data.tags["mlflow.note.content"].endswith("Trained for 4 epochs.")
     with tracker.run("open") as run:
         run.leave_running()  # a study's parent, still used by other workers
     assert tracker.client.get_run(run.run_id).info.status == "RUNNING"

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -75,6 +76,24 @@ def test_tpe_study_with_pruning_prunes_a_trial_and_tracks_every_trial(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.md", "optimization_history.png"} <= artifacts
     assert "best_value" in parent.data.metrics and "best.trial" in parent.data.tags
+
+    # The answer at a glance: the parent's description, each trial's run and cost on the trial.
+    best = study.best_trial
+    assert parent.data.tags["mlflow.note.content"].startswith(f"**Best: trial {best.number}, value ")
+    assert parent.data.metrics["best/tokens_per_s"] == best.user_attrs["tokens_per_s"]
+    by_trial = {int(r.data.tags["optuna.trial"]): r for r in children}
+    for t in study.trials:
+        assert t.user_attrs["mlflow_run_id"] == by_trial[t.number].info.run_id
+        assert t.user_attrs["tokens_per_s"] > 0 and t.user_attrs["epochs_run"] == len(t.intermediate_values)
+        pruned = t.state == TrialState.PRUNED
+        assert by_trial[t.number].info.run_name.endswith("(pruned)") == pruned
+        assert by_trial[t.number].data.tags["mlflow.note.content"].startswith("**Pruned after epoch") == pruned
+    table = Path(client.download_artifacts(parent.info.run_id, "trials.md", str(tmp_path))).read_text()
+    assert "real tokens/s" in table and by_trial[0].info.run_id in table
+    assert "param_importances.txt" in artifacts  # 4 trials: too few for importances to mean anything
+    # A console a person reads: a line per trial, one link, no launcher internals.
+    assert "trial 0: trainer.learning_rate=" in out.stdout and "Launching" not in out.stdout + out.stderr
+    assert out.stdout.count("in MLflow: http") == 1 and "open the run" not in out.stdout
 
 
 def test_memory_budget_makes_large_batches_infeasible(tmp_path):

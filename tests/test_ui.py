@@ -53,6 +53,9 @@ def test_a_sweep_is_named_after_what_it_swept_and_keeps_where_it_records_out():
     swept, fixed = sweep_summary.settings(["sweep=max_batch", "k=10,25", "device.memory_budget_mb=300"], {"k": "10,25,50"})
     assert swept == {"k": "10,25"}  # the command line overrides the preset's list
     assert sweep_summary.name(swept, fixed, "max_batch", 300.0) == "max_batch k=10,25 budget 300 MB"
+    swept, fixed = sweep_summary.settings(["sweep=max_batch", "k=25", "device.memory_budget_mb=300"], {"k": "10,25,50"})
+    assert swept == {"k": "25"} and "k" not in fixed  # one value on the command line: the sweep ran k=25 only
+    assert sweep_summary.name(swept, fixed, "max_batch", 300.0) == "max_batch k=25 budget 300 MB"
 
 
 def test_the_results_table_labels_jobs_by_their_swept_values_and_the_best_job_wins_by_direction():
@@ -83,7 +86,7 @@ def test_sweep_plots_draw_every_job_against_each_swept_setting(tmp_path):
 def test_links_open_the_run_in_the_ui_without_credentials():
     assert ui_base("sqlite:////tmp/m.db") == "http://127.0.0.1:5000"
     assert ui_base("https://alice:s3cret@mlflow.example.com:5000/") == "https://mlflow.example.com:5000"
-    assert run_url("http://host:5000", "7", "abc") == "http://host:5000/#/experiments/7/runs/abc"
+    assert run_url("http://host:5000", "7", "abc") == "http://host:5000/#/experiments/7/runs/abc?workflowType=machine_learning"
 
 
 class Terminal(io.StringIO):
@@ -120,3 +123,33 @@ def test_the_frontier_tells_precisions_apart():
     assert [line_label(r, rows) for r in rows] == ["k=25 precision=float32", "k=25 precision=mixed_bfloat16"]
     assert "| 25 | mixed_bfloat16 | auto | 384 |" in table(rows)
     assert line_label(rows[0], rows[:1]) == "k=25"
+
+
+def test_a_frontier_parent_states_the_answer_per_k_and_flags_a_ceiling():
+    from tbptt_exp.app.frontier import note
+
+    rows = [{"k": 25, "max_batch_size": 48, "recommended_batch_size": 40, "peak_memory_mb": 42.25,
+             "tokens_per_s": 23456.0, "tokens_per_s_spread": 100.0, "probes": 6, "budget_mb": 50.0,
+             "max_is_ceiling": False, "job": "1"},
+            {"k": 10, "max_batch_size": 224, "recommended_batch_size": 200, "peak_memory_mb": 30.0,
+             "tokens_per_s": 51000.0, "tokens_per_s_spread": None, "probes": 4, "budget_mb": 50.0,
+             "max_is_ceiling": True, "job": "0"}]
+    text = note(rows)
+    assert text.startswith("**Largest workable batch per k, within a budget of 50 MB:**")
+    k10, k25 = [line for line in text.splitlines() if line.startswith("- k=")]
+    assert k10.startswith("- k=10: largest 224 (every probe fitted") and "raise batch_finder.max_batch_size" in k10
+    assert k25 == "- k=25: largest 48, recommended 40, 23,456 tokens/s, 42.2 MB"
+
+
+def test_a_grid_parent_states_the_best_job_with_its_cost():
+    jobs = [(["k=10"], JobResult([2.0], "r1", {"val_loss": 2.0, "tokens_per_s": 900.0, "peak_memory_mb": 30.0})),
+            (["k=25"], JobResult([1.5], "r2", {"val_loss": 1.5, "tokens_per_s": 800.0, "peak_memory_mb": 40.0})),
+            (["k=50"], None)]
+    swept = {"k": "10,25,50"}
+    metrics, tags = sweep_summary.summary_metrics(jobs, "val_loss", swept)
+    text = sweep_summary.grid_note(jobs, swept, "val_loss", metrics, tags)
+    assert text.startswith("**Best val_loss 1.5000 with k=25** (800 tokens/s, 40.0 MB) of 3 jobs, 1 failed")
+    points = sweep_summary.by_swept_value(jobs, swept)
+    assert points == {10: {"by_k/val_loss": 2.0, "by_k/tokens_per_s": 900.0, "by_k/peak_memory_mb": 30.0},
+                      25: {"by_k/val_loss": 1.5, "by_k/tokens_per_s": 800.0, "by_k/peak_memory_mb": 40.0}}
+    assert sweep_summary.by_swept_value(jobs, {"k": "10,25", "padding": "dummy,pack"}) == {}  # steps would collide

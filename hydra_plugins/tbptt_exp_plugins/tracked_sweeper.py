@@ -17,6 +17,7 @@ from typing import Any, List
 
 # Hydra ships its basic (grid) sweeper only under hydra._internal; extending it keeps Hydra's
 # own grid expansion, batching and settings instead of writing them again.
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
@@ -51,9 +52,15 @@ class TrackedSweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         basic_sweep = super().sweep
 
-        def launch(link, rounds: int, on_failure) -> list:
+        def launch(link, rounds: int, on_failure, on_start) -> list:
             self.link_overrides, self.rounds = link.overrides(), rounds
-            self.launcher = KeepFailures(self.launcher, on_failure)  # a failed job ends in the report, not the sweep
+
+            def started(index: int, overrides: List[str]) -> None:
+                on_start(index, sum(len(batch) for batch in self.overrides) * rounds, overrides)
+
+            # A failed job ends in the report, not the sweep.
+            self.launcher = KeepFailures(self.launcher, on_failure, started,
+                                         sequential=isinstance(self.launcher, BasicLauncher))
             return [ret for batch in basic_sweep(arguments) for ret in batch]
 
         return tracked_sweep(self.config, launch)

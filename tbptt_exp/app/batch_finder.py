@@ -30,7 +30,7 @@ from typing import Callable
 
 from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
 from tbptt_exp.core.factories import factory_source
-from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, rate_text
+from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, REAL_TOKENS, rate_text
 from tbptt_exp.core.probe import MARKER
 from tbptt_exp.paths import default_store_dir
 
@@ -68,11 +68,16 @@ class Probe:
         figures = {f.probe_metric: getattr(self, f.name) for f in PROBE_FIGURES}
         return figures | {"probe/fits": float(self.fits), "probe/seconds": self.seconds}
 
-    def describe(self, k: int) -> str:
+    def describe(self, k: int, budget_mb: float | None = None) -> str:
+        """``k=25 batch_size=56: over the budget by 6.2 MB, peak 56.2 MB [10.4 s]``: the
+        outcome, the figures and the probe's whole wall time (process start included)."""
         peak = "" if self.peak_memory_mb is None else f", peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}"
         rate = f", {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s" if self.tokens_per_s else ""
         why = f" ({self.error})" if self.error and self.outcome != "ok" else ""
-        return f"k={k} batch_size={self.batch_size}: {self.outcome}{peak}{rate}{why} [{self.seconds:.1f} s]"
+        outcome = self.outcome
+        if outcome == "budget" and budget_mb is not None and self.peak_memory_mb is not None:
+            outcome = f"over the budget by {PEAK_MEMORY.show(self.peak_memory_mb - budget_mb, unit=True)}"
+        return f"k={k} batch_size={self.batch_size}: {outcome}{peak}{rate}{why} [{self.seconds:.1f} s]"
 
 
 class ProbeError(RuntimeError):
@@ -98,9 +103,21 @@ class Frontier:
     probes: int
     budget_mb: float | None
     memory_monotone: bool = True
+    max_is_ceiling: bool = False  # every size up to batch_finder.max_batch_size fitted: a bound, not a limit
     probe_log: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     cached: bool = False
+
+    def answer(self) -> str:
+        """``k=25: largest 48, recommended 40, 23,456 tokens/s, 42.2 MB``, the ceiling said."""
+        if not self.max_batch_size:
+            return f"k={self.k}: not even the smallest size fits"
+        ceiling = (" (every probe fitted: the range's ceiling, not a measured limit; raise "
+                   "batch_finder.max_batch_size)") if self.max_is_ceiling else ""
+        figures = ", ".join(f.show(v, unit=True) for f, v in ((REAL_TOKENS, self.tokens_per_s),
+                                                             (PEAK_MEMORY, self.peak_memory_mb)) if v is not None)
+        return (f"k={self.k}: largest {self.max_batch_size}{ceiling}, recommended {self.recommended_batch_size}"
+                + (f", {figures}" if figures else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -281,7 +298,8 @@ def find_max_batch(
     cached = cache_dir(finder) / f"{key}.json"
     if finder.cache and cached.is_file():
         say(f"k={cfg.k}: cached result {cached.name} (device {device['device']['device_name']})")
-        return Frontier(**json.loads(cached.read_text()) | {"cached": True})
+        found = Frontier(**json.loads(cached.read_text()) | {"cached": True})
+        return replace(found, max_is_ceiling=found.max_batch_size == size_range(finder)[1])
     if budget is None:
         say(f"k={cfg.k}: no memory budget known (set device.memory_budget_mb): searching by real out-of-memory only")
 
@@ -289,7 +307,7 @@ def find_max_batch(
         one_epoch = replace(cfg, batch_size=batch_size, trainer=replace(cfg.trainer, epochs=1))
         request = {"config": to_dict(one_epoch), "seconds": finder.probe_seconds}
         found = Probe.from_answer(batch_size, run_probe_process(request, finder.probe_timeout_s, probe_command))
-        say(found.describe(cfg.k))
+        say(found.describe(cfg.k, budget))
         return found
 
     found = search(probe, finder, budget, on_probe)
@@ -305,7 +323,7 @@ def find_max_batch(
         tokens_per_s=at_best.tokens_per_s if at_best else None,
         tokens_per_s_spread=at_best.tokens_per_s_spread if at_best else None,
         probes=len(found.probes), budget_mb=budget, memory_monotone=found.memory_monotone,
-        probe_log=[asdict(p) for p in found.probes], fingerprint=key,
+        max_is_ceiling=found.max_batch_size == size_range(finder)[1], probe_log=[asdict(p) for p in found.probes], fingerprint=key,
     )
     if finder.cache:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -78,9 +78,15 @@ def verbose_requested(argv: list[str]) -> bool:
     return verbose
 
 
+# Hydra's launchers log each job's overrides, the sweep's links included; a sweep says
+# ``job 2/3: k=25`` itself.
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher",
+                    "hydra_plugins.hydra_submitit_launcher")
+
+
 def quiet_libraries(verbose: bool) -> None:
-    """Keep TensorFlow's C++ start-up lines, absl, MLflow's and alembic's INFO lines and
-    matplotlib's font-cache note off the console, unless ``verbose``.
+    """Keep TensorFlow's C++ start-up lines, absl, MLflow's and alembic's INFO lines, Hydra's
+    launcher lines and matplotlib's font-cache note off the console, unless ``verbose``.
 
     TensorFlow reads its log level once, when it loads, so this runs before it does; the
     environment carries the level to probe and worker processes. Errors still surface as
@@ -93,7 +99,7 @@ def quiet_libraries(verbose: bool) -> None:
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # read when MLflow configures its loggers
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    for name in ("mlflow", "alembic", "absl", "tensorflow", "h5py", "numexpr"):
+    for name in ("mlflow", "alembic", "absl", "tensorflow", "h5py", "numexpr", *LAUNCHER_LOGGERS):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.ERROR)  # "building the font cache" is a warning
 

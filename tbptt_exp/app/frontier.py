@@ -23,6 +23,26 @@ COLUMNS = ("k", "precision", "unroll",
            *(f.name for f in fields(Frontier) if f.name not in ("k", "probe_log", "fingerprint")), "model", "job")
 
 
+FRONTIER_METRICS = ("max_batch_size", "recommended_batch_size", REAL_TOKENS.name, PEAK_MEMORY.name)
+
+
+def answer(row: dict) -> str:
+    """One k's answer in words (``Frontier.answer``)."""
+    known = {f.name for f in fields(Frontier)}
+    return Frontier(**{k: v for k, v in row.items() if k in known}).answer()
+
+
+def note(rows: list[dict]) -> str:
+    """The sweep parent's description: the answer per k, then where the detail is."""
+    budget = next((r["budget_mb"] for r in rows if r.get("budget_mb")), None)
+    within = f"within a budget of {budget:g} MB" if budget else "by real out-of-memory (no budget)"
+    lines = [f"- {answer(r)}" for r in sorted(rows, key=lambda r: r["k"])]
+    return (f"**Largest workable batch per k, {within}:**\n\n" + "\n".join(lines)
+            + "\n\nSizes are probed by real training runs, one process each; `frontier/*` metrics are charted "
+            "against k (step), each k's probes are in its run beneath this one, and `batch_memory.png`, "
+            "`batch_throughput.png` draw them all.")
+
+
 def table(rows: list[dict]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -117,7 +137,13 @@ def report(rows: list[dict], sweep_dir: Path, parent) -> None:
     rows = sorted(rows, key=lambda r: int(r["job"]) if str(r.get("job", "")).isdigit() else 0)
     files = write_files(rows, sweep_dir)
     say("largest workable batch per k:\n" + table(rows))
+    for row in rows:
+        if row.get("max_is_ceiling"):
+            say(answer(row))
     say(f"frontier written to {files[0]} (also .json, batch_memory.png, batch_throughput.png)")
     parent.log_text(table(rows), "batch_frontier.md")
     for f in files:
         parent.log_file(f)
+    parent.set_tags({"mlflow.note.content": note(rows)})
+    for row in rows:  # step = k: the parent's chart view draws the frontier against k
+        parent.log_metrics({f"frontier/{name}": row.get(name) for name in FRONTIER_METRICS}, step=int(row["k"]))

@@ -88,6 +88,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
                 "mlflow.note.content": run_note(experiment, dataset), **trial.tags()}
         with tracked_run(experiment, ctx, "experiment", run_name(experiment), tags,
                          experiment.tracking.system_metrics_interval_s) as run:
+            trial.attach(run.run_id)
             log_inputs(run, ctx, dataset)
             log_model(run, engine.model)
             result = train(experiment, dataset=dataset, engine=engine, progress=console.progress,
@@ -96,7 +97,8 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             console.done(result, over)
             trial.constrain(budget, over)
             log_result(run, result, over)
-    run.announce(say)
+    if not ctx.multirun:  # a sweep prints one link, its parent's
+        run.announce(say)
     return JobResult(
         values=[result.objective(name) for name in objectives], run_id=run.run_id,
         summary={f.name: result.value(f.name) for f in SWEEP_TABLE},
@@ -183,13 +185,14 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             for probe in found.probe_log:
                 on_probe(Probe(**probe))
         row = frontier_row(found, experiment, ctx)
-        say(f"k={experiment.k}: largest workable batch {found.max_batch_size}, recommended {found.recommended_batch_size} "
-            f"({found.probes} probes{', cached' if found.cached else ''})")
+        say(f"{found.answer()} ({found.probes} probes{', cached' if found.cached else ''})")
         if not ctx.multirun:
             say("\n" + frontier.table([row]))
             say(f"written to {frontier.write_files([row], ctx.output_dir)[0]}")
         run.log_figures(found.figures())
-        run.set_tags({"probes": " ".join(f"B={p['batch_size']}:{p['outcome']}" for p in found.probe_log)[:5000]})
+        run.set_tags({"probes": " ".join(f"B={p['batch_size']}:{p['outcome']}" for p in found.probe_log)[:5000],
+                      "max_is_ceiling": str(found.max_is_ceiling).lower(),
+                      "mlflow.note.content": f"**{found.answer()}**\n\n{search_note(experiment)}"})
         run.log_dict(row, "batch_frontier.json")
     if not ctx.multirun:
         run.announce(say)
@@ -197,16 +200,18 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
 
 
 def search_name(experiment: ExperimentConfig) -> str:
+    budget = experiment.device.memory_budget_mb
     return (f"max_batch k={experiment.k} {experiment.model.preset} {experiment.engine.name} "
-            f"{experiment.trainer.precision}")
+            f"{experiment.trainer.precision}" + (f" budget {budget:g} MB" if budget else ""))
 
 
 def search_line(experiment: ExperimentConfig) -> str:
     model, finder = experiment.model, experiment.batch_finder
     return (f"largest workable batch for k={experiment.k}, model={model.preset} ({model.shape}), "
             f"engine={experiment.engine.name}: sizes {finder.min_batch_size}..{finder.max_batch_size} in steps of "
-            f"{finder.granularity}, each probe a {finder.probe_seconds:g} s training run in its own process "
-            f"(at most {max_probes(finder)} probes)")
+            f"{finder.granularity}, at most {max_probes(finder)} probes, each a real training run in its own "
+            f"process measured for {finder.probe_seconds:g} s of steady state (its wall time, process start, "
+            "imports and compilation included, is in brackets)")
 
 
 def search_note(experiment: ExperimentConfig) -> str:
@@ -216,8 +221,10 @@ def search_note(experiment: ExperimentConfig) -> str:
             f"{experiment.engine.name} ({experiment.trainer.precision}) within the device's memory{budget}. "
             "Each probe is a short real training run "
             "in its own process, logged here with step = its batch size: `probe/allocator_peak_mb` (TensorFlow's "
-            "allocator peak), `probe/real_tokens_per_s`, `probe/fits` (1: fits, 0: too big); the `probes` tag "
-            "lists each size and its outcome.")
+            "allocator peak), `probe/real_tokens_per_s`, `probe/fits` (1: fits, 0: too big). Their charts draw "
+            "every probe against the batch size; the single value beside a `probe/` name is the largest size "
+            "probed, not the answer, which is `batch/max` and `batch/recommended`. The `probes` tag lists each "
+            "size and its outcome.")
 
 
 def frontier_row(found: Frontier, experiment: ExperimentConfig, ctx: JobContext) -> dict:

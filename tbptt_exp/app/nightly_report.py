@@ -165,8 +165,15 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
     print(markdown, flush=True)
     say(f"nightly report: {sweep_dir / 'nightly_report.html'}")
     advance_baseline(cfg, results, verdict)
+    red = sorted({f"{r.entry} / {r.figure} ({r.verdict})" for r in rows if r.verdict in RED})
     parent.set_tags({"tbptt_exp.kind": "nightly", "device.fingerprint": results["device_fingerprint"],
-                     "nightly.date": results["date"], "nightly.verdict": verdict})
+                     "nightly.date": results["date"], "nightly.verdict": verdict,
+                     "mlflow.note.content": (
+                         f"**Nightly {results['date']}: {VERDICT_LINES[verdict]}**"
+                         + (f": {', '.join(red)}" if red else "") + f"\n\nBaseline: {note}. {len(entries)} entries, "
+                         f"{cfg.rounds} round(s); the whole report is `nightly_report.html`.")})
+    parent.log_metrics({"nightly/entries": len(entries), "nightly/red_figures": len(red),
+                        "nightly/green": float(verdict not in ("regressed", "gap"))})
     for path in [sweep_dir / RESULTS_FILE, *(sweep_dir / name for name in files), *plots]:
         parent.log_file(path)
     return EXIT_REGRESSED if verdict in ("regressed", "gap") else 0

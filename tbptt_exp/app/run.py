@@ -30,7 +30,7 @@ from filelock import FileLock
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.stores import mask_credentials, resolve_uri
-from tbptt_exp.app.ui import run_url, ui_command
+from tbptt_exp.app.ui import EXPERIMENT_KIND, run_url, ui_command
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
 
@@ -110,10 +110,13 @@ class Tracker:
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
                 self.experiment_id = self.client.create_experiment(
-                    cfg.experiment, artifact_location=artifact_location(self.uri)
+                    cfg.experiment, artifact_location=artifact_location(self.uri), tags=EXPERIMENT_KIND
                 )
             else:
                 self.experiment_id = experiment.experiment_id
+                for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag was set
+                    if key not in experiment.tags:
+                        self.client.set_experiment_tag(self.experiment_id, key, value)
         self.experiment_name = cfg.experiment
         self.closed_runs = close_dead_runs_once(self.client, self.uri)
 
@@ -229,11 +232,22 @@ class TrackedRun:
             self.set_tags({"fail_reason": ending.reason})
         if self.is_trial:
             self.set_tags({"optuna.state": ending.trial_state})
+        if ending.trial_state == "PRUNED":
+            self.say_pruned(ending.reason)
         if self.monitor is not None:
             self.monitor.finish()  # its last samples land before the run ends
             self.monitor = None
         HEARTBEATS.release(self.run_id)
         self.client.set_terminated(self.run_id, status=ending.status)
+
+    def say_pruned(self, reason: str) -> None:
+        """A pruned trial's run FINISHED (it ran correctly) but stopped early: its name and
+        description say so first, so it is not read as a full run."""
+        run = self.client.get_run(self.run_id)
+        self.client.update_run(self.run_id, name=f"{run.info.run_name} (pruned)")
+        note = run.data.tags.get("mlflow.note.content", "")
+        self.set_tags({"mlflow.note.content": f"**{reason[:1].upper()}{reason[1:]}** by the study's pruner: the "
+                                              f"settings below asked for more epochs than it ran.\n\n{note}"})
 
     @property
     def where(self) -> str:

@@ -28,11 +28,16 @@ from tbptt_exp.app.run import KILLED, Ending, TrackedRun, ending_of, make_tracke
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.search_space import StudySettings, make_pruner, make_sampler, search_space
 from tbptt_exp.app.stores import default_storage_url, mask_credentials
-from tbptt_exp.app.study_report import log_study_summary
+from tbptt_exp.app.study_report import COST_FIGURES, EPOCHS_ATTR, RUN_ATTR, log_study_summary
 from tbptt_exp.app.sweep import SweepLink, job_error, section
 from tbptt_exp.app.trials import TrialLocks, counted_trials, end_trial, fail_orphaned_trials, make_storage, study_lock
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import OVER_BUDGET
+
+
+def show_params(params: dict[str, Any]) -> str:
+    """``k=25 trainer.learning_rate=0.001855``: floats to four significant digits."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 STARTS_KEY = "tbptt_exp_starts"  # the study's user attr counting the workers that started on it
 PARENT_RUN_KEY = "mlflow_parent_run_id"  # the study's user attr naming its MLflow parent run
@@ -155,6 +160,8 @@ def run_trials(study: optuna.Study, storage, trials: list[optuna.Trial], fixed: 
     batch = [[*fixed, *(f"{k}={v}" for k, v in trial.params.items()),
               *SweepLink(parent_run_id=parent_run_id, trial_number=trial.number, returns_result=True).overrides()]
              for trial in trials]
+    for trial in trials:
+        say(f"trial {trial.number}: {show_params(trial.params)}")
     try:
         returns = launch(batch)
     except BaseException as error:
@@ -212,14 +219,14 @@ def report(study: optuna.Study) -> None:
     if len(study.directions) > 1:
         say("Pareto front:")
         for t in study.best_trials:
-            say(f"  trial {t.number}: values {t.values} params {t.params}")
+            say(f"  trial {t.number}: values {', '.join(f'{v:.4f}' for v in t.values)} with {show_params(t.params)}")
         return
     try:
         best = study.best_trial
     except ValueError:
         say("no feasible trial: every complete trial broke a constraint")
         return
-    say(f"best trial {best.number}: value {best.value:.4f} params {best.params}")
+    say(f"best trial {best.number}: value {best.value:.4f} with {show_params(best.params)}")
 
 
 # --- the job's side ------------------------------------------------------------------------------
@@ -233,17 +240,30 @@ class JobTrial:
     study: optuna.Study
     objective: str  # the figure reported to the pruner each epoch
 
+    def attach(self, run_id: str | None) -> None:
+        """The trial names its MLflow run (optuna-dashboard shows it; trials.md links it)."""
+        if run_id:
+            with deferred():
+                self.trial.set_user_attr(RUN_ATTR, run_id)
+
     def report(self, metrics) -> None:
-        """Report an epoch's objective (``EpochMetrics``); raise TrialPruned when the pruner
-        rejects the trial. Optuna prunes single-objective studies only."""
+        """Record an epoch's cost on the trial and report its objective (``EpochMetrics``);
+        raise TrialPruned when the pruner rejects the trial. Optuna prunes single-objective
+        studies only."""
+        figures = metrics.figures()
+        with deferred():
+            for figure in COST_FIGURES:
+                if figures.get(figure.name) is not None:
+                    self.trial.set_user_attr(figure.name, figures[figure.name])
+            self.trial.set_user_attr(EPOCHS_ATTR, metrics.epoch)
         if len(self.study.directions) > 1:
             return
-        value = metrics.figures()[self.objective]
+        value = figures[self.objective]
         with deferred():  # a write to the storage is not cut half-way
             self.trial.report(value, step=metrics.epoch)
             prune = self.trial.should_prune()
         if prune:
-            pruned = optuna.TrialPruned(f"pruned at epoch {metrics.epoch} ({value:.4f})")
+            pruned = optuna.TrialPruned(f"pruned after epoch {metrics.epoch} ({self.objective} {value:.4f})")
             say(f"trial {self.trial.number} {pruned}")
             raise pruned
 
@@ -259,6 +279,9 @@ class JobTrial:
 
 class NoTrial:
     """A job that is not an Optuna trial: the same calls, nothing reported."""
+
+    def attach(self, run_id: str | None) -> None:
+        pass
 
     def report(self, metrics) -> None:
         pass

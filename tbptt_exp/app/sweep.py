@@ -103,13 +103,22 @@ def job_error(job) -> BaseException | None:
 class KeepFailures:
     """A launcher whose failed jobs stay in the sweep. Hydra's basic sweeper raises the first
     failed job's error once its batch is done, which ends the sweep before its report; here
-    ``on_failure(overrides, error)`` is told of each failed job, which is handed on as a
+    ``on_start(index, overrides)`` is told of each job as it is launched and
+    ``on_failure(overrides, error)`` of each failed job, which is handed on as a
     ``JobReturn`` whose value is None, so the report shows it FAILED (a nightly: a gap)."""
 
-    def __init__(self, launcher, on_failure: Callable[[list[str], BaseException], None]):
-        self.launcher, self.on_failure = launcher, on_failure
+    def __init__(self, launcher, on_failure: Callable[[list[str], BaseException], None],
+                 on_start: Callable[[int, list[str]], None] | None = None, sequential: bool = False):
+        self.launcher, self.on_failure, self.on_start = launcher, on_failure, on_start
+        self.sequential = sequential  # the launcher runs one job after another: each is said as it starts
 
     def launch(self, job_overrides, initial_job_idx):
+        if self.sequential and len(job_overrides) > 1:
+            return [ret for index, overrides in enumerate(job_overrides, start=initial_job_idx)
+                    for ret in self.launch([overrides], index)]
+        for index, overrides in enumerate(job_overrides, start=initial_job_idx):
+            if self.on_start:
+                self.on_start(index, list(overrides))
         returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         for job in returns:
             error = job_error(job)

@@ -30,16 +30,16 @@ from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, REAL_TOKENS, SWEEP_TABL
 
 def settings(task_overrides: list[str], sweeper_params: dict) -> tuple[dict[str, str], dict[str, str]]:
     """(swept, fixed): the settings a sweep varies (command line and preset) and the ones it
-    sets once. Where runs are recorded (``tracking.*``) and the sweep's own links are left out."""
+    sets once. As in Hydra's sweeper, the command line wins over a preset's params: with
+    ``sweep=max_batch k=25`` the sweep is ``k=25``, not the preset's ``k=10,25,50``. Where runs
+    are recorded (``tracking.*``) and the sweep's own links are left out."""
     swept = {str(k): str(v) for k, v in (sweeper_params or {}).items()}
     fixed: dict[str, str] = {}
     for o in OverridesParser.create().parse_overrides(task_overrides):
         if o.is_hydra_override() or o.key_or_group.startswith("tracking."):  # the sweep's links are hydra.*
             continue
         value = "(deleted)" if o.is_delete() else o.input_line.split("=", 1)[1]
-        (swept if o.is_sweep_override() else fixed)[o.key_or_group] = value
-    for key in swept:
-        fixed.pop(key, None)
+        (swept if o.is_sweep_override() or o.key_or_group in swept else fixed)[o.key_or_group] = value
     return swept, fixed
 
 
@@ -101,11 +101,43 @@ def grid_report(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str,
     parent.log_text(table, "sweep_results.md")
     metrics, tags = summary_metrics(jobs, objective, swept)
     parent.log_metrics(metrics)
-    parent.set_tags(tags)
+    parent.set_tags(tags | {"mlflow.note.content": grid_note(jobs, swept, objective, metrics, tags)})
+    for step, values in by_swept_value(jobs, swept).items():  # the chart view draws them against the value
+        parent.log_metrics(values, step=step)
     if tags:
-        say(f"best {objective}: {metrics[f'best/{objective}']:.4f} with {tags['best.settings']}")
+        say(f"best {objective}: {FIGURES[objective].show(metrics[f'best/{objective}'])} with {tags['best.settings']}")
     for path in plots(jobs, swept, objective, folder):
         parent.log_file(path)
+
+
+def grid_note(jobs, swept: dict[str, str], objective: str, metrics: dict, tags: dict) -> str:
+    """The parent run's description: the answer first, with what it cost."""
+    failed = sum(result is None for _, result in jobs)
+    count = f"{len(jobs)} jobs" + (f", {failed} failed" if failed else "")
+    if not tags:
+        return f"No job of this sweep finished ({count})."
+    cost = ", ".join(f"{f.show(metrics[f'best/{f.name}'], unit=True)}" for f in (REAL_TOKENS, PEAK_MEMORY)
+                     if metrics.get(f"best/{f.name}") is not None)
+    return (f"**Best {objective} {FIGURES[objective].show(metrics[f'best/{objective}'])} with {tags['best.settings']}**"
+            + (f" ({cost})" if cost else "") + f" of {count}, sweeping {' '.join(f'{k}={v}' for k, v in swept.items())}."
+            "\n\nEach job is a run beneath this one; `sweep_results.md` compares them all and "
+            "`sweep_<setting>.png` draws every job against each swept setting.")
+
+
+def by_swept_value(jobs, swept: dict[str, str]) -> dict[int, dict[str, float]]:
+    """Each job's table figures as ``by_k/val_loss`` at step = its value of the one swept
+    setting, where that is an integer (``k``, ``batch_size``): MLflow charts a metric
+    against its step, so the parent's chart view draws the sweep's curve."""
+    if len(swept) != 1:
+        return {}
+    (key,) = swept
+    points: dict[int, dict[str, float]] = {}
+    for overrides, result in jobs:
+        value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
+        if result is None or not value.lstrip("-").isdigit():
+            continue
+        points[int(value)] = {f"by_{key}/{name}": v for name, v in result.summary.items() if v is not None}
+    return points
 
 
 def _numeric(values: list[str]) -> list[float] | None:
@@ -158,8 +190,9 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
     """Run a grid sweep under one MLflow parent run and report on its jobs.
 
     ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch(link,
-    rounds, on_failure)`` starts every job with the given link, the whole grid ``rounds``
-    times (a nightly's repeats; else once), tells ``on_failure(overrides, error)`` of each
+    rounds, on_failure, on_start)`` starts every job with the given link, the whole grid
+    ``rounds`` times (a nightly's repeats; else once), tells ``on_start(index, total,
+    overrides)`` of each job it starts and ``on_failure(overrides, error)`` of each
     job that failed and returns Hydra's ``JobReturn``s, a failed job's with the value None. Raises ``SystemExit`` with the nightly verdict's code when that is
     not 0, else 1 when a job failed.
     """
@@ -185,7 +218,10 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
         def failed(overrides: list[str], why: BaseException) -> None:
             error(f"job {label(overrides, swept)} failed: {why}")
 
-        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds, failed)
+        def started(index: int, total: int, overrides: list[str]) -> None:
+            say(f"job {index + 1}/{total}: {label(overrides, swept)}")
+
+        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds, failed, started)
         exit_code = report(returns, swept, str(config.objective), sweep_dir, parent, tracker, nightly)
     parent.announce(say, "the sweep (its runs are beneath it)")
     if exit_code:

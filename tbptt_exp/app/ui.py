@@ -5,6 +5,10 @@ from __future__ import annotations
 from tbptt_exp.app.stores import mask_credentials
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
+# MLflow 3's UI opens an experiment in its GenAI view ("Evaluations", runs typed "Eval") unless
+# the URL or the experiment's kind tag says otherwise; these runs belong in the training view.
+ML_VIEW = "workflowType=machine_learning"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def ui_command(uri: str) -> str | None:
@@ -23,5 +27,6 @@ def ui_base(uri: str) -> str:
 
 
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """A URL that opens straight on a run (a sweep's parent shows its children beneath)."""
-    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+    """A URL that opens straight on a run in the model-training view (a sweep's parent shows
+    its children beneath)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
