@@ -110,3 +110,22 @@ def test_a_grid_sweep_in_process_tracks_a_parent_and_its_children(tmp_path, monk
     assert [row.split()[1] for row in rows] == ["k=5", "k=10"]  # labelled by the job's overrides
     assert all("| FINISHED |" in row for row in rows) and "env_set" not in table
     assert "sweep results" in out and parent.info.run_id in out
+
+
+def test_each_experiment_gets_the_answer_view_once_and_opens_in_the_training_view(tracker):
+    import base64
+    import json
+    import zlib
+
+    from tbptt_exp.app.ui import VIEW_TAG
+
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI view
+    tracker.save_view("max_batch")
+    envelope = json.loads(tracker.client.get_experiment(tracker.experiment_id).tags[VIEW_TAG])
+    state = json.loads(zlib.decompress(base64.b64decode(envelope["state"].removeprefix("deflate;"))))
+    assert state["selectedColumns"][:2] == ["metrics.`batch/max`", "metrics.`batch/recommended`"]
+    tracker.client.set_experiment_tag(tracker.experiment_id, VIEW_TAG, "edited in the UI")
+    again = Tracker(TrackingConfig(uri=tracker.uri, experiment=tracker.experiment_name))
+    again.save_view("experiment")
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[VIEW_TAG] == "edited in the UI"  # kept

@@ -42,7 +42,9 @@ def tracked_run(experiment: ExperimentConfig, ctx: JobContext, kind: str, name: 
                 system_metrics: float | None = None) -> Iterator[TrackedRun]:
     """The task's one MLflow run, opened the same way for every task: its params are the
     settings the task reads, its tags say what ran where, its parent is the sweep's."""
-    with make_tracker(experiment.tracking).run(
+    tracker = make_tracker(experiment.tracking)
+    tracker.save_view(kind)
+    with tracker.run(
         name=experiment.tracking.run_name or name,
         params=run_params(experiment),
         tags={**environment_tags(), "tbptt_exp.kind": kind, "hydra.overrides": " ".join(ctx.overrides), **tags},

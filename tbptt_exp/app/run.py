@@ -30,7 +30,7 @@ from filelock import FileLock
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.stores import mask_credentials, resolve_uri
-from tbptt_exp.app.ui import EXPERIMENT_KIND, run_url, ui_command
+from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
 
@@ -112,13 +112,22 @@ class Tracker:
                 self.experiment_id = self.client.create_experiment(
                     cfg.experiment, artifact_location=artifact_location(self.uri), tags=EXPERIMENT_KIND
                 )
+                self.experiment_tags = dict(EXPERIMENT_KIND)
             else:
                 self.experiment_id = experiment.experiment_id
+                self.experiment_tags = dict(experiment.tags)
                 for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag was set
                     if key not in experiment.tags:
                         self.client.set_experiment_tag(self.experiment_id, key, value)
         self.experiment_name = cfg.experiment
         self.closed_runs = close_dead_runs_once(self.client, self.uri)
+
+    def save_view(self, kind: str) -> None:
+        """The runs table's saved view for runs of ``kind`` (``ui.VIEW_COLUMNS``), written once
+        per experiment; a view someone edited in the UI is kept."""
+        if kind in VIEW_COLUMNS and VIEW_TAG not in self.experiment_tags:
+            self.experiment_tags[VIEW_TAG] = saved_view(VIEW_COLUMNS[kind])
+            self.client.set_experiment_tag(self.experiment_id, VIEW_TAG, self.experiment_tags[VIEW_TAG])
 
     @contextlib.contextmanager
     def run(
@@ -296,6 +305,9 @@ class _NoTracking:
     """Stands in for a ``Tracker`` when ``tracking.enabled`` is false."""
 
     uri = None
+
+    def save_view(self, kind: str) -> None:
+        pass
 
     @contextlib.contextmanager
     def run(self, *args: Any, **kwargs: Any) -> Iterator[TrackedRun]:

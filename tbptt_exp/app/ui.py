@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import time
+import zlib
+
 from tbptt_exp.app.stores import mask_credentials
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
@@ -30,3 +35,31 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """A URL that opens straight on a run in the model-training view (a sweep's parent shows
     its children beneath)."""
     return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{ML_VIEW}"
+
+
+# A saved view of the runs table (MLflow >= 3.15: "Views" on the Runs page), stored as an
+# experiment tag as MLflow's UI stores it: the columns that answer "which k, which batch,
+# at what cost" instead of Dataset, Source and Models.
+VIEW_ID = "tbptt-exp-answer"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
+VIEW_NAME = "tbptt-exp: the answer"
+VIEW_COLUMNS = {
+    "experiment": ("metrics.`loss/val`", "metrics.`best/val_loss`", "metrics.`loss/val_accuracy`",
+                   "metrics.`speed/real_tokens_per_s`", "metrics.`best/tokens_per_s`",
+                   "metrics.`memory/allocator_peak_mb`", "metrics.`best/peak_memory_mb`", "params.`k`",
+                   "params.`batch_size`"),
+    "max_batch": ("metrics.`batch/max`", "metrics.`batch/recommended`", "metrics.`speed/real_tokens_per_s`",
+                  "metrics.`memory/allocator_peak_mb`", "params.`k`"),
+}
+
+
+def saved_view(columns: tuple[str, ...]) -> str:
+    """The experiment tag's value: MLflow's envelope, its state deflated and base64-encoded."""
+    state = json.dumps({"selectedColumns": list(columns)}, separators=(",", ":")).encode()
+    blob = "deflate;" + base64.b64encode(zlib.compress(state)).decode("ascii")
+    return json.dumps({"name": VIEW_NAME, "createdAt": int(time.time() * 1000), "state": blob}, separators=(",", ":"))
+
+
+def view_url(uri: str, experiment_id: str) -> str:
+    """The runs table in the model-training view, on the saved view's columns."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_ID}&{ML_VIEW}"
