@@ -123,7 +123,7 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
         assert "batch_size" not in per_k[row["k"]].data.params  # a setting this task does not read
         # Each k's run opens on its answer, and its name says the budget.
         note = per_k[row["k"]].data.tags["mlflow.note.content"]
-        assert note.startswith(f"**k={row['k']}: largest {row['max_batch_size']}, recommended {rec}"), note
+        assert note.startswith(f"**k={row['k']}: largest {row['max_batch_size']}, recommended {row['recommended_batch_size']}"), note
         assert per_k[row["k"]].info.run_name.endswith(f"budget {BUDGET_MB} MB")
         assert row["max_is_ceiling"] is False
     # The parent answers: the frontier per k in its description and as metrics charted against k.

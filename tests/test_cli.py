@@ -20,7 +20,7 @@ EPOCH_METRICS = {
     "loss/train", "loss/val", "loss/val_bits_per_char", "speed/real_tokens_per_s", "speed/all_tokens_per_s",
     "memory/allocator_peak_mb", "memory/process_rss_peak_mb", "speed/epoch_time_s",
 }
-ONCE_METRICS = {"speed/compile_time_s", "data/padding_waste", "model/num_params", "tracking/overhead_s"}
+ONCE_METRICS = {"speed/compile_time_s", "padding/waste", "model/num_params", "tracking/overhead_s"}
 
 
 def cli(args, cwd, timeout=300, **kwargs):

@@ -31,6 +31,13 @@ def test_every_epoch_figure_has_a_grouped_mlflow_name_and_none_repeats():
         mlflow_names({"not_a_figure": 1.0})
 
 
+def test_a_training_runs_chart_view_opens_on_its_loss_curves():
+    """MLflow's run page draws one section per name prefix, in alphabetical order: the first
+    section of a training run is ``loss/`` (its curves), not a single-valued figure."""
+    training = {f.mlflow.split("/")[0] for f in FIGURES.values() if not f.mlflow.startswith("batch/")}
+    assert min(training) == "loss", sorted(training)
+
+
 def test_a_training_run_records_the_settings_training_reads_and_a_batch_finder_run_its_own():
     train = run_params(ExperimentConfig())
     assert "model.units" in train and "trainer.precision" in train and "batch_size" in train

@@ -106,11 +106,11 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            "(regression)", fmt=".4g", objective=True, sweep_table=True),
     Figure("val_mae", "loss/val_mae", "mean absolute error of the validation targets, in their own units "
            "(regression)", fmt=".4g", objective=True),
-    Figure("baseline_accuracy", "baseline/val_accuracy", "val_accuracy of always predicting the training "
+    Figure("baseline_accuracy", "reference/val_accuracy", "val_accuracy of always predicting the training "
            "targets' majority class: what a model that learned nothing scores", fmt=".4f", higher_is_better=True),
-    Figure("baseline_rmse", "baseline/val_rmse", "val_rmse of the better naive guess: the training mean, or the "
+    Figure("baseline_rmse", "reference/val_rmse", "val_rmse of the better naive guess: the training mean, or the "
            "previous step's target", fmt=".4g"),
-    Figure("baseline_mae", "baseline/val_mae", "val_mae of that same naive guess", fmt=".4g"),
+    Figure("baseline_mae", "reference/val_mae", "val_mae of that same naive guess", fmt=".4g"),
     REAL_TOKENS,
     REAL_TOKENS_SPREAD,
     Figure("padded_tokens_per_s", "speed/all_tokens_per_s",
@@ -125,7 +125,7 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            fmt=".1f", unit="s"),
     Figure("compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation",
            fmt=".1f", unit="s", nightly_threshold=0.50),
-    Figure("padding_waste", "data/padding_waste", "the padded share of all timesteps computed",
+    Figure("padding_waste", "padding/waste", "the padded share of all timesteps computed",
            fmt=".1%", sweep_table=True),
     Figure("num_params", "model/num_params", "the model's parameter count", fmt=",.0f"),
     Figure("tracking_overhead_s", "tracking/overhead_s", "seconds spent recording metrics to MLflow", fmt=".2f",
