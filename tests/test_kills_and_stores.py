@@ -324,10 +324,20 @@ def test_a_finder_killed_outright_takes_its_probe_with_it(tmp_path):
          "batch_finder.cache=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    def probes() -> list:
+        found = []
+        for child in psutil.Process(finder.pid).children():
+            try:
+                if "tbptt_exp.core.probe" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.Error:  # it ended between being listed and read (the describe probe): not a probe to kill
+                continue
+        return found
+
     deadline, seen, probe = time.monotonic() + 180, set(), None
     while probe is None and time.monotonic() < deadline:  # the second probe: the first only describes the device
         time.sleep(0.5)
-        children = [p for p in psutil.Process(finder.pid).children() if "tbptt_exp.core.probe" in " ".join(p.cmdline())]
+        children = probes()
         seen |= {p.pid for p in children}
         probe = children[0] if children and len(seen) > 1 else None
     assert probe is not None, "no training probe started"

@@ -164,6 +164,15 @@ def test_back_to_back_nights_pass_and_a_planted_faster_baseline_is_flagged(tmp_p
         assert len(e["samples"]["tokens_per_s"]) == 5  # five rounds
     assert (report.parent / "nightly_report.html").is_file()
     assert (report.parent / "nightly_trend_tokens_per_s.png").is_file()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}")
+    (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("tbptt-exp-nightly").experiment_id])
+                 if r.data.tags.get("tbptt_exp.kind") == "nightly"]
+    # The night's parent answers in its description and metrics.
+    assert parent.data.tags["mlflow.note.content"].startswith(
+        f"**Nightly {results['date']}: no baseline yet: tonight becomes the baseline**")
+    assert parent.data.metrics["nightly/entries"] == 2 and parent.data.metrics["nightly/green"] == 1.0
 
     second, report2 = nightly(tmp_path, *MARGIN)  # the same code again, back to back: no false alarm
     assert second.returncode == 0, second.stdout[-3000:]

@@ -170,9 +170,10 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
                      "nightly.date": results["date"], "nightly.verdict": verdict,
                      "mlflow.note.content": (
                          f"**Nightly {results['date']}: {VERDICT_LINES[verdict]}**"
-                         + (f": {', '.join(red)}" if red else "") + f"\n\nBaseline: {note}. {len(entries)} entries, "
-                         f"{cfg.rounds} round(s); the whole report is `nightly_report.html`.")})
-    parent.log_metrics({"nightly/entries": len(entries), "nightly/red_figures": len(red),
+                         + (f": {', '.join(red)}" if red else "") + f"\n\nBaseline: {note}. "
+                         f"{len(results['entries'])} entries, {cfg.rounds} round(s) each; the whole report is "
+                         "`nightly_report.html`.")})
+    parent.log_metrics({"nightly/entries": len(results["entries"]), "nightly/red_figures": len(red),
                         "nightly/green": float(verdict not in ("regressed", "gap"))})
     for path in [sweep_dir / RESULTS_FILE, *(sweep_dir / name for name in files), *plots]:
         parent.log_file(path)
