@@ -17,6 +17,8 @@ from typing import Any, List
 
 # Hydra ships its basic (grid) sweeper only under hydra._internal; extending it keeps Hydra's
 # own grid expansion, batching and settings instead of writing them again.
+# Hydra's basic launcher, likewise only under hydra._internal: it runs jobs one after another,
+# so the sweep says each job as it starts (no public flag says whether a launcher is sequential).
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
