@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from planted_probe import planted
+
 from tbptt_exp.app.batch_finder import ProbeError, find_max_batch, max_probes
 from tbptt_exp.app.jobs import EXIT_PROBE_ERROR, JobContext, max_batch_job
 from tbptt_exp.core.config import (
@@ -61,10 +63,6 @@ def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> Experi
         device=DeviceConfig(memory_budget_mb=BUDGET_MB),
         tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
     )
-
-
-def planted(spec: str) -> tuple[str, ...]:
-    return (sys.executable, str(Path(__file__).with_name("planted_probe.py")), spec)
 
 
 def real_run(k: int, batch_size: int, cwd: Path) -> str:
@@ -153,7 +151,7 @@ def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
 def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monkeypatch, capsys):
     import tbptt_exp.app.batch_finder as batch_finder
 
-    monkeypatch.setattr(batch_finder, "PROBE_COMMAND", planted("error:16"))
+    monkeypatch.setattr(batch_finder, "PROBE_ENTRY", planted("error:16"))
     with pytest.raises(SystemExit) as stopped:
         max_batch_job(small(10, tmp_path), JobContext(output_dir=tmp_path))
     assert stopped.value.code == EXIT_PROBE_ERROR
@@ -170,17 +168,17 @@ def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monk
 
 def test_a_hanging_probe_is_timed_out_and_counts_as_too_big(tmp_path):
     cfg = small(10, tmp_path, max_batch_size=40, probe_timeout_s=45)
-    frontier = find_max_batch(cfg, probe_command=planted("hang:32"))
+    frontier = find_max_batch(cfg, probe_entry=planted("hang:32"))
     assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[32] == "timeout"
     assert frontier.max_batch_size == 24
 
 
 def test_a_planted_out_of_memory_is_classified_as_too_big(tmp_path):
-    frontier = find_max_batch(small(10, tmp_path, max_batch_size=64), probe_command=planted("oom:40"))
+    frontier = find_max_batch(small(10, tmp_path, max_batch_size=64), probe_entry=planted("oom:40"))
     assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[40] == "oom"
     assert frontier.max_batch_size == 32
     with pytest.raises(ProbeError, match="planted failure"):
-        find_max_batch(small(10, tmp_path, cache=False), probe_command=planted("error:8"))
+        find_max_batch(small(10, tmp_path, cache=False), probe_entry=planted("error:8"))
 
 
 def test_the_frontier_of_arrays_and_table_datasets(tmp_path):

@@ -1,6 +1,7 @@
 """The batch-size search on simulated devices: fast, no TensorFlow."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -133,3 +134,15 @@ def test_non_monotone_memory_still_gives_a_verified_answer_and_says_so():
     small_sizes_misreported = lambda b: 18 if b < 32 else 9.4 + 0.001 * b  # noqa: E731 - seen on a CPU
     probe, _ = device(small_sizes_misreported, 500)
     assert search(probe, CFG, 500).memory_monotone is False
+
+
+def test_a_probe_line_gives_its_phases_and_an_answer_what_it_took():
+    from tbptt_exp.app.batch_finder import Frontier
+
+    probe = Probe(64, "ok", peak_memory_mb=40.0, seconds=5.5,
+                  phases={"start": 0.1, "build": 0.6, "compile": 1.2, "training": 3.2, "validation": 0.4})
+    assert probe.describe(25).endswith("[5.5 s, start 0.1, build 0.6, compile 1.2, training 3.2, validation 0.4]")
+    assert probe.measuring_s == pytest.approx(4.8)
+    found = Frontier(25, 64, 56, 40.0, None, None, probes=9, budget_mb=50.0, search_s=41.2, measuring_s=27.4)
+    assert found.cost().startswith("9 probes in 41 s, 27 s of it training and validating")
+    assert replace(found, cached=True).cost() == "9 probes, cached"

@@ -325,24 +325,29 @@ def test_a_finder_killed_outright_takes_its_probe_with_it(tmp_path):
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     def probes() -> list:
+        """The probes: the processes the finder's fork server forked (not the server itself)."""
         found = []
         for child in psutil.Process(finder.pid).children():
             try:
-                if "tbptt_exp.core.probe" in " ".join(child.cmdline()):
-                    found.append(child)
-            except psutil.Error:  # it ended between being listed and read (the describe probe): not a probe to kill
+                if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                    servers.add(child)
+                    found += child.children()
+            except psutil.Error:  # it ended between being listed and read: not a probe to kill
                 continue
         return found
 
-    deadline, seen, probe = time.monotonic() + 180, set(), None
-    while probe is None and time.monotonic() < deadline:  # the second probe: the first only describes the device
-        time.sleep(0.5)
-        children = probes()
-        seen |= {p.pid for p in children}
-        probe = children[0] if children and len(seen) > 1 else None
+    def age(process) -> float:
+        try:
+            return time.time() - process.create_time()
+        except psutil.Error:  # it ended (the describe probe)
+            return 0.0
+
+    deadline, probe, servers = time.monotonic() + 180, None, set()
+    while probe is None and time.monotonic() < deadline:  # a training probe: the first only describes the device,
+        time.sleep(0.5)                                    # in well under a second
+        probe = next((p for p in probes() if age(p) > 5), None)
     assert probe is not None, "no training probe started"
-    time.sleep(5)  # well into the probe, which trains for a minute
     finder.kill()
     finder.wait()
-    gone, alive = psutil.wait_procs([probe], timeout=15)
-    assert probe in gone and not alive
+    gone, alive = psutil.wait_procs([probe, *servers], timeout=15)
+    assert probe in gone and servers and not alive  # the probe, and the fork server it came from

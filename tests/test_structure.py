@@ -2,7 +2,6 @@
 
 import ast
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,26 +89,24 @@ def test_importing_any_module_has_no_side_effects_on_hydra():
     assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]
 
 
+def modules_loaded(request: dict) -> dict:
+    """A probe entry: the probe's answer and every module its process holds."""
+    from tbptt_exp.core.probe import answer
+
+    return answer(request) | {"modules": sorted(sys.modules)}
+
+
 def test_a_probe_process_imports_neither_mlflow_nor_hydra():
-    """A real probe (train, evaluate, measure) on a tiny model, with its loaded modules listed."""
+    """A real probe (train, evaluate, measure) on a tiny model, forked as the finder forks
+    them, with its loaded modules listed (its fork server's included)."""
     from tbptt_exp.core.config import ExperimentConfig, KeyRecallDataConfig, ModelConfig, to_dict
+    from tbptt_exp.core.probe import launch
 
     config = to_dict(ExperimentConfig(k=5, batch_size=8, data=KeyRecallDataConfig(num_sequences=32),
                                       model=ModelConfig(units=8, embedding_dim=4)))
-    request = {"config": config, "seconds": 0.5}
-    code = (
-        "import atexit, sys\n"
-        "atexit.register(lambda: print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr))\n"
-        "from tbptt_exp.core.probe import main\n"
-        "main()\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
-    from tbptt_exp.core.probe import MARKER
-
-    answer = json.loads(next(line for line in out.stdout.splitlines() if line.startswith(MARKER))[len(MARKER):])
+    answer = launch({"config": config, "seconds": 0.5}, 300, entry=modules_loaded)
     assert answer["outcome"] == "ok", answer
-    modules = next(line for line in out.stderr.splitlines() if line.startswith("MODULES")).split()[1:]
+    modules = answer["modules"]
     assert "tensorflow" in modules and "tbptt_exp.core.engines" in modules
     loaded = {m.split(".")[0] for m in modules}
     assert not loaded & {"mlflow", "hydra", "hydra_plugins", "optuna"}, loaded & {"mlflow", "hydra", "hydra_plugins", "optuna"}

@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,10 +29,10 @@ from typing import Callable
 from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
 from tbptt_exp.core.factories import factory_source
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, REAL_TOKENS, rate_text
-from tbptt_exp.core.probe import MARKER
+from tbptt_exp.core.probe import PHASES, answer, launch
 from tbptt_exp.paths import default_store_dir
 
-PROBE_COMMAND = (sys.executable, "-m", "tbptt_exp.core.probe")  # a probe: the core in a fresh process
+PROBE_ENTRY = answer  # what a probe process runs
 FITS = ("ok",)
 TOO_BIG = ("oom", "budget", "timeout", "killed")
 MONOTONE_TOLERANCE = 0.05  # a peak this much below a smaller size's peak: memory is not monotone
@@ -52,16 +50,22 @@ class Probe:
     error: str = ""
     tokens_per_s_spread: float | None = None
     padded_tokens_per_s: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # wall time per phase (``probe.PHASES``)
 
     @property
     def fits(self) -> bool:
         return self.outcome in FITS
 
+    @property
+    def measuring_s(self) -> float:
+        """The seconds it trained and validated; the rest of ``seconds`` is overhead (start, data, build)."""
+        return sum(self.phases.get(name, 0.0) for name in ("compile", "training", "validation"))
+
     @classmethod
     def from_answer(cls, batch_size: int, answer: dict) -> "Probe":
         """A probe process's answer (or how it died), as a Probe."""
         return cls(batch_size, answer["outcome"], seconds=answer.get("seconds", 0.0), error=answer.get("error", ""),
-                   **{f.name: answer.get(f.name) for f in PROBE_FIGURES})
+                   phases=answer.get("phases", {}), **{f.name: answer.get(f.name) for f in PROBE_FIGURES})
 
     def metrics(self) -> dict[str, float | None]:
         """MLflow's metrics of the probe (``probe/...``), logged with step = its batch size."""
@@ -69,15 +73,16 @@ class Probe:
         return figures | {"probe/fits": float(self.fits), "probe/seconds": self.seconds}
 
     def describe(self, k: int, budget_mb: float | None = None) -> str:
-        """``k=25 batch_size=56: over the budget by 6.2 MB, peak 56.2 MB [10.4 s]``: the
-        outcome, the figures and the probe's whole wall time (process start included)."""
+        """``k=25 batch_size=56: over the budget by 6.2 MB, peak 56.2 MB [2.1 s: start 0.1, ...]``:
+        the outcome, the figures and the probe's whole wall time with its phases."""
         peak = "" if self.peak_memory_mb is None else f", peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}"
         rate = f", {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s" if self.tokens_per_s else ""
         why = f" ({self.error})" if self.error and self.outcome != "ok" else ""
         outcome = self.outcome
         if outcome == "budget" and budget_mb is not None and self.peak_memory_mb is not None:
             outcome = f"over the budget by {PEAK_MEMORY.show(self.peak_memory_mb - budget_mb, unit=True)}"
-        return f"k={k} batch_size={self.batch_size}: {outcome}{peak}{rate}{why} [{self.seconds:.1f} s]"
+        phases = "".join(f", {name} {self.phases[name]:.1f}" for name in PHASES if name in self.phases)
+        return f"k={k} batch_size={self.batch_size}: {outcome}{peak}{rate}{why} [{self.seconds:.1f} s{phases}]"
 
 
 class ProbeError(RuntimeError):
@@ -107,6 +112,8 @@ class Frontier:
     probe_log: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     cached: bool = False
+    search_s: float = 0.0  # the search's wall time
+    measuring_s: float = 0.0  # of it, probes training and validating (the rest: starting, data, building)
 
     def answer(self) -> str:
         """``k=25: largest 48, recommended 40, 23,456 tokens/s, 42.2 MB``, the ceiling said."""
@@ -118,6 +125,13 @@ class Frontier:
                                                              (PEAK_MEMORY, self.peak_memory_mb)) if v is not None)
         return (f"k={self.k}: largest {self.max_batch_size}{ceiling}, recommended {self.recommended_batch_size}"
                 + (f", {figures}" if figures else ""))
+
+    def cost(self) -> str:
+        """``11 probes in 41 s, 27 s of it training and validating``: what the answer took."""
+        if self.cached:
+            return f"{self.probes} probes, cached"
+        return (f"{self.probes} probes in {self.search_s:.0f} s, {self.measuring_s:.0f} s of it training and "
+                "validating (the rest: starting probes, handing them the data, building the model)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,30 +235,10 @@ def recommend(best: int, probes: dict[int, Probe], budget_mb: float | None, cfg:
 # --- probes in processes ---------------------------------------------------------------
 
 
-def run_probe_process(request: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
-    """Run one probe process on ``request``; its answer, or how it died."""
-    started = time.perf_counter()
-    try:
-        out = subprocess.run(
-            list(command), input=json.dumps(request),
-            capture_output=True, text=True, timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        return {"outcome": "timeout", "error": f"no answer within {timeout_s:.0f} s", "seconds": timeout_s}
-    seconds = time.perf_counter() - started
-    for line in out.stdout.splitlines():
-        if line.startswith(MARKER):
-            return json.loads(line[len(MARKER):]) | {"seconds": seconds}
-    if out.returncode in (-9, 137):  # SIGKILL: the kernel's out-of-memory killer, most often
-        return {"outcome": "killed", "error": "killed (host memory?)", "seconds": seconds}
-    tail = (out.stderr or out.stdout).strip().splitlines()[-5:]
-    return {"outcome": "error", "error": f"probe exited {out.returncode}: " + " | ".join(tail), "seconds": seconds}
-
-
-def describe_device(config: dict, timeout_s: float, command: tuple[str, ...] = PROBE_COMMAND) -> dict:
+def describe_device(config: dict, timeout_s: float, entry: Callable[[dict], dict] = answer, dataset=None) -> dict:
     """The probes' device and TensorFlow version, from a first probe process (which also checks
     a model of your own: a refused one is a ConfigError here)."""
-    result = run_probe_process({"config": config, "describe": True}, timeout_s, command)
+    result = launch({"config": config, "describe": True, "dataset": dataset}, timeout_s, entry)
     if result.get("outcome") == "refused":
         raise ConfigError(result["setting"], result["value"], result["allowed"])
     if result.get("outcome") != "describe":
@@ -284,17 +278,17 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
 def find_max_batch(
     cfg: ExperimentConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
-    probe_command: tuple[str, ...] | None = None, data_fingerprint: str = "", device: dict | None = None,
+    probe_entry: Callable[[dict], dict] | None = None, dataset=None, device: dict | None = None,
 ) -> Frontier:
     """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
-    ``probe_command`` runs a probe process (default ``PROBE_COMMAND``); ``data_fingerprint``
-    (``Dataset.fingerprint``) keys the cache to the data's content; ``device``: what
-    ``describe_device`` answered, else it is asked here."""
-    probe_command = probe_command or PROBE_COMMAND
-    finder = cfg.batch_finder
-    device = device or describe_device(to_dict(cfg), finder.probe_timeout_s, probe_command)
+    ``probe_entry`` is what a probe process runs (``PROBE_ENTRY``); ``dataset``: what
+    ``train.prepare(cfg)`` gave, handed to every probe and keying the cache by its content
+    (read in each probe if absent); ``device``: what ``describe_device`` answered, else it
+    is asked here."""
+    finder, probe_entry = cfg.batch_finder, probe_entry or PROBE_ENTRY
+    device = device or describe_device(to_dict(cfg), finder.probe_timeout_s, probe_entry, dataset)
     budget = budget_for(device["device"], cfg)
-    key = fingerprint(cfg, device["device"], device["tensorflow"], data_fingerprint)
+    key = fingerprint(cfg, device["device"], device["tensorflow"], dataset.fingerprint if dataset else "")
     cached = cache_dir(finder) / f"{key}.json"
     if finder.cache and cached.is_file():
         say(f"k={cfg.k}: cached result {cached.name} (device {device['device']['device_name']})")
@@ -305,12 +299,14 @@ def find_max_batch(
 
     def probe(batch_size: int) -> Probe:
         one_epoch = replace(cfg, batch_size=batch_size, trainer=replace(cfg.trainer, epochs=1))
-        request = {"config": to_dict(one_epoch), "seconds": finder.probe_seconds}
-        found = Probe.from_answer(batch_size, run_probe_process(request, finder.probe_timeout_s, probe_command))
+        request = {"config": to_dict(one_epoch), "seconds": finder.probe_seconds, "dataset": dataset}
+        found = Probe.from_answer(batch_size, launch(request, finder.probe_timeout_s, probe_entry))
         say(found.describe(cfg.k, budget))
         return found
 
+    started = time.perf_counter()
     found = search(probe, finder, budget, on_probe)
+    search_s = time.perf_counter() - started
     at_best = next((p for p in found.probes if p.batch_size == found.max_batch_size), None)
     if not found.memory_monotone:
         peaks = ", ".join(f"B={p.batch_size}: {p.peak_memory_mb:,.1f} MB" for p in found.probes
@@ -324,6 +320,7 @@ def find_max_batch(
         tokens_per_s_spread=at_best.tokens_per_s_spread if at_best else None,
         probes=len(found.probes), budget_mb=budget, memory_monotone=found.memory_monotone,
         max_is_ceiling=found.max_batch_size == size_range(finder)[1], probe_log=[asdict(p) for p in found.probes], fingerprint=key,
+        search_s=search_s, measuring_s=sum(p.measuring_s for p in found.probes),
     )
     if finder.cache:
         cached.parent.mkdir(parents=True, exist_ok=True)

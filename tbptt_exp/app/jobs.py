@@ -170,7 +170,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     gpus = claim_devices(experiment)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
     # The probes' device, from a first probe process, which also refuses a model of your own
     # that cannot be trained: in one line, before a run is recorded.
-    device = describe_device(to_dict(experiment), experiment.batch_finder.probe_timeout_s)
+    device = describe_device(to_dict(experiment), experiment.batch_finder.probe_timeout_s, dataset=dataset)
     say(search_line(experiment))
     tags = {"device.gpus": gpus, "mlflow.note.content": search_note(experiment)}
     with tracked_run(experiment, ctx, "max_batch", search_name(experiment), tags) as run:
@@ -178,7 +178,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             run.log_metrics(probe.metrics(), step=probe.batch_size)
 
         try:
-            found = find_max_batch(experiment, on_probe, say, data_fingerprint=dataset.fingerprint, device=device)
+            found = find_max_batch(experiment, on_probe, say, dataset=dataset, device=device)
         except ProbeError as failure:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")
@@ -187,7 +187,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             for probe in found.probe_log:
                 on_probe(Probe(**probe))
         row = frontier_row(found, experiment, ctx)
-        say(f"{found.answer()} ({found.probes} probes{', cached' if found.cached else ''})")
+        say(f"{found.answer()} ({found.cost()})")
         if not ctx.multirun:
             say("\n" + frontier.table([row]))
             say(f"written to {frontier.write_files([row], ctx.output_dir)[0]}")
@@ -212,8 +212,8 @@ def search_line(experiment: ExperimentConfig) -> str:
     return (f"largest workable batch for k={experiment.k}, model={model.preset} ({model.shape}), "
             f"engine={experiment.engine.name}: sizes {finder.min_batch_size}..{finder.max_batch_size} in steps of "
             f"{finder.granularity}, at most {max_probes(finder)} probes, each a real training run in its own "
-            f"process measured for {finder.probe_seconds:g} s of steady state (its wall time, process start, "
-            "imports and compilation included, is in brackets)")
+            f"process: stopped as soon as its peak passes the budget, else timed for {finder.probe_seconds:g} s "
+            "of steady state (in brackets: its wall time and each phase's)")
 
 
 def search_note(experiment: ExperimentConfig) -> str:

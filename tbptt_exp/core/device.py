@@ -51,8 +51,10 @@ def _native_stderr_held():
             os.close(saved)
 
 
-def load_tensorflow():
-    """Import TensorFlow and Keras and find the devices, quietly when asked.
+def load_tensorflow(find_devices: bool = True):
+    """Import TensorFlow and Keras and find the devices, quietly when asked; ``find_devices``
+    false leaves every device untouched (the probes' fork server: a process that initialised
+    CUDA cannot hand it on to the processes it forks).
 
     TensorFlow 2.21 logs through absl before absl is initialised, and such lines (oneDNN
     and CUDA notices, ``cuInit`` failures on a machine without a GPU) ignore
@@ -67,7 +69,8 @@ def load_tensorflow():
         import keras  # noqa: F401  (loads a second native library that logs the same notices)
         import tensorflow as tf
 
-        tf.config.list_physical_devices()  # CUDA's start-up lines come here
+        if find_devices:
+            tf.config.list_physical_devices()  # CUDA's start-up lines come here
     return tf
 
 

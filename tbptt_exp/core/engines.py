@@ -17,6 +17,7 @@ the weights hold NaN every later figure is meaningless.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -95,11 +96,13 @@ class Engine:
             totals += self.head.sums(targets[s], self.model(inputs[s], training=False), weights[s], self.step_losses)
         return totals
 
-    def validate(self, layout: Layout) -> dict[str, float]:
+    def validate(self, layout: Layout, limit: int | None = None) -> dict[str, float]:
         """The head's figures over ``layout`` (``loss`` per weighted step, ``accuracy`` or
-        ``rmse`` and ``mae``); the training state is left as it was."""
+        ``rmse`` and ``mae``), over its first ``limit`` executions only where given (a probe:
+        the first reaches the peak); the training state is left as it was."""
         saved = get_states(self.layers)
-        sums = [self._evaluate_execution(*arrays) for arrays in executions(layout, self.cfg.steps_per_execution)]
+        sums = [self._evaluate_execution(*arrays)
+                for arrays in itertools.islice(executions(layout, self.cfg.steps_per_execution), limit)]
         set_states(self.layers, saved)
         return self.head.figures(np.sum([np.asarray(s) for s in sums], axis=0))
 

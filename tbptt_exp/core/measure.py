@@ -123,6 +123,8 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            fmt=".1f", unit="s", objective=True, nightly_threshold=0.20),
     Figure("first_execution_s", "speed/first_execution_s", "the epoch's first execution, timed on its own",
            fmt=".1f", unit="s"),
+    Figure("validation_time_s", "speed/validation_time_s", "the epoch's validation pass, timed on its own",
+           fmt=".1f", unit="s"),
     Figure("compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation",
            fmt=".1f", unit="s", nightly_threshold=0.50),
     Figure("padding_waste", "padding/waste", "the padded share of all timesteps computed",
@@ -212,6 +214,13 @@ def peak_memory_mb(device: str) -> float | None:
         return tf.config.experimental.get_memory_info(device)["peak"] / MB
     except (ValueError, tf.errors.InvalidArgumentError):
         return None
+
+
+def peak_over(budget_mb: float | None, device: str) -> float | None:
+    """The allocator's peak so far where it is over ``budget_mb``, else None (within it, no
+    budget, or a device that reports no peak)."""
+    peak = peak_memory_mb(device)
+    return peak if budget_mb is not None and peak is not None and peak > budget_mb else None
 
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

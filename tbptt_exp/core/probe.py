@@ -1,37 +1,54 @@
-"""One batch-size probe, run as ``python -m tbptt_exp.core.probe`` in a fresh process.
+"""One batch-size probe: a real training run of the user's config at one batch size, in a
+process of its own.
 
 TensorFlow keeps GPU memory after an out-of-memory error until its process exits, so
-every probe gets a process of its own. A probe *is* the real thing, shortened: the
-user's data, layout, engine and resets, optimizer steps, a validation pass, measured by
-``core.measure`` as every run is. It prints one JSON line: the outcome, the allocator's
-peak memory and tokens/s with their spread. The parent classifies crashes and time-outs.
+every probe gets a process of its own. ``launch`` forks it from a server (multiprocessing's
+``forkserver``) that imported TensorFlow once and touched no device (``probe_server``):
+the probe starts in a fraction of a second, not the ~5 s a fresh interpreter takes to
+import TensorFlow, and still initialises its device itself. The finder hands over the data
+it already loaded and checked, so a probe does not read the corpus again.
 
-Input (stdin, JSON): ``config`` (``core.config.to_dict`` of the experiment to run: the
-batch size to try, one epoch; checked once, as it is built on arrival) and ``seconds``
-(steady-state time to measure per epoch);
-``{"describe": true}`` reports the device (and checks a model of your own). A setting
-that cannot work is answered as ``refused`` with the setting, its value and what is
-allowed. A probe imports the core only: neither Hydra nor MLflow.
+A probe *is* the real thing, shortened: the user's data, layout, engine and resets,
+optimizer steps and a validation execution, measured by ``core.measure`` as every run is.
+It stops at the first host sync that finds the allocator's peak over the memory budget
+(right after the first execution, most often): a peak only grows, so the verdict "too big"
+is final there and no throughput is timed that nobody reads. A probe that fits trains
+``seconds`` of steady state for its throughput; its validation runs one execution, which
+reaches the validation pass's peak (a test holds both to the peak of the full run). The
+answer carries the outcome, the figures and the time each phase took.
+
+Request: ``config`` (``core.config.to_dict`` of the experiment: the batch size to try, one
+epoch; checked once, as it is built on arrival), ``seconds`` (steady-state time to measure)
+and ``dataset`` (optional: what ``train.prepare`` gave; read here if absent);
+``{"describe": true}`` reports the device (and checks a model of your own). A setting that
+cannot work is answered as ``refused`` with the setting, its value and what is allowed.
+A probe imports the core only: neither Hydra nor MLflow.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import multiprocessing
 import os
 import re
 import signal
 import sys
+import tempfile
+import time
 import traceback
+from pathlib import Path
+from typing import Callable
 
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ConfigError, ExperimentConfig, from_dict
 from tbptt_exp.core.device import configure_device, prepare_tensorflow
-from tbptt_exp.core.measure import PROBE_FIGURES, over_budget_mb
-from tbptt_exp.core.train import build, prepare, train
+from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, over_budget_mb
+from tbptt_exp.core.train import build, check_dataset, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+PHASES = ("start", "imports", "data", "build", "compile", "training", "validation")
 
 OOM_PATTERNS = re.compile(
     r"ResourceExhausted|RESOURCE_EXHAUSTED|out of memory|OOM when allocating|"
@@ -47,41 +64,86 @@ def classify_error(error: BaseException) -> str:
     return "oom" if OOM_PATTERNS.search(text) else "error"
 
 
-def describe(cfg: ExperimentConfig) -> dict:
+class OverBudget(Exception):
+    """The allocator's peak passed the memory budget: the probe stops, too big."""
+
+    def __init__(self, peak_mb: float):
+        super().__init__(f"peak {peak_mb:,.1f} MB")
+        self.peak_mb = peak_mb
+
+
+class Phases:
+    """Wall time per phase of a probe (``PHASES``; ``start`` is the launcher's: fork, hand-over, exit)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
+def describe(cfg: ExperimentConfig, dataset=None) -> dict:
     """The device and TensorFlow's version; for a model of your own, first its check: the
     factory loaded and its model built once, so a refused model stops the search before
     any probe."""
     import tensorflow as tf  # after configure_device: TensorFlow takes device settings only before it starts
 
     if cfg.model.factory is not None:
-        build(cfg, prepare(cfg))
+        build(cfg, dataset if dataset is not None else prepare(cfg))
     return {"outcome": "describe", "device": measure.device_description(), "tensorflow": tf.__version__}
 
 
-def run_probe(cfg: ExperimentConfig, seconds: float) -> dict:
-    """``cfg``'s real training, each epoch cut after ``seconds`` of steady state, then the
-    validation pass: the same layout, engine, resets and measurements as a training run,
-    so its peak memory is the peak a real run reaches. The finder sends one epoch."""
-    result = train(cfg, epoch_seconds=seconds)
+def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phases | None = None) -> dict:
+    """``cfg``'s real training, cut after ``seconds`` of steady state, then one validation
+    execution; stopped as soon as the peak passes ``device.memory_budget_mb``. The same
+    layout, engine, resets and measurements as a training run, so its peak memory is the
+    peak a real run reaches."""
+    phases = phases or Phases()
+    if dataset is None:
+        dataset = prepare(cfg)
+    else:
+        check_dataset(cfg, dataset)  # what depends on the batch size: the layout's size, drop, stream
+    phases.lap("data")
+    engine = build(cfg, dataset)
+    phases.lap("build")
+    budget, device = cfg.device.memory_budget_mb, measure.training_device()
+
+    def stop_if_over(epoch: int, done: int, n_batches: int) -> None:  # at each host sync, the first after compiling
+        if (peak := measure.peak_over(budget, device)) is not None:
+            raise OverBudget(peak)
+
+    try:
+        result = train(cfg, dataset=dataset, engine=engine, progress=stop_if_over, epoch_seconds=seconds,
+                       validation_executions=1)
+    except OverBudget as over:
+        phases.lap("compile")
+        return {PEAK_MEMORY.name: over.peak_mb, "outcome": "budget"}
+    phases.lap("training")
+    phases.seconds["compile"] = result.compile_time_s
+    phases.seconds["validation"] = sum(epoch.validation_time_s for epoch in result.epochs)
+    phases.seconds["training"] -= phases.seconds["compile"] + phases.seconds["validation"]
     answer = {f.name: result.value(f.name) for f in PROBE_FIGURES}
-    budget = cfg.device.memory_budget_mb
     over = over_budget_mb(result.final, budget)
     if budget is not None and over is None:
-        device = result.device.get("device")
-        return answer | {"outcome": "unknown", "error": f"TensorFlow's allocator on {device} reports no peak "
-                         "memory, so device.memory_budget_mb cannot be checked"}
+        return answer | {"outcome": "unknown", "error": f"TensorFlow's allocator on {result.device.get('device')} "
+                         "reports no peak memory, so device.memory_budget_mb cannot be checked"}
     return answer | {"outcome": "budget" if over is not None and over > 0 else "ok"}
 
 
 def answer(request: dict) -> dict:
-    """The probe's answer to one request; any failure is reported and classified."""
+    """The probe's answer to one request, with its ``phases``; any failure is reported and classified."""
+    phases = Phases()
     try:
         prepare_tensorflow()
         cfg = from_dict(request["config"])
         configure_device(cfg.device, say=lambda line: print(line, file=sys.stderr))  # before TensorFlow starts
+        phases.lap("imports")
         if request.get("describe"):
-            return describe(cfg)
-        return run_probe(cfg, request["seconds"])
+            return describe(cfg, request.get("dataset"))
+        return run_probe(cfg, request["seconds"], request.get("dataset"), phases) | {"phases": phases.seconds}
     except ConfigError as refused:  # a setting that cannot work: the parent says so in one line
         return {"outcome": "refused", "error": str(refused), "setting": refused.setting, "value": refused.value,
                 "allowed": refused.allowed}
@@ -93,21 +155,78 @@ def answer(request: dict) -> dict:
         }
 
 
-def die_with_finder() -> None:
-    """A probe is part of its finder: when the finder is killed outright (``kill -9``), the
-    kernel ends the probe too (Linux), instead of it training on with nobody to answer."""
-    finder = os.getppid()
+def die_with_parent() -> None:
+    """A probe is part of its finder: when the finder is killed outright (``kill -9``), its
+    fork server exits, and the kernel ends the probe too (Linux), instead of it training on
+    with nobody to answer."""
+    parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the probe ends by itself
         return
-    if os.getppid() != finder:  # the finder died before the line above took effect
+    if os.getppid() != parent:  # the parent died before the line above took effect
         os._exit(1)
 
 
+def serve(entry: Callable[[dict], dict], request: dict, answer_path: str, output_path: str) -> None:
+    """A forked probe's body: its output (TensorFlow's native logs included) into
+    ``output_path``, ``entry(request)`` as JSON into ``answer_path``, written whole or not at all."""
+    die_with_parent()
+    output = os.open(output_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    found = json.dumps(entry(request))
+    Path(answer_path + ".part").write_text(found)
+    os.replace(answer_path + ".part", answer_path)
+
+
+_server: multiprocessing.context.BaseContext | None = None
+
+
+def probe_processes() -> multiprocessing.context.BaseContext:
+    """Where probes start: the fork server with TensorFlow imported (``probe_server``); a fresh
+    interpreter per probe on a platform without one."""
+    global _server
+    if _server is None:
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            _server = multiprocessing.get_context("forkserver")
+            _server.set_forkserver_preload(["tbptt_exp.core.probe_server"])
+        else:
+            _server = multiprocessing.get_context("spawn")
+    return _server
+
+
+def launch(request: dict, timeout_s: float, entry: Callable[[dict], dict] = answer) -> dict:
+    """Run ``entry(request)`` (``answer``: one probe) in a process of its own; its answer with
+    ``seconds`` (its whole wall time) and the ``start`` phase, or how it died."""
+    with tempfile.TemporaryDirectory(prefix="tbptt-probe-") as folder:
+        answer_path, output_path = os.path.join(folder, "answer.json"), os.path.join(folder, "output.log")
+        Path(output_path).touch()
+        started = time.perf_counter()
+        process = probe_processes().Process(target=serve, args=(entry, request, answer_path, output_path),
+                                            daemon=True)  # ended with this process, however it exits
+        process.start()
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            return {"outcome": "timeout", "error": f"no answer within {timeout_s:.0f} s", "seconds": timeout_s}
+        seconds = time.perf_counter() - started
+        if os.path.exists(answer_path):
+            found = json.loads(Path(answer_path).read_text())
+            if "phases" in found:
+                found["phases"] = {"start": seconds - sum(found["phases"].values())} | found["phases"]
+            return found | {"seconds": seconds}
+        if process.exitcode == -signal.SIGKILL:  # the kernel's out-of-memory killer, most often
+            return {"outcome": "killed", "error": "killed (host memory?)", "seconds": seconds}
+        tail = Path(output_path).read_text(errors="replace").strip().splitlines()[-5:]
+        return {"outcome": "error", "error": f"probe exited {process.exitcode}: " + " | ".join(tail),
+                "seconds": seconds}
+
+
 def main() -> None:
-    die_with_finder()
+    """``python -m tbptt_exp.core.probe < request.json``: one probe in this process, by hand."""
     print(MARKER + json.dumps(answer(json.loads(sys.stdin.read()))), flush=True)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -36,6 +37,7 @@ class EpochMetrics:
     peak_rss_mb: float  # process resident-set high-water mark since the run started
     epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
     first_execution_s: float  # the first execution, timed on its own
+    validation_time_s: float  # wall time of the epoch's validation pass
     val_bits_per_char: Optional[float] = None  # text
     val_accuracy: Optional[float] = None  # classification
     val_rmse: Optional[float] = None  # regression, in the targets' units
@@ -186,12 +188,14 @@ def train(
     progress: Callable[[int, int, int], None] | None = None,
     epoch_seconds: float | None = None,
     engine=None,
+    validation_executions: int | None = None,
 ) -> RunResult:
     """Train ``cfg`` (a config checks itself when it is built); ``dataset``: what
     ``prepare(cfg)`` gave, else it is prepared here; ``engine``: what ``build(cfg, dataset)``
     gave, else it is built here. ``progress(epoch, batches_done, n_batches)`` reports within
     epochs. ``epoch_seconds`` ends each epoch once that much steady-state time is measured: a
-    batch-size probe is this same run, shortened.
+    batch-size probe is this same run, shortened, and validates on ``validation_executions``
+    executions only (its peak memory is reached in the first; None: the whole pass).
     """
     dataset = dataset if dataset is not None else prepare(cfg)
     engine = engine if engine is not None else build(cfg, dataset)
@@ -206,7 +210,8 @@ def train(
         first_layout = first_layout or layout
         report = None if progress is None else (lambda done, e=epoch, n=layout.n_batches: progress(e, done, n))
         try:
-            epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds))
+            epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds,
+                                 validation_executions))
         except NonFiniteLoss as loss:
             raise diverged(cfg, epoch, str(loss)) from None
         if not math.isfinite(epochs[-1].val_loss):
@@ -268,10 +273,13 @@ def build(cfg: ExperimentConfig, dataset: Dataset):
 
 
 def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool,
-           report: Callable[[int], None] | None, seconds: float | None) -> EpochMetrics:
+           report: Callable[[int], None] | None, seconds: float | None,
+           validation_executions: int | None = None) -> EpochMetrics:
     """Train one epoch, validate, and measure both."""
     result = engine.train_epoch(layout, report, stop_after_s=seconds)
-    validation = engine.validate(val_layout)
+    started = time.perf_counter()
+    validation = engine.validate(val_layout, validation_executions)
+    validation_s = time.perf_counter() - started
     val_loss = validation["loss"]
     timing = result.timing
     speed = measure.throughput(timing, layout.real_tokens_per_batch, layout.batch_size * layout.k)
@@ -286,6 +294,7 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
         peak_rss_mb=measure.peak_rss_mb(),
         epoch_time_s=timing.wall_s,
         first_execution_s=timing.first_execution_s,
+        validation_time_s=validation_s,
         val_bits_per_char=val_loss / math.log(2) if is_text else None,
         val_accuracy=validation.get("accuracy"),
         val_rmse=validation.get("rmse"),
