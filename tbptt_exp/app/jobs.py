@@ -223,7 +223,8 @@ def search_note(experiment: ExperimentConfig) -> str:
             f"{experiment.engine.name} ({experiment.trainer.precision}) within the device's memory{budget}. "
             "Each probe is a short real training run "
             "in its own process, logged here with step = its batch size: `probe/allocator_peak_mb` (TensorFlow's "
-            "allocator peak), `probe/real_tokens_per_s`, `probe/fits` (1: fits, 0: too big). Their charts draw "
+            "allocator peak; a probe stops once it passes the budget), `probe/real_tokens_per_s` (probes that fit), "
+            "`probe/fits` (1: fits, 0: too big). Their charts draw "
             "every probe against the batch size; the single value beside a `probe/` name is the largest size "
             "probed, not the answer, which is `batch/max` and `batch/recommended`. The `probes` tag lists each "
             "size and its outcome.")

@@ -10,9 +10,9 @@ it already loaded and checked, so a probe does not read the corpus again.
 
 A probe *is* the real thing, shortened: the user's data, layout, engine and resets,
 optimizer steps and a validation execution, measured by ``core.measure`` as every run is.
-It stops at the first host sync that finds the allocator's peak over the memory budget
-(right after the first execution, most often): a peak only grows, so the verdict "too big"
-is final there and no throughput is timed that nobody reads. A probe that fits trains
+It trains in a thread while the probe watches the allocator, and stops the moment the peak
+passes the memory budget, mid-execution if need be: a peak only grows, so the verdict "too
+big" is final there and no throughput is timed that nobody reads. A probe that fits trains
 ``seconds`` of steady state for its throughput; its validation runs one execution, which
 reaches the validation pass's peak (a test holds both to the peak of the full run). The
 answer carries the outcome, the figures and the time each phase took.
@@ -35,6 +35,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -49,6 +50,7 @@ from tbptt_exp.core.train import build, check_dataset, prepare, train
 MARKER = "TBPTT_PROBE_RESULT "
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 PHASES = ("start", "imports", "data", "build", "compile", "training", "validation")
+WATCH_S = 0.05  # how often a probe reads the allocator's peak while it trains
 
 OOM_PATTERNS = re.compile(
     r"ResourceExhausted|RESOURCE_EXHAUSTED|out of memory|OOM when allocating|"
@@ -62,14 +64,6 @@ def classify_error(error: BaseException) -> str:
     """``oom`` for every form TensorFlow reports running out of device memory, else ``error``."""
     text = f"{type(error).__name__}: {error}"
     return "oom" if OOM_PATTERNS.search(text) else "error"
-
-
-class OverBudget(Exception):
-    """The allocator's peak passed the memory budget: the probe stops, too big."""
-
-    def __init__(self, peak_mb: float):
-        super().__init__(f"peak {peak_mb:,.1f} MB")
-        self.peak_mb = peak_mb
 
 
 class Phases:
@@ -98,9 +92,10 @@ def describe(cfg: ExperimentConfig, dataset=None) -> dict:
 
 def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phases | None = None) -> dict:
     """``cfg``'s real training, cut after ``seconds`` of steady state, then one validation
-    execution; stopped as soon as the peak passes ``device.memory_budget_mb``. The same
-    layout, engine, resets and measurements as a training run, so its peak memory is the
-    peak a real run reaches."""
+    execution: the same layout, engine, resets and measurements as a training run, so its
+    peak memory is the peak a real run reaches. It trains in a thread while this one watches
+    the allocator: the moment the peak passes ``device.memory_budget_mb``, the answer is
+    "budget" (the training thread ends with the probe's process)."""
     phases = phases or Phases()
     if dataset is None:
         dataset = prepare(cfg)
@@ -110,17 +105,24 @@ def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phase
     engine = build(cfg, dataset)
     phases.lap("build")
     budget, device = cfg.device.memory_budget_mb, measure.training_device()
+    done: dict = {}
 
-    def stop_if_over(epoch: int, done: int, n_batches: int) -> None:  # at each host sync, the first after compiling
-        if (peak := measure.peak_over(budget, device)) is not None:
-            raise OverBudget(peak)
+    def run() -> None:
+        try:
+            done["result"] = train(cfg, dataset=dataset, engine=engine, epoch_seconds=seconds, validation_executions=1)
+        except BaseException as error:  # raised below, in the probe's own thread
+            done["error"] = error
 
-    try:
-        result = train(cfg, dataset=dataset, engine=engine, progress=stop_if_over, epoch_seconds=seconds,
-                       validation_executions=1)
-    except OverBudget as over:
-        phases.lap("compile")
-        return {PEAK_MEMORY.name: over.peak_mb, "outcome": "budget"}
+    training = threading.Thread(target=run, name="probe-training", daemon=True)
+    training.start()
+    while training.is_alive():
+        training.join(WATCH_S)
+        if (peak := measure.peak_over(budget, device)) is not None:  # a peak only grows: too big for good
+            phases.lap("compile")
+            return {PEAK_MEMORY.name: peak, "outcome": "budget"}
+    if "error" in done:
+        raise done["error"]
+    result = done["result"]
     phases.lap("training")
     phases.seconds["compile"] = result.compile_time_s
     phases.seconds["validation"] = sum(epoch.validation_time_s for epoch in result.epochs)
@@ -228,6 +230,7 @@ def launch(request: dict, timeout_s: float, entry: Callable[[dict], dict] = answ
 def main() -> None:
     """``python -m tbptt_exp.core.probe < request.json``: one probe in this process, by hand."""
     print(MARKER + json.dumps(answer(json.loads(sys.stdin.read()))), flush=True)
+    os._exit(0)  # as a forked probe ends: a training thread stopped over the budget goes with it
 
 
 if __name__ == "__main__":
