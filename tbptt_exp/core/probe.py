@@ -27,7 +27,6 @@ A probe imports the core only: neither Hydra nor MLflow.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import multiprocessing
 import os
@@ -48,7 +47,6 @@ from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, over_budget_mb
 from tbptt_exp.core.train import build, check_dataset, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 PHASES = ("start", "imports", "data", "build", "compile", "training", "validation")
 WATCH_S = 0.05  # how often a probe reads the allocator's peak while it trains
 
@@ -157,24 +155,21 @@ def answer(request: dict) -> dict:
         }
 
 
-def die_with_parent() -> None:
-    """A probe is part of its finder: when the finder is killed outright (``kill -9``), its
-    fork server exits, and the kernel ends the probe too (Linux), instead of it training on
-    with nobody to answer."""
-    parent = os.getppid()
+def die_with_finder(lifeline) -> None:
+    """A probe is part of its finder: when the finder ends, even killed outright (``kill -9``),
+    the kernel closes its end of ``lifeline``, and the probe ends too instead of training on
+    with nobody to answer. (Its fork server cannot tell: every process it forks keeps it alive.)"""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the probe ends by itself
-        return
-    if os.getppid() != parent:  # the parent died before the line above took effect
-        os._exit(1)
+        lifeline.recv()  # nothing is ever sent: this returns only when the finder's end closes
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
-def serve(entry: Callable[[dict], dict], request: dict, answer_path: str, output_path: str) -> None:
+def serve(entry: Callable[[dict], dict], request: dict, answer_path: str, output_path: str, lifeline) -> None:
     """A forked probe's body: its output (TensorFlow's native logs included) into
     ``output_path``, ``entry(request)`` as JSON into ``answer_path``, written whole or not at all."""
-    die_with_parent()
+    threading.Thread(target=die_with_finder, args=(lifeline,), name="probe-lifeline", daemon=True).start()
     output = os.open(output_path, os.O_WRONLY | os.O_APPEND)
     os.dup2(output, 1)
     os.dup2(output, 2)
@@ -206,14 +201,19 @@ def launch(request: dict, timeout_s: float, entry: Callable[[dict], dict] = answ
         answer_path, output_path = os.path.join(folder, "answer.json"), os.path.join(folder, "output.log")
         Path(output_path).touch()
         started = time.perf_counter()
-        process = probe_processes().Process(target=serve, args=(entry, request, answer_path, output_path),
-                                            daemon=True)  # ended with this process, however it exits
+        lifeline, held = probe_processes().Pipe(duplex=False)  # the probe reads; this process holds the other end
+        process = probe_processes().Process(target=serve, args=(entry, request, answer_path, output_path, lifeline),
+                                            daemon=True)
         process.start()
-        process.join(timeout_s)
-        if process.is_alive():
-            process.kill()
-            process.join()
-            return {"outcome": "timeout", "error": f"no answer within {timeout_s:.0f} s", "seconds": timeout_s}
+        lifeline.close()
+        try:
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join()
+                return {"outcome": "timeout", "error": f"no answer within {timeout_s:.0f} s", "seconds": timeout_s}
+        finally:
+            held.close()
         seconds = time.perf_counter() - started
         if os.path.exists(answer_path):
             found = json.loads(Path(answer_path).read_text())
