@@ -19,6 +19,7 @@ from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_dev
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import TrackedRun, Tracker, make_tracker
+from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.stores import default_storage_url
 from tbptt_exp.app.study import job_trial
 from tbptt_exp.app.sweep import JobContext, JobResult
@@ -82,7 +83,11 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         console.starting(dataset)
         trial = job_trial(ctx.sweeper, ctx.link.trial_number, objectives[0])
         gpus = claim_devices(experiment)
-        configure_device(experiment.device, say)  # TensorFlow loads here, once the settings are known good
+        # TensorFlow loads here, once the settings are known good. A Ctrl-C or SIGTERM waits for
+        # the import to end: raised inside it, Keras's probe for optree (a bare except) turns it
+        # into an ImportError and a traceback.
+        with deferred():
+            configure_device(experiment.device, say)
         engine = build(experiment, dataset)  # a model refused here stops in one line, before a run is recorded
         device = measure.device_description()
         console.device(device)
