@@ -146,3 +146,9 @@ def test_a_probe_line_gives_its_phases_and_an_answer_what_it_took():
     found = Frontier(25, 64, 56, 40.0, None, None, probes=9, budget_mb=50.0, search_s=41.2, measuring_s=27.4)
     assert found.cost().startswith("9 probes in 41 s, 27 s of it training and validating")
     assert replace(found, cached=True).cost() == "9 probes, cached"
+
+
+def test_a_probe_over_the_budget_says_the_budget_and_the_peak_it_reached():
+    probe = Probe(72, "budget", peak_memory_mb=51.3, seconds=2.0, phases={"start": 0.1, "build": 0.6, "compile": 1.3})
+    assert probe.describe(25, 50.0) == ("k=25 batch_size=72: over the budget of 50 MB at a peak of 51.3 MB "
+                                        "[2.0 s, start 0.1, build 0.6, compile 1.3]")

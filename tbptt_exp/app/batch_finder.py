@@ -73,14 +73,15 @@ class Probe:
         return figures | {"probe/fits": float(self.fits), "probe/seconds": self.seconds}
 
     def describe(self, k: int, budget_mb: float | None = None) -> str:
-        """``k=25 batch_size=56: over the budget by 6.2 MB, peak 56.2 MB [2.1 s: start 0.1, ...]``:
-        the outcome, the figures and the probe's whole wall time with its phases."""
+        """``k=25 batch_size=56: over the budget of 50 MB at a peak of 56.2 MB [2.1 s, start 0.1, ...]``:
+        the outcome, the figures and the probe's whole wall time with its phases. A probe over
+        the budget stops as its peak passes it, so its peak is where it stopped, a floor."""
         peak = "" if self.peak_memory_mb is None else f", peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}"
         rate = f", {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s" if self.tokens_per_s else ""
         why = f" ({self.error})" if self.error and self.outcome != "ok" else ""
         outcome = self.outcome
         if outcome == "budget" and budget_mb is not None and self.peak_memory_mb is not None:
-            outcome = f"over the budget by {PEAK_MEMORY.show(self.peak_memory_mb - budget_mb, unit=True)}"
+            outcome, peak = f"over the budget of {budget_mb:g} MB at a peak of {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}", ""
         phases = "".join(f", {name} {self.phases[name]:.1f}" for name in PHASES if name in self.phases)
         return f"k={k} batch_size={self.batch_size}: {outcome}{peak}{rate}{why} [{self.seconds:.1f} s{phases}]"
 

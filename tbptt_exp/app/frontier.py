@@ -109,7 +109,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
             budgets.add((row["budget_mb"], row.get("headroom") or 0.0))
     handles, _ = ax_m.get_legend_handles_labels()
     handles += [Line2D([], [], marker="o", linestyle="", color="grey", label="fits"),
-                Line2D([], [], marker="x", linestyle="", color="grey", label="too big"),
+                Line2D([], [], marker="x", linestyle="", color="grey", label="too big (its peak when it stopped)"),
                 Line2D([], [], color="grey", alpha=0.5, label="largest that fits"),
                 Line2D([], [], color="grey", linestyle=":", label="recommended")]
     for budget, headroom in sorted(budgets):
