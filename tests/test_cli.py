@@ -120,6 +120,8 @@ def test_multirun_gives_one_parent_with_a_finished_child_per_k(tmp_path, store):
         (["engine=keras_fit", "padding=stream", "data.cut=documents"], "padding="),
         (["data.max_sequence_length=100"], "data.max_sequence_length="),
         (["padding=stream", "batch_size=4096", "data.max_chars=20000"], "batch_size="),
+        (["model.units=100000000000"], "model.units="),  # 4e22 parameters: refused before TensorFlow allocates
+        (["model.embedding_dim=100000000000000"], "model.embedding_dim="),
     ],
 )
 def test_bad_values_exit_2_with_one_line_and_leave_no_run(tmp_path, store, args, setting):

@@ -230,3 +230,13 @@ def test_keras_fit_and_mixed_precision_train_a_model_of_your_own():
                 dataclasses.replace(base, trainer=TrainerConfig(epochs=1, precision="mixed_bfloat16"))):
         result = train(cfg)
         assert np.isfinite(result.final.val_loss) and result.final.val_accuracy is not None and not result.unroll
+
+
+@pytest.mark.parametrize("cell", [Cell.lstm, Cell.gru])
+@pytest.mark.parametrize("io", [ModelIO(DataTask.classification, 30, vocab_size=30),
+                                ModelIO(DataTask.regression, 2, num_features=5)], ids=["tokens", "features"])
+def test_the_parameter_count_known_before_building_is_the_one_keras_counts(cell, io):
+    """What the size check reads (``ModelConfig.num_params``) against the model as built."""
+    cfg = ModelConfig(units=12, layers=2, embedding_dim=7, cell=cell)
+    assert cfg.num_params(io) == build_model(cfg, io, batch_size=4, k=3).count_params()
+    assert dataclasses.replace(cfg, factory="m:f").num_params(io) is None  # a model of your own: known once built

@@ -392,6 +392,21 @@ class ModelConfig:
                                                                  "model.factory (model=custom), or the built-in "
                                                                  "model's own settings (model.units...)")
 
+    def num_params(self, io) -> int | None:
+        """The built-in stack's parameter count for ``io`` (a ``dataset.ModelIO``), as Keras
+        counts it, without building anything (None for a model of your own): an LSTM layer
+        has 4 gates, a GRU 3 with two biases each (Keras's reset_after), each gate a kernel,
+        a recurrent kernel and a bias."""
+        if self.factory is not None:
+            return None
+        width = self.embedding_dim if io.tokens else io.num_features
+        total = io.vocab_size * self.embedding_dim if io.tokens else 0
+        gates, biases = (4, 1) if self.cell == Cell.lstm else (3, 2)
+        for _ in range(self.layers):
+            total += gates * (self.units * (width + self.units) + biases * self.units)
+            width = self.units
+        return total + (width + 1) * io.num_outputs
+
     @property
     def shape(self) -> str:
         """``1x256 LSTM``, or the factory that builds the model."""

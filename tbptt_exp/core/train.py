@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
+import psutil
+
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import Activation, ConfigError, DataTask, ExperimentConfig, Padding, objective_names
 from tbptt_exp.core.data import load_dataset
@@ -130,6 +132,7 @@ class RunResult:
 
 
 MAX_LAYOUT_BYTES = 4 * 2**30  # a laid-out corpus larger than this is refused before it is built
+BYTES_PER_PARAM = 16  # float32 weight, its gradient, Adam's two slots
 
 
 def prepare(cfg: ExperimentConfig) -> Dataset:
@@ -165,6 +168,7 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
             raise ConfigError("batch_size", cfg.batch_size,
                               f"padding=stream cuts the training text into batch_size rows, and it makes only "
                               f"{chunks} chunks of k={cfg.k}; use batch_size up to {chunks}, or a smaller k")
+    check_model_size(cfg, dataset)
     cfg.check_engine(len(dataset.train))
     if cfg.padding == Padding.drop and len(dataset.train) < cfg.batch_size:
         raise ConfigError(
@@ -172,6 +176,20 @@ def check_dataset(cfg: ExperimentConfig, dataset: Dataset) -> None:
             f"padding=drop keeps only whole batches of the {len(dataset.train)} training sequences; "
             "use a smaller batch_size or padding=dummy/pack",
         )
+
+
+def check_model_size(cfg: ExperimentConfig, dataset: Dataset) -> None:
+    """A built-in model whose weights, gradients and Adam's two slots (16 bytes a parameter)
+    would not fit in this machine's memory is refused before TensorFlow allocates it."""
+    params = cfg.model.num_params(dataset.io)
+    if params is None or params * BYTES_PER_PARAM <= psutil.virtual_memory().total:
+        return
+    wider = dataset.io.tokens and cfg.model.embedding_dim > cfg.model.units  # the larger of the two widths
+    setting = "model.embedding_dim" if wider else "model.units"
+    raise ConfigError(setting, getattr(cfg.model, setting.split(".")[1]),
+                      f"the model would have {params:,.0f} parameters, {params * BYTES_PER_PARAM / 2**30:,.0f} GiB "
+                      f"with gradients and optimizer state, more than this machine's "
+                      f"{psutil.virtual_memory().total / 2**30:,.0f} GiB; use a smaller {setting} or model.layers")
 
 
 def layout_bytes(corpus, k: int, batch_size: int, padding: str) -> int:
