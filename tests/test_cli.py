@@ -122,6 +122,7 @@ def test_multirun_gives_one_parent_with_a_finished_child_per_k(tmp_path, store):
         (["padding=stream", "batch_size=4096", "data.max_chars=20000"], "batch_size="),
         (["model.units=100000000000"], "model.units="),  # 4e22 parameters: refused before TensorFlow allocates
         (["model.embedding_dim=100000000000000"], "model.embedding_dim="),
+        (["-m", "k=5,10", "--cfg", "job"], "command line="),  # Hydra's ValueError traceback otherwise
     ],
 )
 def test_bad_values_exit_2_with_one_line_and_leave_no_run(tmp_path, store, args, setting):
@@ -230,6 +231,15 @@ def test_a_sweep_through_a_real_mlflow_server_reads_well_in_its_ui(tmp_path):
         assert experiment.name == "tbptt-exp" and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
         assert "env_set" not in out.stdout + out.stderr and "job 2/2: k=10" in out.stdout
         assert urllib.request.urlopen(uri, timeout=10).status == 200
+
+        # The server in $MLFLOW_TRACKING_URI with a password: MLflow's own "View run ... at:"
+        # lines (one per job) and the harness's show the URL without it.
+        env = os.environ | {"MLFLOW_TRACKING_URI": f"http://alice:S3cretPw@127.0.0.1:{port}"}
+        again = subprocess.run([sys.executable, "-m", "tbptt_exp", "-m", "k=5,10", *[a for a in TINY if not a.startswith("k=")],
+                                "trainer.epochs=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "View run" in again.stdout + again.stderr and "S3cretPw" not in again.stdout + again.stderr
+        assert len(runs(uri)) == len(all_runs) + 3  # a parent and its two jobs
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -133,6 +133,9 @@ def test_each_start_of_a_study_samples_with_its_own_seed():
     ("tracking.uri=http\\://alice\\:pw@host\\:5000", "tracking.uri=http\\://alice:***@host\\:5000"),
     ("postgresql+psycopg://root:s3cret@db/optuna", "postgresql+psycopg://root:***@db/optuna"),
     ("http://host:5000 and sqlite:////a/b.db", "http://host:5000 and sqlite:////a/b.db"),
+    # A raw @, : or / in a password: no part of it shows (the password runs to the URL's last @).
+    ("postgresql+psycopg://root:Pg@Raw:pw/77zz@127.0.0.1/db", "postgresql+psycopg://root:***@127.0.0.1/db"),
+    ("uri='http://a:x/y@h:1' done", "uri='http://a:***@h:1' done"),
 ])
 def test_credentials_are_masked_in_plain_and_hydra_escaped_form(text, masked):
     assert mask_credentials(text) == masked
@@ -151,6 +154,28 @@ def test_passwords_move_from_urls_to_the_variables_their_clients_read():
                        "PGPASSWORD": "pg-pw"}
     with pytest.raises(ConfigError, match="second, different password for PGPASSWORD"):
         take_secrets({"tracking.uri": "postgresql://a:one@db/m", "hydra.sweeper.storage": "postgresql://a:two@db/o"}, {})
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://root:Pg@Raw:pw/77zz@127.0.0.1/db", "postgresql+psycopg://root:***@127.0.0.1/db"),
+    ("http://alice:a/b@host:5000", "http://alice:***@host:5000"),
+    ("http://alice:a#b@host:5000", "http://alice:***@host:5000"),
+    ("postgresql://root:a:b@db/x", "postgresql://root:***@db/x"),
+])
+def test_a_password_with_raw_special_characters_is_refused_masked_with_how_to_encode_it(url, shown):
+    with pytest.raises(ConfigError) as refused:
+        take_secrets({"tracking.uri": url}, {})
+    assert str(refused.value).startswith(f"tracking.uri='{shown}' is not allowed: percent-encode special characters")
+    assert "%40" in str(refused.value)
+
+
+def test_a_password_in_the_environments_tracking_uri_moves_to_mlflows_password_variable():
+    from tbptt_exp.app.preflight import take_environment_secrets
+
+    environ = {"MLFLOW_TRACKING_URI": "http://alice:S3cret@mlflow.example:5000"}
+    take_environment_secrets(environ)
+    assert environ == {"MLFLOW_TRACKING_URI": "http://mlflow.example:5000", "MLFLOW_TRACKING_USERNAME": "alice",
+                       "MLFLOW_TRACKING_PASSWORD": "S3cret"}
 
 
 def truncated_sqlite(path):

@@ -19,7 +19,7 @@ from tbptt_exp.app import signals
 from tbptt_exp.app.console import Stopped, error, quiet_libraries, verbose_requested
 from tbptt_exp.app.hydra_app import main as hydra_main
 from tbptt_exp.app.hydra_app import register_configs
-from tbptt_exp.app.preflight import composition_error, take_command_line_secrets
+from tbptt_exp.app.preflight import composition_error, take_command_line_secrets, take_environment_secrets
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.device import prepare_tensorflow
 from tbptt_exp.core.measure import Diverged
@@ -51,8 +51,10 @@ def run(argv: list[str]) -> None:
     # raises the error, which is reported here as the one line that names the setting.
     os.environ["HYDRA_FULL_ERROR"] = "1"
     register_configs()
-    sys.argv[1:] = take_command_line_secrets(argv)  # a store password moves to the environment here
     try:
+        check_modes(argv)
+        take_environment_secrets()
+        sys.argv[1:] = take_command_line_secrets(argv)  # a store password moves to the environment here
         hydra_main()
     except ConfigError as bad:
         error(str(bad))
@@ -63,6 +65,19 @@ def run(argv: list[str]) -> None:
     except (HydraException, OmegaConfBaseException) as bad:
         error(str(composition_error(bad, overrides(sys.argv[1:]))))
         sys.exit(2)
+
+
+# Hydra's modes, of which a command takes one (Hydra raises a ValueError with a traceback otherwise).
+MODES = {"-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+         "-r": "--run", "--run": "--run", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def check_modes(argv: list[str]) -> None:
+    """At most one of Hydra's modes (``-m``, ``--cfg``, ``--info``...) per command, refused in one line."""
+    given = sorted({MODES[arg] for arg in argv if arg in MODES})
+    if len(given) > 1:
+        raise ConfigError("command line", " ".join(given), "Hydra takes one of -m, --cfg, --info, --run and "
+                                                           "--shell-completion at a time; drop all but one")
 
 
 # Hydra's options that take a value as the next argument (``--cfg job``, ``-cn NAME``...).

@@ -69,6 +69,16 @@ def take_command_line_secrets(argv: list[str]) -> list[str]:
     return cleaned
 
 
+def take_environment_secrets(environ: dict | None = None) -> None:
+    """A password in ``$MLFLOW_TRACKING_URI`` moves to ``MLFLOW_TRACKING_PASSWORD`` (which MLflow
+    reads anyway), so MLflow's own lines ("View run ... at: URL"), this process's and every
+    worker's, show the URL without it."""
+    environ = os.environ if environ is None else environ
+    url = environ.get("MLFLOW_TRACKING_URI")
+    if url and (clean := take_secrets({"MLFLOW_TRACKING_URI": url}, environ).get("MLFLOW_TRACKING_URI")):
+        environ["MLFLOW_TRACKING_URI"] = clean
+
+
 def composition_error(error: Exception, overrides: list[str]) -> ConfigError:
     """What Hydra raised while composing ``overrides``, as one line that names the setting."""
     if isinstance(error, OverrideParseException):

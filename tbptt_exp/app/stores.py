@@ -43,6 +43,20 @@ def scheme(url: str) -> str:
     return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
 
 
+def check_password_encoding(setting: str, url: str) -> None:
+    """A URL's user and password must be percent-encoded: with a raw ``@ / ? #`` (or a second
+    ``:``) in them no parser can tell where the password ends, and a part of it would be
+    read as the host or the path (and printed as such)."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if scheme(url) not in PASSWORD_VARIABLES or "@" not in rest:
+        return
+    userinfo = rest.rsplit("@", 1)[0]
+    if re.search(r"[@/?#]", userinfo) or userinfo.count(":") > 1:
+        raise ConfigError(setting, mask_credentials(url), "percent-encode special characters in the user and "
+                          "password (@ as %40, : as %3A, / as %2F, ? as %3F, # as %23), or give the password "
+                          "in the environment (MLFLOW_TRACKING_PASSWORD, PGPASSWORD or ~/.pgpass)")
+
+
 def split_password(url: str) -> tuple[str, str | None, str | None]:
     """``scheme://user:pw@host/db`` -> (``scheme://user@host/db``, user, pw)."""
     parts = urlsplit(url)
@@ -63,6 +77,7 @@ def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> di
     for setting, url in urls.items():
         if not url:
             continue
+        check_password_encoding(setting, url)
         clean, user, password = split_password(url)
         if password is None:
             continue
@@ -85,8 +100,9 @@ def take_secrets(urls: dict[str, str | None], environ: dict | None = None) -> di
 
 def mask_credentials(text: str) -> str:
     """Hide passwords in URLs (``scheme://user:secret@host`` -> ``scheme://user:***@host``),
-    Hydra's escaped form (``scheme\\://user\\:secret@host``) included."""
-    return re.sub(r"(\w[\w+.-]*\\?:(?:\\?/){2}[^:/@\s\\]*)\\?:[^@\s]+@", r"\1:***@", text)
+    Hydra's escaped form (``scheme\\://user\\:secret@host``) included. The password runs to
+    the last ``@`` of the URL, so a raw ``@``, ``:`` or ``/`` in it leaves no part of it shown."""
+    return re.sub(r"(\w[\w+.-]*\\?:(?:\\?/){2}[^:/@\s\\]*)\\?:[^\s'\"]*@", r"\1:***@", text)
 
 
 
