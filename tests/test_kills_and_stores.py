@@ -376,3 +376,26 @@ def test_a_finder_killed_outright_takes_its_probe_with_it(tmp_path):
     finder.wait()
     gone, alive = psutil.wait_procs([probe, *servers], timeout=15)
     assert probe in gone and servers and not alive  # the probe, and the fork server it came from
+
+
+@pytest.mark.slow
+def test_a_killed_joblib_worker_ends_the_sweep_in_one_line(tmp_path):
+    import psutil
+
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "-m", "k=5,10", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+         "data=key_recall", "trainer.epochs=50", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    deadline, worker = time.monotonic() + 180, None
+    while worker is None and time.monotonic() < deadline:
+        time.sleep(1)
+        workers = [c for c in psutil.Process(sweep.pid).children() if "popen_loky_posix" in " ".join(c.cmdline())]
+        worker = workers[0] if workers and time.monotonic() > deadline - 160 else None  # well into training
+    assert worker is not None, "no joblib worker started"
+    worker.kill()
+    _, err = sweep.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("tbptt-exp:")]
+    assert sweep.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines == [lines[-1]] and "joblib worker process died" in lines[-1] and "SIGKILL" in lines[-1], lines

@@ -65,6 +65,13 @@ def run(argv: list[str]) -> None:
     except (HydraException, OmegaConfBaseException) as bad:
         error(str(composition_error(bad, overrides(sys.argv[1:]))))
         sys.exit(2)
+    except Exception as failed:
+        if type(failed).__name__ != "TerminatedWorkerError":  # joblib's (an optional launcher): by name
+            raise
+        codes = next((line for line in str(failed).splitlines() if "exit codes" in line), "").rstrip(".")
+        error(f"a hydra/launcher=joblib worker process died ({codes or 'killed'}: killed, or out of host memory); "
+              "the sweep stopped, and the runs it left open are closed at the next start")
+        sys.exit(1)
 
 
 # Hydra's modes, of which a command takes one (Hydra raises a ValueError with a traceback otherwise).
