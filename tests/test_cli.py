@@ -133,6 +133,14 @@ def test_bad_values_exit_2_with_one_line_and_leave_no_run(tmp_path, store, args,
     assert runs(store) == []
 
 
+def test_bad_data_inside_a_sweep_is_the_single_runs_one_line_before_any_job(tmp_path, store):
+    (tmp_path / "empty.txt").write_text("")
+    out = cli(["-m", "k=5,10", f"data.path={tmp_path / 'empty.txt'}", f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "data.path=" in out.stderr
+    assert runs(store) == []  # no parent, no job
+
+
 def test_a_folder_without_text_fails_before_any_run(tmp_path, store):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "blob.txt").write_bytes(b"\xff\xfe\x00\x81")

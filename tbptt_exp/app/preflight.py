@@ -36,6 +36,7 @@ from optuna.distributions import CategoricalDistribution
 from tbptt_exp.app.search_space import StudySettings, distribution
 from tbptt_exp.app.stores import check_storage_url, check_tracking_uri, default_storage_url, resolve_uri, take_secrets
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
+from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.device import visible_gpus
 from tbptt_exp.paths import conf_dir, sweeps_dir
 
@@ -241,18 +242,24 @@ def take_config_secrets(config: DictConfig) -> None:
             overrides.append(f"{key}='{url}'")
 
 
-def check_combinations(config: DictConfig, overrides: list[str]) -> None:
+def check_combinations(config: DictConfig, overrides: list[str], read_data: bool = False) -> None:
     """Every combination of a discrete sweep, composed and validated (at most 256; beyond, one
-    override varied at a time)."""
+    override varied at a time); with ``read_data`` (a sweep), each data the combinations name
+    is also read once, so bad data is the one line a single run gives, before any job starts."""
     choices = _choices(overrides, multirun=True)
     params = config.hydra.sweeper.get("params") or {}
     given = {line.split("=", 1)[0].lstrip("+~") for c in choices for line in c}
     choices += _choices([f"{k}={v}" for k, v in params.items() if k not in given], multirun=True)
+    data: dict[str, Any] = {}
     for combo in _combinations(choices):
         try:
-            to_experiment(compose("config", overrides=combo))
+            experiment = to_experiment(compose("config", overrides=combo))
         except (HydraException, OmegaConfBaseException) as error:
             raise composition_error(error, combo) from None
+        data.setdefault(repr(experiment.data), experiment)
+    if read_data:
+        for experiment in data.values():
+            load_dataset(experiment.data, experiment.seed)
 
 
 def check_gpus(config: DictConfig, multirun: bool, gpus: list[str] | None = None) -> None:
@@ -294,7 +301,7 @@ def check(config: DictConfig, overrides: list[str], multirun: bool) -> None:
         check_search_space(config, overrides)
     take_config_secrets(config)
     if multirun:
-        check_combinations(config, overrides)
+        check_combinations(config, overrides, read_data=True)
     check_stores(config, multirun)
     check_gpus(config, multirun)
 

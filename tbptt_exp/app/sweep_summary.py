@@ -157,7 +157,7 @@ def plots(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str],
 
     done = [(o, result) for o, result in jobs if result is not None]
     paths = []
-    for key in swept:
+    for key in swept if done else ():  # every job failed: nothing to draw
         values = [next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "?")
                   for overrides, _ in done]
         numbers = _numeric(values)
