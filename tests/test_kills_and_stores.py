@@ -399,3 +399,50 @@ def test_a_killed_joblib_worker_ends_the_sweep_in_one_line(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("tbptt-exp:")]
     assert sweep.returncode == 1 and "Traceback" not in err, err[-3000:]
     assert lines == [lines[-1]] and "joblib worker process died" in lines[-1] and "SIGKILL" in lines[-1], lines
+
+
+@pytest.mark.parametrize("case", ["one file for both", "a study storage as tracking.uri",
+                                  "a tracking store as the study storage"])
+def test_mlflow_and_optuna_never_share_a_database_and_the_store_still_works(tmp_path, case):
+    """Their schemas collide (MLflow's migrations stop at Optuna's alembic revision): refused
+    in one line before either writes, and the store that was there is left as it was."""
+    import optuna
+    from mlflow import MlflowClient
+
+    study_db, tracking_db, fresh = tmp_path / "study.db", tmp_path / "tracking.db", tmp_path / "fresh.db"
+    optuna.create_study(storage=f"sqlite:///{study_db}", study_name="kept")
+    MlflowClient(f"sqlite:///{tracking_db}").create_experiment("kept")
+    study = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1"]
+    args, setting = {
+        "one file for both": ([*study, f"hydra.sweeper.storage=sqlite:///{fresh}", f"tracking.uri=sqlite:///{fresh}"],
+                              "hydra.sweeper.storage="),
+        "a study storage as tracking.uri": ([f"tracking.uri=sqlite:///{study_db}"], "tracking.uri="),
+        "a tracking store as the study storage": ([*study, f"hydra.sweeper.storage=sqlite:///{tracking_db}",
+                                                   f"tracking.uri=sqlite:///{tmp_path / 'other.db'}"],
+                                                  "hydra.sweeper.storage="),
+    }[case]
+    out = cli([*args, "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith(f"tbptt-exp: error: {setting}"), out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 1 and "own" in out.stderr
+    assert not fresh.exists()
+    assert optuna.load_study(storage=f"sqlite:///{study_db}", study_name="kept").trials == []
+    assert MlflowClient(f"sqlite:///{tracking_db}").get_experiment_by_name("kept") is not None
+
+
+def test_a_locked_sqlite_store_is_told_apart_from_a_damaged_one_and_names_its_holder(tmp_path):
+    from tbptt_exp.app.stores import check_tracking_uri
+
+    path = tmp_path / "mlflow.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.execute("BEGIN EXCLUSIVE")  # a write in progress, held by this process
+    try:
+        with pytest.raises(ConfigError) as refused:
+            check_tracking_uri(f"sqlite:///{path}")
+    finally:
+        db.rollback()
+        db.close()
+    assert f"is locked by process {os.getpid()} (" in str(refused.value) and "retry" in str(refused.value)
+    assert "not a usable" not in str(refused.value)
+    check_tracking_uri(f"sqlite:///{path}")  # released: the same file is fine

@@ -34,7 +34,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from optuna.distributions import CategoricalDistribution
 
 from tbptt_exp.app.search_space import StudySettings, distribution
-from tbptt_exp.app.stores import check_storage_url, check_tracking_uri, default_storage_url, resolve_uri, take_secrets
+from tbptt_exp.app.stores import (
+    check_storage_url, check_tracking_uri, default_storage_url, mask_credentials, resolve_uri, same_database, take_secrets,
+)
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
 from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.device import visible_gpus
@@ -291,7 +293,11 @@ def check_stores(config: DictConfig, multirun: bool) -> None:
         check_tracking_uri(resolve_uri(uri), "tracking.uri" if uri or not os.environ.get("MLFLOW_TRACKING_URI")
                            else "MLFLOW_TRACKING_URI")
     if multirun and is_optuna(config):
-        check_storage_url(config.hydra.sweeper.get("storage") or default_storage_url(create=False))
+        storage = config.hydra.sweeper.get("storage") or default_storage_url(create=False)
+        if config.tracking.enabled and same_database(storage, resolve_uri(config.tracking.uri)):
+            raise ConfigError("hydra.sweeper.storage", mask_credentials(storage), "it is tracking.uri's database: "
+                              "MLflow and Optuna each need a database of their own (null: mlruns/optuna.db)")
+        check_storage_url(storage)
 
 
 def check(config: DictConfig, overrides: list[str], multirun: bool) -> None:

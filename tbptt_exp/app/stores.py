@@ -158,9 +158,61 @@ def _check_sqlite(setting: str, url: str) -> None:
             db.close()
     except sqlite3.DatabaseError as error:
         verdict = str(error)
+    if "locked" in verdict:  # a write in progress elsewhere: the file is fine, wait for it
+        raise ConfigError(setting, url, f"{path.name} is locked by {holders(path)} and stayed locked for "
+                                        f"{TIMEOUT_S} s; retry when that write is done")
     if verdict != "ok":
         raise ConfigError(setting, url, f"{path.name} is not a usable SQLite database ({verdict}); "
                                         "move it aside or point to another file")
+
+
+def holders(path: Path) -> str:
+    """``process 123 (python -m tbptt_exp ...)``: who has ``path`` open, as far as this user may see."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(Path(f.path) == path.resolve() for f in process.open_files()):
+                found.append(f"process {process.pid} ({' '.join(process.info['cmdline'] or [])[:60]})")
+        except psutil.Error:
+            continue
+    return ", ".join(found) or "another process"
+
+
+OPTUNA_TABLES = {"studies", "version_info"}  # an Optuna study storage
+MLFLOW_TABLES = {"experiments", "runs"}  # an MLflow tracking store
+
+
+def tables(url: str) -> set[str]:
+    """The tables of a reachable SQLite or PostgreSQL store (none for a file not made yet)."""
+    if scheme(url) == "sqlite":
+        path = Path(url[len("sqlite:///"):])
+        if not path.exists():
+            return set()
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)
+        try:
+            return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url, connect_args={"connect_timeout": TIMEOUT_S})
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def same_database(a: str, b: str) -> bool:
+    """Whether two store URLs name one database (a SQLite file by its real path; a server's
+    database by host, port and name, users and passwords aside)."""
+    if scheme(a) != scheme(b):
+        return False
+    if scheme(a) == "sqlite":
+        return Path(a[len("sqlite:///"):]).resolve() == Path(b[len("sqlite:///"):]).resolve()
+    pa, pb = urlsplit(a), urlsplit(b)
+    return (pa.hostname, pa.port or 5432, pa.path) == (pb.hostname, pb.port or 5432, pb.path)
 
 
 def _check_postgresql(setting: str, url: str) -> None:
@@ -209,6 +261,9 @@ def check_tracking_uri(uri: str, setting: str = "tracking.uri") -> None:
         raise ConfigError(setting, mask_credentials(uri), "use sqlite:////path/mlflow.db, http(s)://host:port (an MLflow "
                                               "server) or postgresql://host/db, or null for mlruns/")
     {"sqlite": _check_sqlite, "postgresql": _check_postgresql}.get(kind, _check_http)(setting, uri)
+    if kind in STORAGE_SCHEMES and OPTUNA_TABLES <= tables(uri):
+        raise ConfigError(setting, mask_credentials(uri), "it holds an Optuna study storage (tables studies, trials, ...); "
+                                              "MLflow needs a database of its own: use another file or database")
 
 
 def check_storage_url(url: str, setting: str = "hydra.sweeper.storage") -> None:
@@ -217,3 +272,6 @@ def check_storage_url(url: str, setting: str = "hydra.sweeper.storage") -> None:
         raise ConfigError(setting, mask_credentials(url), "use sqlite:////path/optuna.db or postgresql+psycopg://host/db, "
                                               "or null for mlruns/optuna.db")
     {"sqlite": _check_sqlite, "postgresql": _check_postgresql}[kind](setting, url)
+    if MLFLOW_TABLES <= tables(url):
+        raise ConfigError(setting, mask_credentials(url), "it holds an MLflow tracking store (tables experiments, runs, "
+                                              "...); a study needs a database of its own (null: mlruns/optuna.db)")
