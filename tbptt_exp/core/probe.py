@@ -13,9 +13,10 @@ optimizer steps and a validation execution, measured by ``core.measure`` as ever
 It trains in a thread while the probe watches the allocator, and stops the moment the peak
 passes the memory budget, mid-execution if need be: a peak only grows, so the verdict "too
 big" is final there and no throughput is timed that nobody reads. A probe that fits trains
-``seconds`` of steady state for its throughput; its validation runs one execution, which
-reaches the validation pass's peak (a test holds both to the peak of the full run). The
-answer carries the outcome, the figures and the time each phase took.
+``seconds`` of steady state for its throughput, because its first execution is a floor of
+the run's peak, not always the peak (``tests/test_probe_peak.py``); its validation runs one
+execution, which reaches the whole pass's peak (the same test). The answer carries the
+outcome, the figures and the time each phase took.
 
 Request: ``config`` (``core.config.to_dict`` of the experiment: the batch size to try, one
 epoch; checked once, as it is built on arrival), ``seconds`` (steady-state time to measure)
