@@ -1,12 +1,16 @@
 """Nothing lost, nothing leaked: runs and trials of dead processes are closed at once,
 resumed samplers do not replay, bad stores fail in one line, passwords leave the URLs."""
 
+import base64
+import contextlib
+import http.server
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import optuna
@@ -21,8 +25,8 @@ from tbptt_exp.app.study import sampler_seed
 from tbptt_exp.app.trials import TrialLocks, fail_orphaned_trials, study_lock
 from tbptt_exp.core.config import ConfigError, TrackingConfig
 
-from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
-from test_optuna_cli import postgres_available  # noqa: E402
+from test_cli import TINY, cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
+from test_optuna_cli import postgres_available, start_mlflow_server  # noqa: E402
 
 
 def dead_holder() -> Holder:
@@ -446,3 +450,88 @@ def test_a_locked_sqlite_store_is_told_apart_from_a_damaged_one_and_names_its_ho
     assert f"is locked by process {os.getpid()} (" in str(refused.value) and "retry" in str(refused.value)
     assert "not a usable" not in str(refused.value)
     check_tracking_uri(f"sqlite:///{path}")  # released: the same file is fine
+
+
+@contextlib.contextmanager
+def web_server(handler):
+    """A plain web server on a free port, in a thread: ``http://127.0.0.1:PORT``."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class LoginRequired(Quiet):
+    """Answers MLflow's JSON only to ``admin:right`` (as ``mlflow server --app-name basic-auth``)."""
+
+    def do_GET(self):
+        if self.headers.get("Authorization") != "Basic " + base64.b64encode(b"admin:right").decode():
+            self.send_response(401)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"experiments": []}')
+
+
+def test_a_web_server_that_is_not_mlflow_is_one_line_before_tensorflow_loads(tmp_path):
+    """``python -m http.server`` answers /health with its file listing; the MLflow API call does not pass."""
+    with web_server(Quiet) as url:
+        out = cli([f"tracking.uri={url}", "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"tbptt-exp: error: tracking.uri='{url}' is not allowed: not an MLflow tracking "
+                                 "server: GET /api/2.0/mlflow/experiments/search answered HTTP 404")
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("user, password, says", [
+    (None, None, "it needs a login (HTTP 401)"),
+    ("admin", "wrong", "the credentials given were refused (HTTP 401)"),
+    ("admin", "right", None),
+])
+def test_a_tracking_server_is_checked_with_the_credentials_the_client_will_send(monkeypatch, user, password, says):
+    from tbptt_exp.app.stores import check_tracking_uri
+
+    for variable, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
+        monkeypatch.delenv(variable, raising=False)
+        if value:
+            monkeypatch.setenv(variable, value)
+    with web_server(LoginRequired) as url:
+        if says is None:
+            check_tracking_uri(url)
+            return
+        with pytest.raises(ConfigError) as refused:
+            check_tracking_uri(url)
+    assert says in str(refused.value) and "MLFLOW_TRACKING_PASSWORD" in str(refused.value)
+    assert "wrong" not in str(refused.value)
+
+
+@pytest.mark.slow
+def test_wrong_credentials_for_a_real_login_server_are_one_line_and_right_ones_train(tmp_path):
+    """``mlflow server --app-name basic-auth`` answers /health to anyone; the start-up check
+    makes an API call with the credentials, so wrong ones stop before TensorFlow loads."""
+    (tmp_path / "server").mkdir()
+    admin = "Adm1n-s3cret"
+    server_env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": admin, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key"}
+    server, port = start_mlflow_server(tmp_path, "--app-name", "basic-auth", env=server_env)
+    store = [*TINY[:-1], "trainer.epochs=1"]
+    try:
+        wrong = cli([f"tracking.uri=http://admin:Wr0ng-guess@127.0.0.1:{port}", *store], cwd=tmp_path, timeout=120)
+        right = cli([f"tracking.uri=http://admin:{admin}@127.0.0.1:{port}", *store], cwd=tmp_path, timeout=300)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, wrong.stderr[-2000:]
+    assert "the credentials given were refused (HTTP 401)" in wrong.stderr and "Wr0ng" not in wrong.stderr
+    assert right.returncode == 0, right.stderr[-3000:]
+    assert admin not in right.stdout + right.stderr and "open the run in MLflow" in right.stdout

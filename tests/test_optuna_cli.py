@@ -252,7 +252,7 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     assert {"pareto_front.md", "pareto_front.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
-def start_mlflow_server(tmp_path):
+def start_mlflow_server(tmp_path, *options, env=None):
     """A real ``mlflow server`` on a free port, with its own SQLite store and artifact root."""
     import socket
     import urllib.request
@@ -263,8 +263,8 @@ def start_mlflow_server(tmp_path):
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "server" / "artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+         "--artifacts-destination", str(tmp_path / "server" / "artifacts"), *options],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp_path / "server", env=env,
     )
     deadline = time.time() + 90
     while True:

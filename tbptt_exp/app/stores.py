@@ -16,6 +16,8 @@ file that is not a database.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
@@ -235,24 +237,48 @@ def _check_postgresql(setting: str, url: str) -> None:
         engine.dispose()
 
 
+API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"  # a call every client makes, behind any login
+
+
 def _check_http(setting: str, url: str) -> None:
+    """One MLflow API call with the client's credentials: ``/health`` answers without a login
+    and from any web server, so it proves neither the credentials nor that MLflow is there."""
     parts = urlsplit(url)
-    request = urllib.request.Request(urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
-                                     + "/health")
+    base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1])).rstrip("/")
     user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    auth = None
     if user and password:
-        request.add_header("Authorization", "Basic " + b64encode(f"{user}:{password}".encode()).decode())
+        auth = "Basic " + b64encode(f"{user}:{password}".encode()).decode()
+    elif token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        auth = f"Bearer {token}"
+    shown = mask_credentials(url)
     try:
-        urllib.request.urlopen(request, timeout=TIMEOUT_S).close()
+        request = urllib.request.Request(base + API_PROBE)
+        if auth:
+            request.add_header("Authorization", auth)
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            body = response.read()
     except urllib.error.HTTPError as error:
         if error.code in (401, 403):
-            raise ConfigError(setting, mask_credentials(url), f"the server refused the credentials (HTTP {error.code}); "
-                                                  "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
-        # any other answer: a server is there; MLflow reports what it does not like
+            given = "the credentials given were refused" if user or os.environ.get("MLFLOW_TRACKING_TOKEN") else \
+                "it needs a login"
+            raise ConfigError(setting, shown, f"{given} (HTTP {error.code}); set MLFLOW_TRACKING_USERNAME and "
+                                              "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)") from None
+        if error.code >= 500:
+            raise ConfigError(setting, shown, f"the server failed an MLflow API call (HTTP {error.code}); "
+                                              "see the server's log") from None
+        detail = f"answered HTTP {error.code}"
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(setting, mask_credentials(url), f"no MLflow server answers there within {TIMEOUT_S} s ({reason}); "
-                                              "start it (mlflow server ...) or fix the address") from None
+        raise ConfigError(setting, shown, f"no MLflow server answers there within {TIMEOUT_S} s ({reason}); "
+                                          "start it (mlflow server ...) or fix the address") from None
+    else:
+        detail = "did not answer JSON"
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(body or b"{}"), dict):
+                return
+    raise ConfigError(setting, shown, f"not an MLflow tracking server: GET {API_PROBE.split('?')[0]} {detail}; "
+                                      "point to the address of `mlflow server`")
 
 
 def check_tracking_uri(uri: str, setting: str = "tracking.uri") -> None:
