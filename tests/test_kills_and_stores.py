@@ -535,3 +535,76 @@ def test_wrong_credentials_for_a_real_login_server_are_one_line_and_right_ones_t
     assert "the credentials given were refused (HTTP 401)" in wrong.stderr and "Wr0ng" not in wrong.stderr
     assert right.returncode == 0, right.stderr[-3000:]
     assert admin not in right.stdout + right.stderr and "open the run in MLflow" in right.stdout
+
+
+def test_a_disk_that_fills_while_the_store_is_made_leaves_nothing_half_made(tmp_path):
+    """The new SQLite store is built aside and moved into place: a write that fails (here a
+    file-size limit, as a full disk) leaves no file, and the next run makes the store whole."""
+    import resource
+
+    from mlflow import MlflowClient
+
+    from tbptt_exp.app.stores import create_store
+
+    store = tmp_path / "mlflow.db"
+    out = cli([f"tracking.uri=sqlite:///{store}", "trainer.epochs=1"], cwd=tmp_path, timeout=120,
+              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith(f"tbptt-exp: error: tracking.uri='sqlite:///{store}' is not allowed: the new store "
+                                 "could not be created (disk I/O error); nothing was left behind")
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db.lock"]
+    create_store(f"sqlite:///{store}", "tracking.uri", "mlflow")  # space again: made whole
+    assert MlflowClient(f"sqlite:///{store}").create_experiment("works")
+
+
+FIRST_START = """
+import sys, time
+url, storage, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
+import optuna
+from tbptt_exp.app.preflight import create_store
+from tbptt_exp.app.run import Tracker
+from tbptt_exp.core.config import TrackingConfig
+time.sleep(max(at - time.time(), 0))  # all at once, imports done
+create_store(storage, "hydra.sweeper.storage", "optuna")
+create_store(url, "tracking.uri", "mlflow")
+optuna.create_study(study_name="first", storage=storage, load_if_exists=True)
+Tracker(TrackingConfig(uri=url, experiment="first"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_workers_starting_together_on_new_stores_all_succeed(tmp_path, backend):
+    """Without one creator at a time the second worker dies in the first one's schema
+    creation (``UNIQUE constraint failed: alembic_version``, ``pg_type_typname_nsp_index``)."""
+    import uuid
+
+    if backend == "sqlite":
+        url, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    else:
+        if not postgres_available():
+            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)")
+        import psycopg
+
+        names = [f"first_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        with psycopg.connect("postgresql://root@127.0.0.1:5432/test", autocommit=True) as conn:
+            for name in names:
+                conn.execute(f"CREATE DATABASE {name}")
+        url, storage = (f"postgresql+psycopg://root@127.0.0.1:5432/{name}" for name in names)
+    try:
+        at = time.time() + 12
+        workers = [subprocess.Popen([sys.executable, "-c", FIRST_START, url, storage, str(at)], cwd=tmp_path,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]
+        errors = [worker.communicate(timeout=120)[1] for worker in workers]
+        assert [worker.returncode for worker in workers] == [0, 0, 0], [e[-1500:] for e in errors]
+        assert len(optuna.get_all_study_summaries(storage)) == 1
+        from mlflow import MlflowClient
+
+        client = MlflowClient(url)
+        assert len(client.search_experiments(filter_string="name = 'first'")) == 1
+    finally:
+        if backend == "postgresql":
+            with psycopg.connect("postgresql://root@127.0.0.1:5432/test", autocommit=True) as conn:
+                for name in names:
+                    conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

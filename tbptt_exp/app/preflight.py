@@ -35,7 +35,7 @@ from optuna.distributions import CategoricalDistribution
 
 from tbptt_exp.app.search_space import StudySettings, distribution
 from tbptt_exp.app.stores import (
-    check_storage_url, check_tracking_uri, default_storage_url, mask_credentials, resolve_uri, same_database, take_secrets,
+    check_storage_url, check_tracking_uri, create_store, default_storage_url, mask_credentials, resolve_uri, same_database, take_secrets,
 )
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
 from tbptt_exp.core.data import load_dataset
@@ -287,17 +287,21 @@ def check_gpus(config: DictConfig, multirun: bool, gpus: list[str] | None = None
 
 def check_stores(config: DictConfig, multirun: bool) -> None:
     """Open the tracking store (and a study's storage) once, before TensorFlow loads: the
-    same URLs the jobs will open (``stores.resolve_uri``, ``stores.default_storage_url``)."""
+    same URLs the jobs will open (``stores.resolve_uri``, ``stores.default_storage_url``);
+    a store that is not there yet is made now, whole or not at all (``stores.create_store``)."""
     if config.tracking.enabled:
         uri = config.tracking.uri
-        check_tracking_uri(resolve_uri(uri), "tracking.uri" if uri or not os.environ.get("MLFLOW_TRACKING_URI")
-                           else "MLFLOW_TRACKING_URI")
+        setting = "tracking.uri" if uri or not os.environ.get("MLFLOW_TRACKING_URI") else "MLFLOW_TRACKING_URI"
+        check_tracking_uri(resolve_uri(uri), setting)
     if multirun and is_optuna(config):
         storage = config.hydra.sweeper.get("storage") or default_storage_url(create=False)
         if config.tracking.enabled and same_database(storage, resolve_uri(config.tracking.uri)):
             raise ConfigError("hydra.sweeper.storage", mask_credentials(storage), "it is tracking.uri's database: "
                               "MLflow and Optuna each need a database of their own (null: mlruns/optuna.db)")
         check_storage_url(storage)
+        create_store(storage, "hydra.sweeper.storage", "optuna")
+    if config.tracking.enabled:
+        create_store(resolve_uri(config.tracking.uri), setting, "mlflow")
 
 
 def check(config: DictConfig, overrides: list[str], multirun: bool) -> None:

@@ -25,11 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from filelock import FileLock
-
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
-from tbptt_exp.app.stores import mask_credentials, resolve_uri
+from tbptt_exp.app.stores import creation_lock, mask_credentials, resolve_uri
 from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
@@ -65,19 +63,6 @@ def ending_of(error: BaseException | None) -> Ending:
     return Ending(FAILED, "FAIL", reason)
 
 
-@contextlib.contextmanager
-def local_store_lock(uri: str) -> Iterator[None]:
-    """Serialise creating a SQLite store and its experiment: MLflow's schema migration
-    and experiment creation race when several processes start on a new database."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    path = Path(uri[len("sqlite:///"):])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(path.with_name(path.name + ".lock"), preserve_lock_file=True):
-        yield
-
-
 _cleaned_stores: dict[str, list] = {}
 
 
@@ -104,7 +89,7 @@ class Tracker:
         )
 
         self.uri = resolve_uri(cfg.uri)
-        with local_store_lock(self.uri):  # workers starting together on a new SQLite store
+        with creation_lock(self.uri):  # workers starting together on a new store: one makes the experiment
             # An interrupt waits for a write in progress, so the writes that end the run can go through.
             self.client = Deferring(MlflowClient(tracking_uri=self.uri))
             experiment = self.client.get_experiment_by_name(cfg.experiment)

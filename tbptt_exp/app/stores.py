@@ -17,6 +17,7 @@ file that is not a database.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,9 +27,12 @@ import tempfile
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+from filelock import FileLock
 
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.paths import default_store_dir
@@ -215,6 +219,88 @@ def same_database(a: str, b: str) -> bool:
         return Path(a[len("sqlite:///"):]).resolve() == Path(b[len("sqlite:///"):]).resolve()
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.hostname, pa.port or 5432, pa.path) == (pb.hostname, pb.port or 5432, pb.path)
+
+
+@contextlib.contextmanager
+def creation_lock(url: str) -> Iterator[None]:
+    """Serialise making a store across processes (workers started together on a new one):
+    a lock file beside a SQLite database, an advisory lock on a PostgreSQL server. Without
+    it the second process dies in the first one's schema creation (``UNIQUE constraint
+    failed: alembic_version``, ``UniqueViolation ... pg_type_typname_nsp_index``)."""
+    if scheme(url) == "sqlite":
+        path = Path(url[len("sqlite:///"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(path.with_name(path.name + ".lock"), preserve_lock_file=True):
+            yield
+        return
+    if scheme(url) != "postgresql":
+        yield
+        return
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url, connect_args={"connect_timeout": TIMEOUT_S})
+    key = int.from_bytes(hashlib.sha256(b"tbptt-exp store creation").digest()[:8], "big", signed=True)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+    finally:
+        engine.dispose()
+
+
+def _mlflow_schema(url: str) -> None:
+    from mlflow.store.db.utils import _all_tables_exist, _initialize_tables  # what SqlAlchemyStore runs on a new store
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        if not _all_tables_exist(engine):
+            _initialize_tables(engine)
+    finally:
+        engine.dispose()
+
+
+def _optuna_schema(url: str) -> None:
+    import optuna
+
+    optuna.storages.RDBStorage(url).engine.dispose()
+
+
+def create_store(url: str, setting: str, kind: str) -> None:
+    """Make a new tracking store (``kind`` "mlflow") or study storage ("optuna") at ``url``,
+    one process at a time. A new SQLite file is built aside and moved into place, so a
+    creation that fails (a full disk) or is killed leaves nothing half-made, and the next
+    run starts afresh instead of failing on ``table ... already exists``."""
+    build, made = {"mlflow": (_mlflow_schema, MLFLOW_TABLES), "optuna": (_optuna_schema, OPTUNA_TABLES)}[kind]
+    if scheme(url) not in STORAGE_SCHEMES:
+        return  # a tracking server makes its own store
+    with creation_lock(url):
+        if made <= tables(url):
+            return
+        if scheme(url) == "postgresql":  # its schema is made in transactions
+            build(url)
+            return
+        path = Path(url[len("sqlite:///"):])
+        if path.exists() and path.stat().st_size:
+            build(url)  # an empty database someone made: tables added in place
+            return
+        from sqlalchemy.exc import SQLAlchemyError
+
+        aside = path.with_name(f".{path.name}.building")
+        aside.unlink(missing_ok=True)  # from a creation that was killed
+        try:
+            build(f"sqlite:///{aside}")
+            os.replace(aside, path)
+        except (OSError, sqlite3.Error, SQLAlchemyError) as error:
+            detail = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+            raise ConfigError(setting, url, f"the new store could not be created ({detail}); nothing was left "
+                                            "behind: free space or fix the folder and run again") from None
+        finally:
+            aside.unlink(missing_ok=True)
 
 
 def _check_postgresql(setting: str, url: str) -> None:
