@@ -5,6 +5,7 @@ import base64
 import contextlib
 import http.server
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -608,3 +610,30 @@ def test_workers_starting_together_on_new_stores_all_succeed(tmp_path, backend):
             with psycopg.connect("postgresql://root@127.0.0.1:5432/test", autocommit=True) as conn:
                 for name in names:
                     conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changes to another user to see a read-only file as one does")
+def test_a_read_only_store_is_one_line():
+    """A user who cannot write mlflow.db learns so before anything starts (root writes any file,
+    so the check runs as user nobody)."""
+    import tempfile
+
+    from tbptt_exp.app.stores import check_tracking_uri
+
+    shared = Path(tempfile.mkdtemp(prefix="tbptt-read-only-"))
+    shared.chmod(0o777)
+    store = shared / "mlflow.db"
+    sqlite3.connect(store).execute("CREATE TABLE t (x)").connection.close()
+    store.chmod(0o444)
+    try:
+        os.seteuid(65534)
+        with pytest.raises(ConfigError) as refused:
+            check_tracking_uri(f"sqlite:///{store}")
+        os.seteuid(0)
+        store.chmod(0o666)
+        os.seteuid(65534)
+        check_tracking_uri(f"sqlite:///{store}")
+    finally:
+        os.seteuid(0)
+        shutil.rmtree(shared)
+    assert f"mlflow.db is read-only for this user; make it writable (chmod u+w {store})" in str(refused.value)

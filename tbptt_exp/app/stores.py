@@ -156,6 +156,9 @@ def _check_sqlite(setting: str, url: str) -> None:
                                         "use a writable path") from None
     if not path.exists():
         return
+    if not os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise ConfigError(setting, url, f"{path.name} is read-only for this user; make it writable "
+                                        f"(chmod u+w {path}) or point to another file")
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)
         try:
