@@ -637,3 +637,72 @@ def test_a_read_only_store_is_one_line():
         os.seteuid(0)
         shutil.rmtree(shared)
     assert f"mlflow.db is read-only for this user; make it writable (chmod u+w {store})" in str(refused.value)
+
+
+def test_a_store_that_fails_mid_run_keeps_every_figure_in_the_job_folder(tmp_path):
+    """The disk fills while a run logs (a file-size limit on this process, lifted as the error
+    leaves the run's block): every figure is in the job folder before the error surfaces,
+    the line says where, and the run is closed once the store takes writes again."""
+    import json
+    import resource
+
+    from mlflow import MlflowClient
+
+    from tbptt_exp.app.run import StoreFailed
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{db}", experiment="full-disk"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with pytest.raises(StoreFailed) as failed:
+        with tracker.run(name="filling", figures_dir=tmp_path / "job") as run:
+            run.log_metrics({"loss/train": 2.5}, step=0)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (db.stat().st_size, hard))
+            try:
+                for step in range(1, 2000):
+                    run.log_metrics({f"figure/{i}": step + i / 100 for i in range(25)}, step=step)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    kept = json.loads((tmp_path / "job" / "figures.json").read_text())
+    message = str(failed.value)
+    assert message.startswith("the tracking store failed (") and "disk I/O error" in message
+    assert message.endswith(f"the {len(kept['metrics'])} figures measured so far are in {tmp_path / 'job' / 'figures.json'}")
+    last = max(m["step"] for m in kept["metrics"])
+    assert last > 1 and len(kept["metrics"]) == 1 + 25 * last  # the batch that failed is kept too
+    client = MlflowClient(f"sqlite:///{db}")
+    ended = client.get_run(kept["run_id"])
+    assert ended.info.status == "FAILED" and "disk I/O error" in ended.data.tags["fail_reason"]
+    stored = {(m.step, m.value) for m in client.get_metric_history(kept["run_id"], "figure/3")}
+    assert stored < {(m["step"], m["value"]) for m in kept["metrics"] if m["name"] == "figure/3"}
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_dies_mid_run_costs_no_figure(tmp_path):
+    """The server is killed after the first epoch: the run stops in one line that names the
+    file in its job folder, which holds the epochs measured so far."""
+    import json
+
+    (tmp_path / "server").mkdir()
+    server, port = start_mlflow_server(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", f"tracking.uri=http://127.0.0.1:{port}", *TINY[:-1], "trainer.epochs=200",
+         f"hydra.run.dir={tmp_path / 'job'}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        for line in job.stdout:
+            if "epoch 2/200" in line:
+                break
+        os.killpg(server.pid, signal.SIGKILL)
+        out, err = job.communicate(timeout=180)
+    finally:
+        job.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    kept = tmp_path / "job" / "figures.json"
+    assert job.returncode == 1, err[-3000:]
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]] and "Traceback" not in err, err[-3000:]
+    assert err.startswith("tbptt-exp: error: the tracking store failed (") and err.strip().endswith(f"are in {kept}")
+    epochs = {m["step"] for m in json.loads(kept.read_text())["metrics"] if m["name"] == "loss/train"}
+    assert {1, 2} <= epochs and "epoch 200/200" not in out
+

@@ -1,7 +1,7 @@
 """``python -m tbptt_exp [overrides]``: set the process up, then hand over to Hydra.
 
-Exit codes: 0 done; 1 the training diverged, a grid job failed or a study stopped past its
-failure rate (one line on stderr), or an unforeseen failure;
+Exit codes: 0 done; 1 the training diverged, a grid job failed, a study stopped past its
+failure rate or the tracking store failed mid-run (one line on stderr), or an unforeseen failure;
 2 a setting cannot work (one line on stderr), or a nightly baseline cannot be used; 3 the
 batch-size search stopped on an error that is not out-of-memory; 4 a nightly figure
 regressed or the nightly matrix has a gap; 130 Ctrl-C; 143 SIGTERM.
@@ -20,6 +20,7 @@ from tbptt_exp.app.console import Stopped, error, quiet_libraries, verbose_reque
 from tbptt_exp.app.hydra_app import main as hydra_main
 from tbptt_exp.app.hydra_app import register_configs
 from tbptt_exp.app.preflight import composition_error, take_command_line_secrets, take_environment_secrets
+from tbptt_exp.app.run import StoreFailed
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.device import prepare_tensorflow
 from tbptt_exp.core.measure import Diverged
@@ -59,7 +60,7 @@ def run(argv: list[str]) -> None:
     except ConfigError as bad:
         error(str(bad))
         sys.exit(2)
-    except (Diverged, Stopped) as failed:  # its runs are recorded FAILED with this reason
+    except (Diverged, Stopped, StoreFailed) as failed:  # its runs are recorded FAILED with this reason
         error(str(failed))
         sys.exit(1)
     except (HydraException, OmegaConfBaseException) as bad:

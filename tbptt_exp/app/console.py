@@ -102,6 +102,10 @@ def quiet_libraries(verbose: bool) -> None:
     for name in ("mlflow", "alembic", "absl", "tensorflow", "h5py", "numexpr", *LAUNCHER_LOGGERS):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("matplotlib").setLevel(logging.ERROR)  # "building the font cache" is a warning
+    # A store's failure is logged by these with its traceback (and by the system-metrics thread
+    # at each sample), then raised to the run, which reports it in one line with where its figures are.
+    for name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class TrainingConsole:

@@ -25,6 +25,7 @@ from tbptt_exp.app.console import error, quiet_libraries
 from tbptt_exp.app.preflight import to_experiment  # noqa: F401 - the composed config -> one validated object
 from tbptt_exp.app.stores import mask_credentials_in_logs
 from tbptt_exp.app.sweep import JobContext, SweepLink
+from tbptt_exp.app.run import StoreFailed
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
 from tbptt_exp.core.measure import Diverged
 from tbptt_exp.paths import conf_dir
@@ -106,7 +107,7 @@ def main(cfg: DictConfig) -> Any:
     try:
         experiment = to_experiment(cfg)  # the one validation of this job's settings
         result = TASKS[experiment.task](experiment, ctx)  # settings that only the data can check raise here
-    except (ConfigError, Diverged) as bad:
+    except (ConfigError, Diverged, StoreFailed) as bad:
         if ctx.multirun:
             raise  # one job of a sweep: the sweeper records it (an Optuna trial fails with it)
         error(str(bad))  # the run, if one was recorded, ended FAILED with this reason

@@ -51,6 +51,7 @@ def tracked_run(experiment: ExperimentConfig, ctx: JobContext, kind: str, name: 
         tags={**environment_tags(), "tbptt_exp.kind": kind, "hydra.overrides": " ".join(ctx.overrides), **tags},
         parent_run_id=ctx.link.parent_run_id,
         system_metrics=system_metrics,
+        figures_dir=ctx.output_dir,
     ) as run:
         yield run
 

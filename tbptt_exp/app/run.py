@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,38 @@ from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+FIGURES_FILE = "figures.json"  # a run's figures, kept in its job folder when the store fails
+
+
+class StoreFailed(Exception):
+    """A call to the tracking store failed (full disk, a lock held too long, a server gone)."""
+
+
+def store_error(error: Exception) -> str:
+    """A store failure's cause in a line: the database's own message, or for a server that does
+    not answer, the address and the system's reason (not the HTTP library's nested repr)."""
+    text = str(getattr(error, "orig", None) or getattr(error, "message", None) or error)
+    if (request := re.match(r"API request to (\S+) failed", text)) and (errno := re.search(r"\[Errno -?\d+\] [^\"')]+", text)):
+        text = f"{request.group(1)}: {errno.group(0)}"
+    return mask_credentials(text).strip().splitlines()[0][:300]
+
+
+class Guarded(Deferring):
+    """The MLflow client, each call made inside ``deferred()`` and any failure raised as
+    ``StoreFailed`` with its one-line cause, so a run can tell the store's failures from its own."""
+
+    def __getattr__(self, name: str) -> Any:
+        call = super().__getattr__(name)
+        if not callable(call):
+            return call
+
+        def guarded(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - whatever the store raised, it is the store's
+                raise StoreFailed(f"the tracking store failed ({store_error(error)})") from error
+
+        return guarded
 
 
 @dataclass(frozen=True)
@@ -91,7 +124,7 @@ class Tracker:
         self.uri = resolve_uri(cfg.uri)
         with creation_lock(self.uri):  # workers starting together on a new store: one makes the experiment
             # An interrupt waits for a write in progress, so the writes that end the run can go through.
-            self.client = Deferring(MlflowClient(tracking_uri=self.uri))
+            self.client = Guarded(MlflowClient(tracking_uri=self.uri))
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
                 self.experiment_id = self.client.create_experiment(
@@ -118,25 +151,36 @@ class Tracker:
     def run(
         self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
         parent_run_id: str | None = None, run_id: str | None = None, system_metrics: float | None = None,
+        figures_dir: Path | None = None,
     ) -> Iterator["TrackedRun"]:
         """Start a run (or take up ``run_id`` again), yield it, end it as ``ending_of`` says.
 
         The block may call ``run.leave_running()`` when the run outlives it (a study's
         parent run that other workers still use); an exception always ends the run.
         ``system_metrics``: sample MLflow's system metrics (``system/...``) every this many
-        seconds while the run is open.
+        seconds while the run is open. ``figures_dir``: where the run's figures are written
+        if the store fails while it is open (``TrackedRun.keep_figures``).
         """
-        run = self._start(name, params or {}, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
+        try:
+            run = self._start(name, params or {}, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
+        except StoreFailed as failed:
+            raise TrackedRun(self, None).keep_figures(failed) from failed.__cause__
+        run.figures_dir = figures_dir
         if system_metrics:
             run.monitor_system(system_metrics)
         try:
             yield run
+            if not run.left_running:
+                run.end(ending_of(None))
+        except StoreFailed as failed:
+            raise run.keep_figures(failed) from failed.__cause__
         except BaseException as error:
             with deferred():  # a second Ctrl-C waits until the run is ended
-                run.end(ending_of(error))
+                try:
+                    run.end(ending_of(error))
+                except StoreFailed as failed:
+                    raise run.keep_figures(failed) from error
             raise
-        if not run.left_running:
-            run.end(ending_of(None))
 
     def _start(self, name, params, tags, parent_run_id) -> "TrackedRun":
         from mlflow.entities import Param
@@ -172,6 +216,8 @@ class TrackedRun:
         self.left_running = False
         self.logging_s = 0.0  # time spent recording, so its overhead can be reported
         self.monitor = None
+        self.figures_dir: Path | None = None
+        self.measured: list[dict[str, Any]] = []  # every metric logged, kept until the run ends
 
     @property
     def client(self):
@@ -184,6 +230,7 @@ class TrackedRun:
         started = time.perf_counter()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        self.measured += [{"name": m.key, "value": m.value, "step": step, "timestamp": now} for m in batch]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         self.logging_s += time.perf_counter() - started
 
@@ -222,17 +269,35 @@ class TrackedRun:
         HEARTBEATS.release(self.run_id)
 
     def end(self, ending: Ending) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()  # its last samples land before the run ends
+            self.monitor = None
+        HEARTBEATS.release(self.run_id)
         if ending.reason and ending.status != FINISHED:
             self.set_tags({"fail_reason": ending.reason})
         if self.is_trial:
             self.set_tags({"optuna.state": ending.trial_state})
         if ending.trial_state == "PRUNED":
             self.say_pruned(ending.reason)
-        if self.monitor is not None:
-            self.monitor.finish()  # its last samples land before the run ends
-            self.monitor = None
-        HEARTBEATS.release(self.run_id)
         self.client.set_terminated(self.run_id, status=ending.status)
+
+    def keep_figures(self, failed: StoreFailed) -> StoreFailed:
+        """The store failed while this run was open: its figures go to ``figures_dir`` first
+        (a JSON file, one entry per metric and step, as MLflow would have held them), then the
+        run is ended FAILED as far as the store still takes writes; the error says where they are."""
+        if not getattr(failed, "kept", False):  # else a run inside this one kept its figures already
+            if self.measured:
+                path = (self.figures_dir or Path.cwd()) / FIGURES_FILE
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"run_id": self.run_id, "metrics": self.measured}, indent=1))
+                failed = StoreFailed(f"{failed}; the {len(self.measured)} figures measured so far are in {path}")
+            else:
+                failed = StoreFailed(f"{failed}; nothing had been measured yet")
+            failed.kept = True
+        if self.run_id is not None:
+            with contextlib.suppress(StoreFailed):
+                self.end(Ending(FAILED, "FAIL", str(failed)))
+        return failed
 
     def say_pruned(self, reason: str) -> None:
         """A pruned trial's run FINISHED (it ran correctly) but stopped early: its name and
