@@ -706,3 +706,38 @@ def test_a_tracking_server_that_dies_mid_run_costs_no_figure(tmp_path):
     epochs = {m["step"] for m in json.loads(kept.read_text())["metrics"] if m["name"] == "loss/train"}
     assert {1, 2} <= epochs and "epoch 200/200" not in out
 
+
+@pytest.mark.parametrize("when", ["a Ctrl-C while the trials are asked", "a second Ctrl-C while they are ended"])
+def test_no_interrupt_leaves_a_trial_running(tmp_path, interrupt_handlers, monkeypatch, when):
+    """Every trial a worker asked for ends FAIL with the reason before the interrupt goes on,
+    wherever the interrupt lands (a real SIGINT to this process, from inside the study's calls)."""
+    from omegaconf import OmegaConf
+
+    from tbptt_exp.app.search_space import StudySettings
+    from tbptt_exp.app.study import run_study
+
+    def interrupting(method):
+        sent = []
+
+        def call(self, *args, **kwargs):
+            if not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGINT))
+            return method(self, *args, **kwargs)
+
+        return call
+
+    def launch(batch):
+        if when.startswith("a Ctrl-C"):
+            pytest.fail("a job was launched after the interrupt")
+        raise KeyboardInterrupt  # the first Ctrl-C, inside the jobs
+
+    patched = "ask" if when.startswith("a Ctrl-C") else "tell"
+    monkeypatch.setattr(optuna.Study, patched, interrupting(getattr(optuna.Study, patched)))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    settings = StudySettings(study_name="interrupted", storage=storage, n_trials=4, n_jobs=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(settings, OmegaConf.create({"tracking": {"enabled": False}}), ["k=choice(5,10)"], launch)
+    monkeypatch.undo()
+    trials = optuna.load_study(study_name="interrupted", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+    assert all(t.user_attrs["fail_reason"].startswith("KeyboardInterrupt") for t in trials)

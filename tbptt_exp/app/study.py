@@ -74,11 +74,7 @@ def run_study(settings: StudySettings, config, arguments: list[str], launch: Lau
     with study_parent(tracker, study, storage, settings) as parent:
         say(f"study '{settings.study_name}' at {mask_credentials(storage_url)}: "
             f"{counted_trials(study)}/{n_trials} trials so far, sampler={settings.sampler}, pruner={settings.pruner}")
-        while trials := ask(study, storage, locks, settings.n_jobs, n_trials, space):
-            try:
-                run_trials(study, storage, trials, fixed, parent.run_id, launch)
-            finally:
-                locks.release_all()
+        while run_batch(study, storage, locks, settings.n_jobs, n_trials, space, fixed, parent.run_id, launch):
             check_failure_rate(study, settings)
         if not study_done(study, n_trials):
             parent.leave_running()  # other workers are still running trials
@@ -141,34 +137,50 @@ def study_parent(tracker, study: optuna.Study, storage, settings: StudySettings)
         yield parent
 
 
-def ask(study: optuna.Study, storage, locks: TrialLocks, n_jobs: int, n_trials: int, space) -> list[optuna.Trial]:
-    """Up to ``n_jobs`` new trials while the study is short of ``n_trials``, each locked by
-    this worker before the study lock goes (so no other worker sees it orphaned)."""
+def run_batch(study: optuna.Study, storage, locks: TrialLocks, n_jobs: int, n_trials: int, space, fixed: list[str],
+              parent_run_id: str | None, launch: Launch) -> bool:
+    """Ask for up to ``n_jobs`` trials, run them, tell their results; False when the study
+    needs no more. However this ends, no trial it asked for is left RUNNING: on Ctrl-C or
+    SIGTERM (one that arrived while the trials were asked included) each fails with the reason
+    before the interrupt goes on, and a second Ctrl-C waits until they are ended."""
+    trials: list[optuna.Trial] = []
+    try:
+        ask(study, storage, locks, n_jobs, n_trials, space, trials)
+        if not trials:
+            return False
+        run_trials(study, storage, trials, fixed, parent_run_id, launch)
+        return True
+    except BaseException as error:
+        with deferred():
+            for trial in trials:  # those already told are left as they are
+                end_trial(study, storage, trial.number, TrialState.FAIL, reason=ending_of(error).reason)
+        raise
+    finally:
+        locks.release_all()
+
+
+def ask(study: optuna.Study, storage, locks: TrialLocks, n_jobs: int, n_trials: int, space,
+        trials: list[optuna.Trial]) -> None:
+    """Append up to ``n_jobs`` new trials to ``trials`` while the study is short of ``n_trials``
+    (counted under the study lock, so workers together stop at exactly n_trials), each locked
+    by this worker before the study lock goes (so no other worker sees it orphaned)."""
     with study_lock(storage, study.study_name), deferred():
         fail_orphaned_trials(study, locks)
         room = n_trials - counted_trials(study)
-        trials = [study.ask(space) for _ in range(min(n_jobs, max(room, 0)))]
-        for trial in trials:
-            locks.acquire(trial.number)
-    return trials
+        for _ in range(min(n_jobs, max(room, 0))):
+            trials.append(study.ask(space))
+            locks.acquire(trials[-1].number)
 
 
 def run_trials(study: optuna.Study, storage, trials: list[optuna.Trial], fixed: list[str],
                parent_run_id: str | None, launch: Launch) -> None:
-    """Launch one job per trial and end each trial as its job ended; on Ctrl-C or SIGTERM
-    the trials fail with the reason before the interrupt goes on."""
+    """Launch one job per trial and end each trial as its job ended."""
     batch = [[*fixed, *(f"{k}={v}" for k, v in trial.params.items()),
               *SweepLink(parent_run_id=parent_run_id, trial_number=trial.number, returns_result=True).overrides()]
              for trial in trials]
     for trial in trials:
         say(f"trial {trial.number}: {show_params(trial.params)}")
-    try:
-        returns = launch(batch)
-    except BaseException as error:
-        with deferred():  # a second Ctrl-C waits until every trial is ended
-            for trial in trials:
-                end_trial(study, storage, trial.number, TrialState.FAIL, reason=ending_of(error).reason)
-        raise
+    returns = launch(batch)
     for trial, job in zip(trials, returns):
         error = job_error(job)
         if error is None:
