@@ -5,6 +5,7 @@ import base64
 import contextlib
 import http.server
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -741,3 +742,37 @@ def test_no_interrupt_leaves_a_trial_running(tmp_path, interrupt_handlers, monke
     trials = optuna.load_study(study_name="interrupted", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
     assert all(t.user_attrs["fail_reason"].startswith("KeyboardInterrupt") for t in trials)
+
+
+def test_a_model_that_fits_the_host_but_not_the_device_is_one_line(tmp_path):
+    """The host-memory check passes (9 GB of 24), the device runs out while building: here the
+    CPU allocator under a 4 GB address-space limit stands in for a GPU's memory."""
+    import resource
+
+    limit = 4 * 2**30
+    out = cli(["model.units=12000", "trainer.epochs=1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+              cwd=tmp_path, timeout=180, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert out.returncode == 2, out.stderr[-2000:]
+    said = re.match(r"tbptt-exp: error: model.units=12000 is not allowed: out of memory on CPU:0 while building the "
+                    r"model; the model has ([\d,]+) parameters, about ([\d,]+) MiB .*use a smaller model", out.stderr)
+    params, mib = (int(said.group(i).replace(",", "")) for i in (1, 2))
+    assert 4 * 12000 * 12000 < params < 4 * 12000 * 12100 and abs(mib - params * 16 / 2**20) < 1
+    assert len(out.stderr.strip().splitlines()) == 1 and runs(f"sqlite:///{tmp_path / 'mlflow.db'}") == []
+
+
+def test_out_of_memory_while_training_names_the_batch_and_how_to_find_one_that_fits():
+    import tensorflow as tf
+
+    from tbptt_exp.app.jobs import out_of_memory_is_one_line
+    from tbptt_exp.core.config import ExperimentConfig
+
+    experiment = ExperimentConfig(k=50, batch_size=4096)
+    with pytest.raises(ConfigError) as refused:
+        with out_of_memory_is_one_line(experiment, None, "training", params=1_000_000):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096,50,256]")
+    assert str(refused.value).startswith("batch_size=4096 is not allowed: out of memory on ")
+    assert "while training; the model has 1,000,000 parameters, about 15 MiB" in str(refused.value)
+    assert "python -m tbptt_exp -m sweep=max_batch k=50 finds the largest batch that fits" in str(refused.value)
+    with pytest.raises(tf.errors.InvalidArgumentError):  # any other TensorFlow error is left as it is
+        with out_of_memory_is_one_line(experiment, None, "training", params=1_000_000):
+            raise tf.errors.InvalidArgumentError(None, None, "shapes do not match")

@@ -18,17 +18,18 @@ from tbptt_exp.app import frontier
 from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_device, find_max_batch, max_probes
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
-from tbptt_exp.app.run import TrackedRun, Tracker, make_tracker
+from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.stores import default_storage_url
 from tbptt_exp.app.study import job_trial
 from tbptt_exp.app.sweep import JobContext, JobResult
 from tbptt_exp.app.trials import fail_orphans_in_storage
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ExperimentConfig, Task, objective_names, settings_read, to_dict
+from tbptt_exp.core.config import ConfigError, ExperimentConfig, Task, objective_names, settings_read, to_dict
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
-from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, over_budget_mb
-from tbptt_exp.core.train import RunResult, build, prepare, train
+from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, Diverged, over_budget_mb
+from tbptt_exp.core.probe import classify_error
+from tbptt_exp.core.train import BYTES_PER_PARAM, RunResult, build, prepare, train
 
 EXIT_PROBE_ERROR = 3
 
@@ -89,7 +90,8 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         # into an ImportError and a traceback.
         with deferred():
             configure_device(experiment.device, say)
-        engine = build(experiment, dataset)  # a model refused here stops in one line, before a run is recorded
+        with out_of_memory_is_one_line(experiment, dataset, "building the model"):
+            engine = build(experiment, dataset)  # a model refused here stops in one line, before a run is recorded
         device = measure.device_description()
         console.device(device)
         tags = {**device, "data.fingerprint": dataset.fingerprint, "device.gpus": gpus,
@@ -99,8 +101,9 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             trial.attach(run.run_id)
             log_inputs(run, ctx, dataset)
             log_model(run, engine.model)
-            result = train(experiment, dataset=dataset, engine=engine, progress=console.progress,
-                           on_epoch=each(console.on_epoch, run.log_epoch, trial.report))  # a pruned trial raises here
+            with out_of_memory_is_one_line(experiment, dataset, "training", engine.model.count_params()):
+                result = train(experiment, dataset=dataset, engine=engine, progress=console.progress,  # a pruned
+                               on_epoch=each(console.on_epoch, run.log_epoch, trial.report))  # trial raises here
             over = over_budget_mb(result.final, budget)
             console.done(result, over)
             trial.constrain(budget, over)
@@ -112,6 +115,33 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         summary={f.name: result.value(f.name) for f in SWEEP_TABLE},
         nightly_entry=nightly_entry(result, ctx) if experiment.nightly.record else None,
     )
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
+                              params: int | None = None) -> Iterator[None]:
+    """Out of device memory while ``doing`` (a model that fits the host but not the GPU, a
+    batch too large): a ``ConfigError`` naming what to lower and the model's size, instead of
+    TensorFlow's traceback. The host-memory check before building catches what it can."""
+    try:
+        yield
+    except (ConfigError, Diverged, StoreFailed):
+        raise
+    except Exception as error:  # noqa: BLE001 - TensorFlow's many forms of out-of-memory, by their text
+        if classify_error(error) != "oom":
+            raise
+        params = params if params is not None else experiment.model.num_params(dataset.io)
+        mib = (params or 0) * BYTES_PER_PARAM / 2**20
+        size = "" if params is None else f"; the model has {params:,} parameters, about {mib:,.0f} MiB with gradients " \
+                                         "and optimizer state"
+        where = f"out of memory on {measure.training_device()} while {doing}{size}"
+        if doing == "training":
+            raise ConfigError("batch_size", experiment.batch_size, f"{where}; lower batch_size or k (python -m "
+                              f"tbptt_exp -m sweep=max_batch k={experiment.k} finds the largest batch that fits), "
+                              "or use a smaller model") from None
+        setting = "model.factory" if experiment.model.factory else "model.units"
+        raise ConfigError(setting, experiment.model.factory or experiment.model.units,
+                          f"{where}; use a smaller model (model.units, model.layers)") from None
 
 
 def nightly_entry(result: RunResult, ctx: JobContext) -> dict:

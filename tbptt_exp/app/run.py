@@ -45,7 +45,8 @@ def store_error(error: Exception) -> str:
     """A store failure's cause in a line: the database's own message, or for a server that does
     not answer, the address and the system's reason (not the HTTP library's nested repr)."""
     text = str(getattr(error, "orig", None) or getattr(error, "message", None) or error)
-    if (request := re.match(r"API request to (\S+) failed", text)) and (errno := re.search(r"\[Errno -?\d+\] [^\"')]+", text)):
+    request, errno = re.match(r"API request to (\S+) failed", text), re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+    if request and errno:
         text = f"{request.group(1)}: {errno.group(0)}"
     return mask_credentials(text).strip().splitlines()[0][:300]
 
