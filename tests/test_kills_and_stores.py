@@ -776,3 +776,54 @@ def test_out_of_memory_while_training_names_the_batch_and_how_to_find_one_that_f
     with pytest.raises(tf.errors.InvalidArgumentError):  # any other TensorFlow error is left as it is
         with out_of_memory_is_one_line(experiment, None, "training", params=1_000_000):
             raise tf.errors.InvalidArgumentError(None, None, "shapes do not match")
+
+
+@pytest.mark.slow
+def test_a_store_locked_longer_than_sqlites_own_timeout_is_waited_out(tmp_path):
+    """Another process holds the database 30 s (SQLite's busy timeout in MLflow is 20 s): the
+    write waits, then lands once; the run goes on and ends FINISHED with every figure."""
+    from mlflow import MlflowClient
+
+    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(TrackingConfig(uri=url, experiment="locked"))
+    holder = sqlite3.connect(tmp_path / "mlflow.db", check_same_thread=False, isolation_level=None)
+    with tracker.run(name="waits") as run:
+        run.log_metrics({"loss/train": 1.0}, step=1)
+        holder.execute("BEGIN EXCLUSIVE")
+        release = threading.Timer(30, holder.execute, ["ROLLBACK"])
+        release.start()
+        started = time.monotonic()
+        run.log_metrics({"loss/train": 0.5}, step=2)
+        waited = time.monotonic() - started
+    release.join()
+    holder.close()
+    client = MlflowClient(url)
+    assert 29 < waited < 60
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss/train")] == [(1, 1.0), (2, 0.5)]
+    assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_a_store_write_in_another_thread_neither_defers_nor_swallows_a_ctrl_c(interrupt_handlers):
+    """The heartbeat thread writes to the store inside ``deferred()`` too; a Ctrl-C that arrives
+    meanwhile is the main thread's, raised there at once, not at the end of the thread's block."""
+    inside, leave = threading.Event(), threading.Event()
+    ended = []
+
+    def heartbeat():
+        try:
+            with signals.deferred():
+                inside.set()
+                leave.wait(10)
+            ended.append("cleanly")
+        except BaseException as error:  # noqa: BLE001 - what the thread would lose
+            ended.append(type(error).__name__)
+
+    thread = threading.Thread(target=heartbeat)
+    thread.start()
+    inside.wait(10)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(2)  # the handler runs in the main thread between bytecodes
+    leave.set()
+    thread.join(10)
+    assert ended == ["cleanly"]

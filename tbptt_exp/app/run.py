@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
-from tbptt_exp.app.stores import creation_lock, mask_credentials, resolve_uri
+from tbptt_exp.app.stores import creation_lock, holders, mask_credentials, resolve_uri
 from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
@@ -51,9 +51,19 @@ def store_error(error: Exception) -> str:
     return mask_credentials(text).strip().splitlines()[0][:300]
 
 
+LOCK_WAIT_S = 120  # how long a run waits out a SQLite store that another process keeps locked
+
+
 class Guarded(Deferring):
     """The MLflow client, each call made inside ``deferred()`` and any failure raised as
-    ``StoreFailed`` with its one-line cause, so a run can tell the store's failures from its own."""
+    ``StoreFailed`` with its one-line cause, so a run can tell the store's failures from its own.
+    A SQLite store locked by another process (a long write, a backup) is waited out for up
+    to ``LOCK_WAIT_S``; a Ctrl-C is taken between attempts. A failed write is rolled back,
+    so trying it again records it once."""
+
+    def __init__(self, client: Any, uri: str):
+        super().__init__(client)
+        self._uri = uri
 
     def __getattr__(self, name: str) -> Any:
         call = super().__getattr__(name)
@@ -61,10 +71,19 @@ class Guarded(Deferring):
             return call
 
         def guarded(*args, **kwargs):
-            try:
-                return call(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - whatever the store raised, it is the store's
-                raise StoreFailed(f"the tracking store failed ({store_error(error)})") from error
+            give_up = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    return call(*args, **kwargs)
+                except Exception as error:  # noqa: BLE001 - whatever the store raised, it is the store's
+                    locked = "database is locked" in str(error)
+                    if locked and time.monotonic() < give_up:
+                        time.sleep(1)  # each attempt already waited out SQLite's busy timeout
+                        continue
+                    cause = store_error(error)
+                    if locked and self._uri.startswith("sqlite:///"):
+                        cause += f" for {LOCK_WAIT_S} s by {holders(Path(self._uri[len('sqlite:///'):]))}"
+                    raise StoreFailed(f"the tracking store failed ({cause})") from error
 
         return guarded
 
@@ -125,7 +144,7 @@ class Tracker:
         self.uri = resolve_uri(cfg.uri)
         with creation_lock(self.uri):  # workers starting together on a new store: one makes the experiment
             # An interrupt waits for a write in progress, so the writes that end the run can go through.
-            self.client = Guarded(MlflowClient(tracking_uri=self.uri))
+            self.client = Guarded(MlflowClient(tracking_uri=self.uri), self.uri)
             experiment = self.client.get_experiment_by_name(cfg.experiment)
             if experiment is None:
                 self.experiment_id = self.client.create_experiment(

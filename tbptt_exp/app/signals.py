@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import threading
 from typing import Any, Iterator
 
 _terminated = False
@@ -53,8 +54,13 @@ def terminated() -> bool:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A Ctrl-C or SIGTERM that arrives inside the block is raised when the block ends."""
+    """A Ctrl-C or SIGTERM that arrives inside the block is raised when the block ends. Signals
+    are handled in the main thread only, so a block in another thread (the heartbeat's store
+    writes) defers nothing: its end must not take the main thread's interrupt."""
     global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _depth += 1
     try:
         yield
