@@ -768,13 +768,13 @@ def test_out_of_memory_while_training_names_the_batch_and_how_to_find_one_that_f
 
     experiment = ExperimentConfig(k=50, batch_size=4096)
     with pytest.raises(ConfigError) as refused:
-        with out_of_memory_is_one_line(experiment, None, "training", params=1_000_000):
+        with out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096,50,256]")
     assert str(refused.value).startswith("batch_size=4096 is not allowed: out of memory on ")
     assert "while training; the model has 1,000,000 parameters, about 15 MiB" in str(refused.value)
     assert "python -m tbptt_exp -m sweep=max_batch k=50 finds the largest batch that fits" in str(refused.value)
     with pytest.raises(tf.errors.InvalidArgumentError):  # any other TensorFlow error is left as it is
-        with out_of_memory_is_one_line(experiment, None, "training", params=1_000_000):
+        with out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
             raise tf.errors.InvalidArgumentError(None, None, "shapes do not match")
 
 
@@ -827,3 +827,23 @@ def test_a_store_write_in_another_thread_neither_defers_nor_swallows_a_ctrl_c(in
     leave.set()
     thread.join(10)
     assert ended == ["cleanly"]
+
+
+def test_a_disk_full_at_the_first_write_is_one_line_that_says_nothing_was_measured(tmp_path):
+    import resource
+
+    from tbptt_exp.app.run import StoreFailed
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{db}", experiment="full-at-once"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (db.stat().st_size, hard))
+    try:
+        with pytest.raises(StoreFailed) as failed:
+            for step in range(2000):  # the run starts in pages the store has free; its logging soon needs more
+                with tracker.run(name=f"run {step}", params={f"p{i}": "x" * 200 for i in range(50)}):
+                    pass
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(failed.value).startswith("the tracking store failed (") and "disk I/O error" in str(failed.value)
+    assert str(failed.value).endswith("; nothing had been measured yet") and not list(tmp_path.glob("**/figures.json"))

@@ -29,7 +29,7 @@ from tbptt_exp.core.config import ConfigError, ExperimentConfig, Task, objective
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
 from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, Diverged, over_budget_mb
 from tbptt_exp.core.probe import classify_error
-from tbptt_exp.core.train import BYTES_PER_PARAM, RunResult, build, prepare, train
+from tbptt_exp.core.train import RunResult, build, model_size, prepare, train
 
 EXIT_PROBE_ERROR = 3
 
@@ -119,7 +119,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
 
 @contextlib.contextmanager
 def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
-                              params: int | None = None) -> Iterator[None]:
+                              built: int | None = None) -> Iterator[None]:
     """Out of device memory while ``doing`` (a model that fits the host but not the GPU, a
     batch too large): a ``ConfigError`` naming what to lower and the model's size, instead of
     TensorFlow's traceback. The host-memory check before building catches what it can."""
@@ -130,11 +130,8 @@ def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
     except Exception as error:  # noqa: BLE001 - TensorFlow's many forms of out-of-memory, by their text
         if classify_error(error) != "oom":
             raise
-        params = params if params is not None else experiment.model.num_params(dataset.io)
-        mib = (params or 0) * BYTES_PER_PARAM / 2**20
-        size = "" if params is None else f"; the model has {params:,} parameters, about {mib:,.0f} MiB with gradients " \
-                                         "and optimizer state"
-        where = f"out of memory on {measure.training_device()} while {doing}{size}"
+        size = model_size(experiment, dataset, built)
+        where = f"out of memory on {measure.training_device()} while {doing}" + (f"; {size}" if size else "")
         if doing == "training":
             raise ConfigError("batch_size", experiment.batch_size, f"{where}; lower batch_size or k (python -m "
                               f"tbptt_exp -m sweep=max_batch k={experiment.k} finds the largest batch that fits), "

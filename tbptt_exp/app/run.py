@@ -182,13 +182,14 @@ class Tracker:
         if the store fails while it is open (``TrackedRun.keep_figures``).
         """
         try:
-            run = self._start(name, params or {}, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
+            run = self._start(name, tags or {}, parent_run_id) if run_id is None else self._resume(run_id)
         except StoreFailed as failed:
             raise TrackedRun(self, None).keep_figures(failed) from failed.__cause__
         run.figures_dir = figures_dir
-        if system_metrics:
-            run.monitor_system(system_metrics)
         try:
+            run.log_params(params or {})
+            if system_metrics:
+                run.monitor_system(system_metrics)
             yield run
             if not run.left_running:
                 run.end(ending_of(None))
@@ -202,18 +203,13 @@ class Tracker:
                     raise run.keep_figures(failed) from error
             raise
 
-    def _start(self, name, params, tags, parent_run_id) -> "TrackedRun":
-        from mlflow.entities import Param
-
+    def _start(self, name, tags, parent_run_id) -> "TrackedRun":
         all_tags = {k: mask_credentials(str(v)) for k, v in tags.items() if v is not None}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         all_tags[this_process().key] = f"{time.time():.0f}"  # the run is alive while this process is
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
         HEARTBEATS.hold(self.client, run_id)
-        items = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self.client.log_batch(run_id, params=items[start:start + 100])
         return TrackedRun(self, run_id, is_trial="optuna.trial" in all_tags)
 
     def _resume(self, run_id: str) -> "TrackedRun":
@@ -253,6 +249,13 @@ class TrackedRun:
         self.measured += [{"name": m.key, "value": m.value, "step": step, "timestamp": now} for m in batch]
         self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
         self.logging_s += time.perf_counter() - started
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, mask_credentials(str(v))[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def log_figures(self, figures: dict[str, float | None], step: int = 0) -> None:
         """Figures by field name (``measure.FIGURES``), under their MLflow names."""
@@ -348,6 +351,9 @@ class _NoRun(TrackedRun):
 
     def __init__(self) -> None:
         super().__init__(None, None)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
 
     def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
         pass

@@ -256,7 +256,9 @@ def creation_lock(url: str) -> Iterator[None]:
 
 
 def _mlflow_schema(url: str) -> None:
-    from mlflow.store.db.utils import _all_tables_exist, _initialize_tables  # what SqlAlchemyStore runs on a new store
+    # Private: what MLflow's SqlAlchemyStore runs on a new database; no public call makes a
+    # store at a path other than the one it then opens (its engine stays cached, open on it).
+    from mlflow.store.db.utils import _all_tables_exist, _initialize_tables
     from sqlalchemy import create_engine
 
     engine = create_engine(url)

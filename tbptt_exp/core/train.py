@@ -192,6 +192,16 @@ def check_model_size(cfg: ExperimentConfig, dataset: Dataset) -> None:
                       f"{psutil.virtual_memory().total / 2**30:,.0f} GiB; use a smaller {setting} or model.layers")
 
 
+def model_size(cfg: ExperimentConfig, dataset: Dataset | None, built: int | None = None) -> str:
+    """``the model has N parameters, about X MiB with gradients and optimizer state``, from the
+    built model's count (``built``) or the built-in stack's; empty for a model of your own not built yet."""
+    params = built if built is not None else (cfg.model.num_params(dataset.io) if dataset is not None else None)
+    if params is None:
+        return ""
+    return f"the model has {params:,} parameters, about {params * BYTES_PER_PARAM / 2**20:,.0f} MiB with gradients " \
+           "and optimizer state"
+
+
 def layout_bytes(corpus, k: int, batch_size: int, padding: str) -> int:
     """Bytes ``build_layout`` would allocate for ``corpus`` (inputs, targets, weights, real
     flags and their batched copies), from the placements alone."""
