@@ -176,6 +176,7 @@ def test_back_to_back_nights_pass_and_a_planted_faster_baseline_is_flagged(tmp_p
 
     second, report2 = nightly(tmp_path, *MARGIN)  # the same code again, back to back: no false alarm
     assert second.returncode == 0, second.stdout[-3000:]
+    assert "Downloading artifacts" not in second.stderr  # reading the baseline from the store draws no bar
     text2 = report2.read_text()
     assert "the last good night" in text2 and "| new |" not in text2 and "REGRESSED" not in text2
 

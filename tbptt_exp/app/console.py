@@ -98,6 +98,7 @@ def quiet_libraries(verbose: bool) -> None:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"  # read when MLflow configures its loggers
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a night reading its baseline drew three bars
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     for name in ("mlflow", "alembic", "absl", "tensorflow", "h5py", "numexpr", *LAUNCHER_LOGGERS):
         logging.getLogger(name).setLevel(logging.WARNING)
