@@ -847,3 +847,31 @@ def test_a_disk_full_at_the_first_write_is_one_line_that_says_nothing_was_measur
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert str(failed.value).startswith("the tracking store failed (") and "disk I/O error" in str(failed.value)
     assert str(failed.value).endswith("; nothing had been measured yet") and not list(tmp_path.glob("**/figures.json"))
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_during_a_study_fail_its_trial_kill_its_runs_and_exit_130(tmp_path):
+    """A person presses Ctrl-C twice, 0.3 s apart, while a trial trains: the second waits for
+    the store writes that end the trial and runs, then the command exits 130 (not by SIGINT)."""
+    from mlflow import MlflowClient
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    study = subprocess.Popen(
+        [sys.executable, "-m", "tbptt_exp", "-m", "hydra/sweeper=optuna", f"hydra.sweeper.storage={storage}",
+         "hydra.sweeper.n_trials=3", "batch_size=choice(4,8)", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         *TINY[:-1], "trainer.epochs=30"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in study.stdout:
+        if "epoch 1/30" in line:
+            break
+    study.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=300)
+    assert study.returncode == 130 and err.strip().splitlines()[-1].startswith("tbptt-exp: stopped by Ctrl-C"), err
+    assert [t.state for t in optuna.load_study(study_name="tbptt-exp", storage=storage).trials] == [TrialState.FAIL]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}

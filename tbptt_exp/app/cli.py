@@ -31,6 +31,7 @@ def main() -> None:
     try:
         run(sys.argv[1:])
     except KeyboardInterrupt:
+        signals.ignore()  # its runs and trials are ended: a further Ctrl-C must not turn the exit into a signal death
         print(
             "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
             + "; open MLflow runs were marked KILLED",

@@ -48,6 +48,12 @@ def install() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
 
 
+def ignore() -> None:
+    """From here on Ctrl-C and SIGTERM change nothing (the process is exiting with its code)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def terminated() -> bool:
     return _terminated
 
