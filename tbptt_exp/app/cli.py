@@ -30,14 +30,23 @@ def main() -> None:
     signals.install()  # first: a SIGTERM during start-up ends as cleanly as one later
     try:
         run(sys.argv[1:])
+        signals.check()  # an interrupt lost on its way (see signals) still ends the command as one
     except KeyboardInterrupt:
-        signals.ignore()  # its runs and trials are ended: a further Ctrl-C must not turn the exit into a signal death
-        print(
-            "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
-            + "; open MLflow runs were marked KILLED",
-            file=sys.stderr,
-        )
-        sys.exit(143 if signals.terminated() else 130)
+        stopped()
+    except Exception:
+        if not signals.received():
+            raise
+        stopped()  # raised after an interrupt, by it: a library it reached half-way (an import left half-done)
+
+
+def stopped() -> None:
+    signals.ignore()  # its runs and trials are ended: a further Ctrl-C must not turn the exit into a signal death
+    print(
+        "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")
+        + "; open MLflow runs were marked KILLED",
+        file=sys.stderr,
+    )
+    sys.exit(143 if signals.terminated() else 130)
 
 
 def run(argv: list[str]) -> None:
@@ -57,6 +66,7 @@ def run(argv: list[str]) -> None:
         check_modes(argv)
         take_environment_secrets()
         sys.argv[1:] = take_command_line_secrets(argv)  # a store password moves to the environment here
+        signals.check()
         hydra_main()
     except ConfigError as bad:
         error(str(bad))

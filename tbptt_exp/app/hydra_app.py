@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tbptt_exp.app import preflight
+from tbptt_exp.app import preflight, signals
 from tbptt_exp.app.console import error, quiet_libraries
 from tbptt_exp.app.preflight import to_experiment  # noqa: F401 - the composed config -> one validated object
 from tbptt_exp.app.stores import mask_credentials_in_logs
@@ -102,6 +102,7 @@ def main(cfg: DictConfig) -> Any:
     """One job. A tbptt-exp sweeper gets the whole ``JobResult``, any other the objective."""
     quiet_libraries(bool(cfg.get("verbose", False)))  # before TensorFlow or MLflow load
     from tbptt_exp.app.jobs import TASKS  # the tasks and the core they drive load at job time, not at start-up
+    signals.check()  # a SIGTERM lost during the imports above stops the job before it starts
 
     ctx = job_context(cfg)
     try:

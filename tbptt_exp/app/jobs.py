@@ -19,6 +19,7 @@ from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_dev
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
+from tbptt_exp.app import signals
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.stores import default_storage_url
 from tbptt_exp.app.study import job_trial
@@ -76,6 +77,17 @@ def each(*calls: Callable[[Any], None]) -> Callable[[Any], None]:
     return call_each
 
 
+def checked(progress: Callable[[int, int, int], None]) -> Callable[[int, int, int], None]:
+    """``progress`` that first raises an interrupt lost on its way (``signals.check``): each
+    progress window of training is a safe point."""
+
+    def report(epoch: int, done: int, n_batches: int) -> None:
+        signals.check()
+        progress(epoch, done, n_batches)
+
+    return report
+
+
 def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     """Train one experiment and track it; each epoch goes to the console, the run and the job's trial."""
     objectives = objective_names(experiment.objective)
@@ -102,8 +114,8 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             log_inputs(run, ctx, dataset)
             log_model(run, engine.model)
             with out_of_memory_is_one_line(experiment, dataset, "training", engine.model.count_params()):
-                result = train(experiment, dataset=dataset, engine=engine, progress=console.progress,  # a pruned
-                               on_epoch=each(console.on_epoch, run.log_epoch, trial.report))  # trial raises here
+                result = train(experiment, dataset=dataset, engine=engine, progress=checked(console.progress),
+                               on_epoch=each(console.on_epoch, run.log_epoch, trial.report))  # a pruned trial raises here
             over = over_budget_mb(result.final, budget)
             console.done(result, over)
             trial.constrain(budget, over)

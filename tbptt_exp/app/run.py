@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
+from tbptt_exp.app import signals
 from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.stores import creation_lock, holders, mask_credentials, resolve_uri
 from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
@@ -101,7 +102,8 @@ def ending_of(error: BaseException | None) -> Ending:
     """The single mapping from how a block ended to a run's final state.
 
     No exception: FINISHED. A pruned trial: FINISHED (it ran correctly), state PRUNED.
-    Ctrl-C or SIGTERM (``KeyboardInterrupt``): KILLED. ``SystemExit(0)``: FINISHED.
+    Ctrl-C or SIGTERM (``KeyboardInterrupt``, or any error once one has arrived): KILLED.
+    ``SystemExit(0)``: FINISHED.
     Anything else, a non-zero exit included: FAILED, with its one-line reason.
     """
     if error is None:
@@ -109,7 +111,7 @@ def ending_of(error: BaseException | None) -> Ending:
     reason = f"{type(error).__name__}: {error}".splitlines()[0][:500]
     if type(error).__name__ == "TrialPruned":  # optuna.TrialPruned, without importing Optuna
         return Ending(FINISHED, "PRUNED", str(error))
-    if isinstance(error, KeyboardInterrupt):
+    if isinstance(error, KeyboardInterrupt) or signals.received():  # after an interrupt, whatever it raised
         return Ending(KILLED, "FAIL", reason)
     if isinstance(error, SystemExit) and error.code in (0, None):
         return Ending(FINISHED, "COMPLETE")

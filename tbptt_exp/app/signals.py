@@ -6,6 +6,13 @@ write lock, and the writes that end the run and its trial then wait on it (MLflo
 timeout is 20 s per statement) and fail. Store calls run inside ``deferred()`` (the
 tracking client is wrapped in ``Deferring``), so the interrupt is raised when the write
 is done.
+
+Raised at an arbitrary point, an interrupt can also be lost: Python drops what a finaliser
+raises (a ``__del__``, a weakref callback run by the garbage collector), and some libraries
+swallow it with a bare ``except`` or turn it into another error (an import left half-done).
+So an interrupt, once received, is kept: ``check()`` raises it again wherever the harness
+passes a safe point (start-up done, a job starting, each progress window of training), and
+the command reports any error raised after it as the interrupt.
 """
 
 from __future__ import annotations
@@ -13,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
 _terminated = False
 _depth = 0  # how many deferred() blocks the main thread is in
 _pending: KeyboardInterrupt | None = None
+_received: KeyboardInterrupt | None = None  # the first interrupt, kept until the process exits
+_handled = False  # the command has caught it and is exiting with its code
 
 
 class Terminated(KeyboardInterrupt):
@@ -26,7 +36,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _interrupt(error: KeyboardInterrupt) -> None:
-    global _pending
+    global _pending, _received
+    _received = _received or error
     if _depth:
         _pending = _pending or error
         return
@@ -43,19 +54,41 @@ def _on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
     _interrupt(KeyboardInterrupt())
 
 
+def _unraisable(unraisable) -> None:
+    """An interrupt that landed in a finaliser is dropped by Python with an "Exception ignored"
+    report; it is kept (``_received``) and raised at the next ``check()``, so say nothing."""
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and _received is not None):
+        sys.__unraisablehook__(unraisable)
+
+
 def install() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = _unraisable
 
 
 def ignore() -> None:
     """From here on Ctrl-C and SIGTERM change nothing (the process is exiting with its code)."""
+    global _handled
+    _handled = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def terminated() -> bool:
     return _terminated
+
+
+def received() -> bool:
+    """Whether a Ctrl-C or SIGTERM has arrived: the process is stopping, whatever it raises."""
+    return _received is not None
+
+
+def check() -> None:
+    """Raise the interrupt received if it was lost on its way (see the module's docstring); a
+    safe point, outside ``deferred()`` blocks."""
+    if _received is not None and not _handled and not _depth:
+        raise type(_received)(*_received.args)
 
 
 @contextlib.contextmanager
