@@ -420,15 +420,38 @@ def test_a_command_whose_interrupt_was_lost_still_ends_as_stopped(interrupt_hand
     assert capfd.readouterr().err == "tbptt-exp: stopped by SIGTERM; open MLflow runs were marked KILLED\n"
 
 
+def swallowed_sigterm() -> None:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10))
+    except KeyboardInterrupt:  # the library code that drops it
+        pass
+
+
+def test_a_refusal_caused_by_an_interrupt_is_reported_as_the_interrupt(interrupt_handlers, monkeypatch, capfd):
+    """A store build cut short raises SQLAlchemy's errors, which became "the new store could not
+    be created", exit 2: after an interrupt, the command stops as interrupted instead."""
+    from tbptt_exp.app import cli
+    from tbptt_exp.core.config import ConfigError
+
+    def hydra_main():
+        swallowed_sigterm()
+        raise ConfigError("tracking.uri", "sqlite:///x.db", "the new store could not be created (Can't reconnect)")
+
+    monkeypatch.setattr(cli, "hydra_main", hydra_main)
+    monkeypatch.setattr(signals, "install", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["tbptt_exp", "trainer.epochs=1"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 143
+    assert capfd.readouterr().err == "tbptt-exp: stopped by SIGTERM; open MLflow runs were marked KILLED\n"
+
+
 def test_any_error_after_an_interrupt_ends_the_run_killed(interrupt_handlers):
     from tbptt_exp.app.run import KILLED, ending_of
 
     assert ending_of(AttributeError("x")).status != KILLED
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        sum(range(10))
-    except KeyboardInterrupt:
-        pass
+    swallowed_sigterm()
     assert ending_of(AttributeError("partially initialized module")).status == KILLED
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -69,21 +70,25 @@ def run(argv: list[str]) -> None:
         signals.check()
         hydra_main()
     except ConfigError as bad:
-        error(str(bad))
-        sys.exit(2)
+        refuse(str(bad), 2)
     except (Diverged, Stopped, StoreFailed) as failed:  # its runs are recorded FAILED with this reason
-        error(str(failed))
-        sys.exit(1)
+        refuse(str(failed), 1)
     except (HydraException, OmegaConfBaseException) as bad:
-        error(str(composition_error(bad, overrides(sys.argv[1:]))))
-        sys.exit(2)
+        refuse(str(composition_error(bad, overrides(sys.argv[1:]))), 2)
     except Exception as failed:
         if type(failed).__name__ != "TerminatedWorkerError":  # joblib's (an optional launcher): by name
             raise
         codes = next((line for line in str(failed).splitlines() if "exit codes" in line), "").rstrip(".")
-        error(f"a hydra/launcher=joblib worker process died ({codes or 'killed'}: killed, or out of host memory); "
-              "the sweep stopped, and the runs it left open are closed at the next start")
-        sys.exit(1)
+        refuse(f"a hydra/launcher=joblib worker process died ({codes or 'killed'}: killed, or out of host memory); "
+               "the sweep stopped, and the runs it left open are closed at the next start", 1)
+
+
+def refuse(message: str, code: int) -> NoReturn:
+    """The one line and exit code of a refusal or failure; after a Ctrl-C or SIGTERM what was
+    raised is its doing (a store build it cut short), and the command stops as interrupted."""
+    signals.check()
+    error(message)
+    sys.exit(code)
 
 
 # Hydra's modes, of which a command takes one (Hydra raises a ValueError with a traceback otherwise).

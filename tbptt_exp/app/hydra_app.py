@@ -81,6 +81,7 @@ class PreflightCallback(Callback):
         try:
             preflight.check(config, list(config.hydra.overrides.task), multirun)
         except ConfigError as bad:
+            signals.check()  # a store build that a Ctrl-C or SIGTERM cut short: stopped, not refused
             error(str(bad))
             raise SystemExit(2) from None
 
@@ -111,6 +112,7 @@ def main(cfg: DictConfig) -> Any:
     except (ConfigError, Diverged, StoreFailed) as bad:
         if ctx.multirun:
             raise  # one job of a sweep: the sweeper records it (an Optuna trial fails with it)
+        signals.check()  # after a Ctrl-C or SIGTERM this is its doing: stopped, not refused
         error(str(bad))  # the run, if one was recorded, ended FAILED with this reason
         raise SystemExit(2 if isinstance(bad, ConfigError) else 1) from None
     return result if ctx.link.returns_result else result.objective

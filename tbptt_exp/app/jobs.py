@@ -221,6 +221,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     with tracked_run(experiment, ctx, "max_batch", search_name(experiment), tags) as run:
         def on_probe(probe: Probe) -> None:  # step = batch size: MLflow draws each figure against the batch
             run.log_metrics(probe.metrics(), step=probe.batch_size)
+            signals.check()  # between probes: a safe point
 
         try:
             found = find_max_batch(experiment, on_probe, say, dataset=dataset, device=device)

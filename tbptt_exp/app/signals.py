@@ -11,8 +11,9 @@ Raised at an arbitrary point, an interrupt can also be lost: Python drops what a
 raises (a ``__del__``, a weakref callback run by the garbage collector), and some libraries
 swallow it with a bare ``except`` or turn it into another error (an import left half-done).
 So an interrupt, once received, is kept: ``check()`` raises it again wherever the harness
-passes a safe point (start-up done, a job starting, each progress window of training), and
-the command reports any error raised after it as the interrupt.
+passes a safe point (start-up done, a job starting, each progress window of training, each
+probe of the batch finder), and the command reports any error raised after it as the
+interrupt.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from filelock import FileLock
 
+from tbptt_exp.app.signals import deferred
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.paths import default_store_dir
 
@@ -283,7 +284,8 @@ def create_store(url: str, setting: str, kind: str) -> None:
     build, made = {"mlflow": (_mlflow_schema, MLFLOW_TABLES), "optuna": (_optuna_schema, OPTUNA_TABLES)}[kind]
     if scheme(url) not in STORAGE_SCHEMES:
         return  # a tracking server makes its own store
-    with creation_lock(url):
+    with creation_lock(url), deferred():  # cut half-way, a migration raises SQLAlchemy's errors, not the interrupt
+
         if made <= tables(url):
             return
         if scheme(url) == "postgresql":  # its schema is made in transactions
