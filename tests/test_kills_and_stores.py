@@ -295,7 +295,7 @@ def test_sigterm_during_start_up_is_one_line_not_a_traceback(tmp_path, after_s):
 def interrupt_handlers(monkeypatch):
     """The CLI's SIGTERM and Ctrl-C handlers, for one test."""
     saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    for name, value in [("_terminated", False), ("_received", None), ("_handled", False), ("_pending", None)]:
+    for name, value in [("_terminated", False), ("_received", None), ("_pending", None)]:
         monkeypatch.setattr(signals, name, value)
     monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # install() sets it; restored after
     signals.install()

@@ -40,7 +40,8 @@ def main() -> None:
         stopped()  # raised after an interrupt, by it: a library it reached half-way (an import left half-done)
 
 
-def stopped() -> None:
+def stopped() -> NoReturn:
+    """The line and exit code of a command a Ctrl-C (130) or SIGTERM (143) stopped."""
     signals.ignore()  # its runs and trials are ended: a further Ctrl-C must not turn the exit into a signal death
     print(
         "tbptt-exp: stopped by " + ("SIGTERM" if signals.terminated() else "Ctrl-C")

@@ -15,11 +15,11 @@ import os
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app import frontier
+from tbptt_exp.app import signals
 from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_device, find_max_batch, max_probes
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
-from tbptt_exp.app import signals
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.stores import default_storage_url
 from tbptt_exp.app.study import job_trial

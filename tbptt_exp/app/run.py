@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app import signals
+from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.stores import creation_lock, holders, mask_credentials, resolve_uri
 from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command

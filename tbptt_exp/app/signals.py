@@ -29,7 +29,6 @@ _terminated = False
 _depth = 0  # how many deferred() blocks the main thread is in
 _pending: KeyboardInterrupt | None = None
 _received: KeyboardInterrupt | None = None  # the first interrupt, kept until the process exits
-_handled = False  # the command has caught it and is exiting with its code
 
 
 class Terminated(KeyboardInterrupt):
@@ -70,8 +69,6 @@ def install() -> None:
 
 def ignore() -> None:
     """From here on Ctrl-C and SIGTERM change nothing (the process is exiting with its code)."""
-    global _handled
-    _handled = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -88,7 +85,7 @@ def received() -> bool:
 def check() -> None:
     """Raise the interrupt received if it was lost on its way (see the module's docstring); a
     safe point, outside ``deferred()`` blocks."""
-    if _received is not None and not _handled and not _depth:
+    if _received is not None and not _depth:
         raise type(_received)(*_received.args)
 
 
