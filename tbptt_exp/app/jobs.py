@@ -14,8 +14,7 @@ import contextlib
 import os
 from typing import Any, Callable, Iterator
 
-from tbptt_exp.app import frontier
-from tbptt_exp.app import signals
+from tbptt_exp.app import frontier, signals
 from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_device, find_max_batch, max_probes
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
