@@ -74,6 +74,16 @@ class Optimizer(StrEnum):
     sgd = "sgd"
 
 
+class LrScaling(StrEnum):
+    """How the learning rate follows the batch size, from ``trainer.reference_batch_size``:
+    ``sqrt`` (the rule for Adam-like optimizers, Malladi et al. 2022), ``linear`` (the rule
+    for SGD, Goyal et al. 2017) or ``none`` (the same rate at every size)."""
+
+    sqrt = "sqrt"
+    linear = "linear"
+    none = "none"
+
+
 class Cut(StrEnum):
     """What a text sequence is: fixed-length windows, or one document (file) each."""
 
@@ -456,9 +466,39 @@ class TrainerConfig:
     # Keras mixed precision: mixed_* compute in 16 bits, keep weights, LSTM state, output
     # layer and loss in float32; mixed_float16 scales the loss so gradients do not underflow.
     precision: Precision = Precision.float32
+    # The learning rate above is the rate at reference_batch_size streams; another batch size
+    # trains at it times sqrt(B / reference) or B / reference (``learning_rate_for``), so that
+    # batch sizes are compared fairly (sweeps, the batch finder).
+    lr_scaling: LrScaling = LrScaling.sqrt
+    reference_batch_size: int = field(default=32, metadata=POSITIVE)
+    # Every this many optimizer steps, the gradient noise scale (the critical batch, in
+    # streams) is measured from the two halves of the batch's rows (engine=graph); 0: off.
+    noise_scale_every: int = field(default=50, metadata=rule(lambda v: _whole(v) and v >= 0,
+                                                             "use a whole number of steps, or 0 (off)"))
+    # Stop training once this much training time is spent (validation not counted), at a
+    # chunk boundary, then validate: batch sizes compared at equal wall time.
+    max_time_s: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+                                                                    "use a positive number of seconds, or null"))
+    # Stop at the first validation whose val_loss is at or below this; the run logs the
+    # training time and real tokens it took (one that never gets there says so).
+    target_val_loss: Optional[float] = field(default=None, metadata=rule(_number, "use a number, or null"))
 
     def __post_init__(self) -> None:
         check_fields(self, "trainer.")
+
+    def learning_rate_for(self, batch_size: int) -> float:
+        """The rate a batch of ``batch_size`` streams trains at (``lr_scaling``)."""
+        ratio = batch_size / self.reference_batch_size
+        factor = {LrScaling.sqrt: math.sqrt(ratio), LrScaling.linear: ratio, LrScaling.none: 1.0}[self.lr_scaling]
+        return self.learning_rate * factor
+
+    def warnings(self) -> list[str]:
+        """Settings that work but usually train badly, a line each."""
+        if self.lr_scaling == LrScaling.linear and self.optimizer != Optimizer.sgd:
+            return [f"trainer.lr_scaling=linear with trainer.optimizer={self.optimizer}: linear scaling is the rule "
+                    "for SGD; adaptive optimizers follow the square root (trainer.lr_scaling=sqrt), and a large "
+                    "batch at a linearly scaled rate can diverge"]
+        return []
 
 
 @dataclass
@@ -512,6 +552,15 @@ class BatchFinderConfig:
     probe_timeout_s: float = field(default=300.0, metadata=SECONDS)  # a probe that takes longer counts as too big
     cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
     cache_dir: Optional[str] = None  # None: mlruns/batch_cache
+    # The useful batch needs the gradient noise scale, which grows as the loss falls: it is
+    # measured by a short training at trainer.reference_batch_size before the probes, for
+    # this many seconds of training (0: no warm-up and no useful batch, unless noise_from) ...
+    noise_warmup_s: float = field(default=20.0, metadata=rule(lambda v: _number(v) and v >= 0,
+                                                              "use a number of seconds, or 0 (no warm-up)"))
+    # ... or taken from a longer training run of yours: its MLflow run id (its last
+    # optim/gradient_noise_scale, converted by tokens when its k differs).
+    noise_from: Optional[str] = field(default=None, metadata=rule(
+        lambda v: isinstance(v, str) and v.strip() != "", "use an MLflow run id, or null"))
 
     def __post_init__(self) -> None:
         check_fields(self, "batch_finder.")
@@ -630,7 +679,8 @@ PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
 # a run is recorded, not what ran.
 NOT_READ_BY = {
     Task.train: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
-    Task.max_batch: ("task", "verbose", "tracking.", "nightly.", "batch_size", "trainer.epochs", "objective"),
+    Task.max_batch: ("task", "verbose", "tracking.", "nightly.", "batch_size", "trainer.epochs", "objective",
+                     "trainer.max_time_s", "trainer.target_val_loss"),
     Task.cleanup: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
 }
 

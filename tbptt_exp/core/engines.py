@@ -30,6 +30,7 @@ from tbptt_exp.core.dataset import token_io
 from tbptt_exp.core.layout import Layout
 from tbptt_exp.core.measure import EpochTiming, NonFiniteLoss
 from tbptt_exp.core.model import Head, get_states, reset_rows, set_states, stateful_layers
+from tbptt_exp.core.noise import EMA_DECAY, noise_scale, two_batch_estimates
 
 Progress = Callable[[int], None]
 
@@ -38,6 +39,7 @@ Progress = Callable[[int], None]
 class EpochResult:
     loss: float  # the loss per weighted step (cross-entropy in nats, or squared error), over the batches trained
     timing: EpochTiming  # marks: the first execution, then throughput windows (measure.py)
+    gradient_noise_scale: float | None = None  # streams; the run's average so far (GraphEngine)
 
 
 class Engine:
@@ -75,14 +77,21 @@ class Engine:
             self._evaluate_steps, input_signature=spec, jit_compile=self.jit_compile
         )
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None,
+                    time_left_s: float | None = None) -> EpochResult:
         """One pass over ``layout``; ``progress(batches_done)`` is called at each window.
 
         ``stop_after_s``: train until this much steady-state time is measured, ending
         mid-layout or going round it again (a batch-size probe: training exactly like an
-        epoch, for a set time). Batches are counted across rounds.
+        epoch, for a set time). Batches are counted across rounds. ``time_left_s``: end the
+        pass early, at the first window that closes this long after the epoch started
+        (``trainer.max_time_s``).
         """
         raise NotImplementedError
+
+    def gradient_noise_scale(self) -> float | None:
+        """The gradient noise scale measured so far, in streams; None where it is not measured."""
+        return None
 
     def _weighted_sums(self, targets, y_pred, weights):
         """(sum of loss x weight, sum of weights) for one batch."""
@@ -137,50 +146,146 @@ def executions(layout: Layout, steps: int):
         )
 
 
+def squared_norm(gradients) -> tf.Tensor:
+    """|g|² over every variable's gradient (an embedding's sparse one included)."""
+    return tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(g))) for g in gradients])
+
+
 class GraphEngine(Engine):
-    """Per-row resets and ``steps_per_execution`` steps inside one compiled function."""
+    """Per-row resets and ``steps_per_execution`` steps inside one compiled function.
+
+    Every ``trainer.noise_scale_every`` steps, from the first on, the step also measures the
+    gradient noise scale (``core/noise.py``): the gradient of the whole batch (the one
+    applied, as on every other step) and of the first half of its rows, so the second
+    half's follows by subtraction. Rows are the samples; a row is real where any of its
+    steps carries weight, and a step whose halves are not both real is not measured. The
+    averages live in variables, updated inside the graph: no host sync.
+
+    A measuring step opens its own compiled function (its other steps plain), chosen on the
+    host: a ``tf.cond`` between the two kinds of step inside one function cost 12% of
+    tokens/s on every step (``benchmarks/RESULTS.md``). The run's first execution measures,
+    and the second (the plain function's first) is left out of the timing too, like the
+    first: each compiles. So a batch-size probe's peak memory includes a measuring step.
+    """
 
     name = "graph"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._train_execution = tf.function(
-            self._train_steps,
-            input_signature=self._evaluate_execution.input_signature,
-            jit_compile=self.jit_compile,
-        )
+        self.noise_every = self.cfg.noise_scale_every
+        self._noise = [tf.Variable(0.0, trainable=False, name=name) for name in ("ema_sq", "ema_trace", "measured")]
+        # What a forward pass changes: the carried state (not among the model's variables), the
+        # dropout seeds and any moving statistics.
+        carried = [state for layer in self.layers for state in layer.states]
+        carried += [v for v in self.model.variables if not v.trainable and all(v is not c for c in carried)]
+        self._carried = carried
+        self._steps_done, self._next_measure = 0, 0
+        self._compiled = 0  # how many of the train functions have run once
+        signature = self._evaluate_execution.input_signature
+        self._train_execution = tf.function(self._train_steps, input_signature=signature, jit_compile=self.jit_compile)
+        self._measuring_execution = tf.function(lambda *arrays: self._train_steps(*arrays, measure=True),
+                                                input_signature=signature, jit_compile=self.jit_compile)
 
-    def _train_steps(self, inputs, targets, weights, resets):
+    def _train_steps(self, inputs, targets, weights, resets, measure: bool = False):
+        """One execution's steps; with ``measure``, its first step measures the noise scale."""
         loss_sum, weight_sum = tf.constant(0.0), tf.constant(0.0)
         variables = self.model.trainable_variables
-        for s in tf.range(tf.shape(inputs)[0]):
+        if measure:
+            reset_rows(self.layers, resets[0])
+            gradients, loss_sum, weight_sum = self._measuring_step(inputs[0], targets[0], weights[0])
+            self.model.optimizer.apply(gradients, variables)
+        for s in tf.range(1 if measure else 0, tf.shape(inputs)[0]):
             reset_rows(self.layers, resets[s])
-            with tf.GradientTape() as tape:
-                y_pred = self.model(inputs[s], training=True)
-                batch_loss, batch_weight = self._weighted_sums(targets[s], y_pred, weights[s])
-                loss = tf.math.divide_no_nan(batch_loss, batch_weight)
-                scaled = self.model.optimizer.scale_loss(loss)  # mixed_float16: loss scaling; else as is
-            self.model.optimizer.apply(tape.gradient(scaled, variables), variables)
+            gradients, batch_loss, batch_weight = self._step(inputs[s], targets[s], weights[s])
+            self.model.optimizer.apply(gradients, variables)
             loss_sum += batch_loss
             weight_sum += batch_weight
         return loss_sum, weight_sum
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
+    def _execute(self, arrays, steps: int):
+        """One execution of ``steps`` steps, measuring where a measurement is due."""
+        measure = self.noise_every > 0 and self._steps_done >= self._next_measure
+        if measure:
+            self._next_measure = self._steps_done + self.noise_every
+        self._steps_done += steps
+        return (self._measuring_execution if measure else self._train_execution)(*arrays)
+
+    def _step(self, inputs, targets, weights):
+        """One batch's gradient of its loss per weighted step, and its (loss, weight) sums."""
+        with tf.GradientTape() as tape:
+            y_pred = self.model(inputs, training=True)
+            batch_loss, batch_weight = self._weighted_sums(targets, y_pred, weights)
+            scaled = self.model.optimizer.scale_loss(tf.math.divide_no_nan(batch_loss, batch_weight))
+        return tape.gradient(scaled, self.model.trainable_variables), batch_loss, batch_weight
+
+    def _measuring_step(self, inputs, targets, weights):
+        """``_step``, after measuring the gradient of the batch's first half of rows at the same
+        weights, state and dropout masks: that pass's state is rolled back first (every
+        non-trainable variable: the carried state, the dropout seeds), so the step trains
+        exactly as an unmeasured one would. Two passes one after the other, not one tape
+        for both: a second backward pass over one tape keeps the whole forward pass alive and
+        more than doubled the step's peak memory."""
+        variables, half = self.model.trainable_variables, inputs.shape[0] // 2
+        saved = [tf.identity(v) for v in self._carried]
+        with tf.GradientTape() as tape:
+            y_pred = self.model(inputs, training=True)
+            first_loss, first_weight = self._weighted_sums(targets[:half], y_pred[:half], weights[:half])
+            first = self.model.optimizer.scale_loss(tf.math.divide_no_nan(first_loss, first_weight))
+        first_half = [tf.convert_to_tensor(g) for g in tape.gradient(first, variables)]
+        with tf.control_dependencies(first_half):
+            rolled_back = [v.assign(value) for v, value in zip(self._carried, saved)]
+        with tf.control_dependencies(rolled_back):
+            gradients, batch_loss, batch_weight = self._step(inputs, targets, weights)
+        real = tf.reduce_sum(weights, axis=1) > 0
+        self._measure(gradients, first_half, real, batch_weight, first_weight, half)
+        return gradients, batch_loss, batch_weight
+
+    def _measure(self, whole, first, real, weight, first_weight, half) -> None:
+        """Fold one step's two-batch estimates into the averages (``noise.two_batch_estimates``)."""
+        whole = [tf.convert_to_tensor(g) for g in whole]
+        first = [tf.convert_to_tensor(g) for g in first]
+        second_weight = weight - first_weight
+        # the second half's gradient: the whole is the halves' weighted mean
+        second = [tf.math.divide_no_nan(weight * w - first_weight * f, second_weight) for w, f in zip(whole, first)]
+        unscale = tf.square(self.model.optimizer.scale_loss(tf.constant(1.0)))  # mixed_float16's loss scale
+        rows_a = tf.reduce_sum(tf.cast(real[:half], tf.float32))
+        rows_b = tf.reduce_sum(tf.cast(real[half:], tf.float32))
+        valid = (rows_a >= 1) & (rows_b >= 1)
+        rows_a, rows_b = tf.maximum(rows_a, 1.0), tf.maximum(rows_b, 1.0)
+        small_sq = (squared_norm(first) + squared_norm(second)) / (2 * unscale)
+        sq, trace = two_batch_estimates(small_sq, squared_norm(whole) / unscale,
+                                        (1 / rows_a + 1 / rows_b) / 2, 1 / (rows_a + rows_b))
+        valid &= tf.math.is_finite(sq) & tf.math.is_finite(trace)
+        for average, value in zip(self._noise[:2], (sq, trace)):
+            average.assign(tf.where(valid, EMA_DECAY * average + (1 - EMA_DECAY) * value, average))
+        self._noise[2].assign_add(tf.cast(valid, tf.float32))
+
+    def gradient_noise_scale(self) -> float | None:
+        """The noise scale so far, in streams (None: off, or nothing measured yet)."""
+        ema_sq, ema_trace, measured = (float(v.numpy()) for v in self._noise)
+        return noise_scale(ema_sq, ema_trace) if measured else None
+
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None,
+                    time_left_s: float | None = None) -> EpochResult:
         steps = self.cfg.steps_per_execution
         timing = EpochTiming()
         sums, ends, done = [], [], 0  # ends[i]: batches done after execution i
+        untimed = 2 if self.noise_every and self._compiled < 2 else 1  # compiling: the first, or both functions
         while True:
             for arrays in executions(layout, steps):
-                sums.append(self._train_execution(*arrays))
+                sums.append(self._execute(arrays, min(steps, layout.n_batches - done % layout.n_batches)))
                 done += min(steps, layout.n_batches - done % layout.n_batches)
                 ends.append(done)
+                if len(sums) < untimed:
+                    continue
+                self._compiled = 2
                 if timing.due():  # the one host sync: a window closes (the first one: compilation)
                     if not np.isfinite(float(sums[-1][0])):  # NaN weights: every later loss is NaN too
                         raise first_non_finite(sums, ends)
                     timing.mark(done)
                     if progress is not None:
                         progress(done)
-                    if stop_after_s is not None and timing.steady_s >= stop_after_s:
+                    if timing.over(stop_after_s, time_left_s):
                         break
             else:
                 if stop_after_s is not None:
@@ -190,7 +295,7 @@ class GraphEngine(Engine):
         if not np.isfinite(loss):
             raise first_non_finite(sums, ends)
         timing.finish(done)
-        return EpochResult(loss, timing)
+        return EpochResult(loss, timing, self.gradient_noise_scale())
 
 
 class ResetStatesOnNewGroup(keras.callbacks.Callback):
@@ -214,9 +319,10 @@ class ResetStatesOnNewGroup(keras.callbacks.Callback):
 class _TimeAndReport(keras.callbacks.Callback):
     _supports_tf_logs = True
 
-    def __init__(self, timing: EpochTiming, progress: Progress | None, stop_after_s: float | None):
+    def __init__(self, timing: EpochTiming, progress: Progress | None, stop_after_s: float | None,
+                 time_left_s: float | None):
         super().__init__()
-        self.timing, self.progress, self.stop_after_s = timing, progress, stop_after_s
+        self.timing, self.progress, self.stop_after_s, self.time_left_s = timing, progress, stop_after_s, time_left_s
         self.done = 0  # batches, counted across rounds
 
     def on_train_batch_end(self, batch, logs=None):
@@ -228,7 +334,7 @@ class _TimeAndReport(keras.callbacks.Callback):
             self.timing.mark(self.done)
             if self.progress is not None:
                 self.progress(self.done)
-            if self.stop_after_s is not None and self.timing.steady_s >= self.stop_after_s:
+            if self.timing.over(self.stop_after_s, self.time_left_s):
                 self.model.stop_training = True
 
 
@@ -237,10 +343,11 @@ class KerasFitEngine(Engine):
 
     name = "keras_fit"
 
-    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None) -> EpochResult:
+    def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None,
+                    time_left_s: float | None = None) -> EpochResult:
         k = layout.k
         timing = EpochTiming()
-        clock = _TimeAndReport(timing, progress, stop_after_s)
+        clock = _TimeAndReport(timing, progress, stop_after_s, time_left_s)
         history = self.model.fit(
             layout.inputs.reshape(-1, k, *layout.inputs.shape[3:]),
             layout.targets.reshape(-1, k, *layout.targets.shape[3:]),

@@ -146,6 +146,12 @@ class Layout:
     def real_tokens_per_batch(self) -> np.ndarray:
         return self.real.sum(axis=(1, 2))
 
+    def real_tokens_done(self, batches: int) -> int:
+        """Real steps in the first ``batches`` batches (past ``n_batches``: round the layout again)."""
+        per_batch = self.real_tokens_per_batch
+        rounds, rest = divmod(batches, self.n_batches)
+        return int(rounds * per_batch.sum() + per_batch[:rest].sum())
+
 
 def build_layout(
     corpus: Corpus,

@@ -88,6 +88,17 @@ REAL_TOKENS_SPREAD = Figure(
     "tokens_per_s_spread", "speed/real_tokens_per_s_iqr",
     "the interquartile range of those windows' real-token rates (absent with a single window)",
     fmt=",.0f", unit="tokens/s", probe=True)
+GOODPUT = Figure(
+    "goodput", "batch/goodput_tokens_per_s",
+    "real tokens per second times their statistical efficiency against trainer.reference_batch_size, "
+    "(B_noise + B_ref) / (B_noise + B): training progress per second, in tokens of the reference batch",
+    fmt=",.0f", unit="tokens/s", label="goodput (reference tokens/s)", higher_is_better=True)
+NOISE_SCALE = Figure(
+    "gradient_noise_scale", "optim/gradient_noise_scale",
+    "the gradient noise scale B_noise = tr(Σ)/|G|² in streams (McCandlish et al. 2018): the ratio of exponential "
+    "averages of two-batch estimates from the halves of a batch's rows, every trainer.noise_scale_every steps "
+    "(engine=graph); about the critical batch at this point of training, growing as the loss falls",
+    fmt=",.1f", unit="streams")
 OVER_BUDGET = Figure(
     "peak_memory_over_budget_mb", "memory/over_budget_mb",
     "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
@@ -125,6 +136,15 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            fmt=".1f", unit="s"),
     Figure("validation_time_s", "speed/validation_time_s", "the epoch's validation pass, timed on its own",
            fmt=".1f", unit="s"),
+    NOISE_SCALE,
+    Figure("training_time_s", "time/training_s", "the run's training wall time, every epoch's (validation left out)",
+           fmt=".1f", unit="s"),
+    Figure("tokens_trained", "time/real_tokens_trained", "the real tokens the run trained on, over every epoch",
+           fmt=",.0f", unit="tokens"),
+    Figure("time_to_target_s", "time/to_target_s", "training time until the first validation at or below "
+           "trainer.target_val_loss (absent: not reached)", fmt=".1f", unit="s"),
+    Figure("tokens_to_target", "time/real_tokens_to_target", "real tokens trained until that validation",
+           fmt=",.0f", unit="tokens"),
     Figure("compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation",
            fmt=".1f", unit="s", nightly_threshold=0.50),
     Figure("padding_waste", "padding/waste", "the padded share of all timesteps computed",
@@ -137,6 +157,12 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            "probed and is too big (0: not even the smallest fits)", fmt="d", higher_is_better=True),
     Figure("recommended_batch_size", "batch/recommended", "the largest probed batch size whose peak leaves "
            "batch_finder.headroom of the budget free", fmt="d", higher_is_better=True),
+    Figure("critical_batch_size", "batch/critical", "the gradient noise scale, rounded: about the critical batch "
+           "in streams, past which a larger batch buys tokens/s but hardly fewer steps", fmt="d"),
+    Figure("useful_batch_size", "batch/useful", "the probed batch size of highest goodput, never above the largest "
+           "that fits: the largest batch that trains well (0: unknown, no noise scale)", fmt="d",
+           higher_is_better=True),
+    GOODPUT,
     Figure("probes", "batch/probes", "the probe runs the search took", fmt="d"),
 )}
 OBJECTIVES = tuple(f.name for f in FIGURES.values() if f.objective)
@@ -281,6 +307,10 @@ class EpochTiming:
 
     def finish(self, batches_done: int) -> None:
         self.mark(batches_done)
+
+    def over(self, steady_s: float | None, wall_s: float | None) -> bool:
+        """At the last mark: ``steady_s`` of steady state measured, or ``wall_s`` spent."""
+        return (steady_s is not None and self.steady_s >= steady_s) or (wall_s is not None and self.wall_s >= wall_s)
 
     @property
     def first_execution_s(self) -> float:

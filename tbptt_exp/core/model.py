@@ -206,8 +206,9 @@ class Head:
         return {"loss": loss / weight, **error_figures(squared, absolute, weight, self.scale)}
 
 
-def make_optimizer(cfg: TrainerConfig) -> keras.optimizers.Optimizer:
-    """The optimizer; under ``mixed_float16`` wrapped in dynamic loss scaling, since
+def make_optimizer(cfg: TrainerConfig, batch_size: int | None = None) -> keras.optimizers.Optimizer:
+    """The optimizer at the learning rate for ``batch_size`` streams (``trainer.lr_scaling``;
+    None: the rate as set); under ``mixed_float16`` wrapped in dynamic loss scaling, since
     float16 gradients of a per-token mean loss underflow (bfloat16 has float32's range)."""
     kinds = {
         "adam": keras.optimizers.Adam,
@@ -215,7 +216,8 @@ def make_optimizer(cfg: TrainerConfig) -> keras.optimizers.Optimizer:
         "rmsprop": keras.optimizers.RMSprop,
         "sgd": keras.optimizers.SGD,
     }
-    optimizer = kinds[cfg.optimizer](learning_rate=cfg.learning_rate, clipnorm=cfg.clipnorm)
+    rate = cfg.learning_rate if batch_size is None else cfg.learning_rate_for(batch_size)
+    optimizer = kinds[cfg.optimizer](learning_rate=rate, clipnorm=cfg.clipnorm)
     if cfg.precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer

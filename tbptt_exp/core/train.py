@@ -22,7 +22,7 @@ from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.dataset import Dataset, baselines
 from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 from tbptt_exp.core.layout import Layout, build_layout, epoch_order, planned_batches
-from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, Diverged, NonFiniteLoss, rate_text
+from tbptt_exp.core.measure import FIGURES, NOISE_SCALE, PEAK_MEMORY, Diverged, NonFiniteLoss, rate_text
 
 
 @dataclass
@@ -44,6 +44,8 @@ class EpochMetrics:
     val_accuracy: Optional[float] = None  # classification
     val_rmse: Optional[float] = None  # regression, in the targets' units
     val_mae: Optional[float] = None  # regression, in the targets' units
+    gradient_noise_scale: Optional[float] = None  # streams, the run's average so far; None: not measured
+    tokens_trained: int = 0  # real tokens of the batches this epoch trained (fewer where max_time_s cut it)
 
     def figures(self) -> dict[str, float | None]:
         """Every figure of the epoch by name."""
@@ -89,6 +91,14 @@ class RunResult:
     baseline_accuracy: Optional[float] = None
     baseline_rmse: Optional[float] = None
     baseline_mae: Optional[float] = None
+    batch_size: int = 0
+    learning_rate: float = 0.0  # as trained: trainer.learning_rate scaled to the batch size (lr_scaling)
+    training_time_s: float = 0.0  # every epoch's training wall time
+    tokens_trained: int = 0  # real tokens trained, every epoch
+    target_val_loss: Optional[float] = None  # trainer.target_val_loss
+    time_to_target_s: Optional[float] = None  # training time to the first validation at or below it; None: not reached
+    tokens_to_target: Optional[int] = None
+    stopped: str = ""  # why training ended before trainer.epochs: "max_time_s" or "target_val_loss"
 
     @property
     def final(self) -> EpochMetrics:
@@ -118,7 +128,26 @@ class RunResult:
             f"(TensorFlow allocator, this run), process RSS {FIGURES['peak_rss_mb'].show(final.peak_rss_mb, unit=True)}",
             f"padding waste {FIGURES['padding_waste'].show(self.padding_waste)} ({self.dummy_rows} dummy rows, "
             f"{self.dropped_sequences} sequences dropped, {self.n_batches} batches/epoch)",
+            *([self.target_text] if self.target_val_loss is not None else []),
+            *([self.noise_text] if final.gradient_noise_scale is not None else []),
         ]
+
+    @property
+    def target_text(self) -> str:
+        """Whether the run reached ``trainer.target_val_loss``, and what it took."""
+        target = FIGURES["val_loss"].show(self.target_val_loss)
+        if self.time_to_target_s is None:
+            return (f"target val_loss {target} not reached in {self.training_time_s:.1f} s of training "
+                    f"({self.tokens_trained:,} {self.step_name}); best {min(e.val_loss for e in self.epochs):.4f}")
+        return (f"target val_loss {target} reached after {self.time_to_target_s:.1f} s of training, "
+                f"{self.tokens_to_target:,} {self.step_name}")
+
+    @property
+    def noise_text(self) -> str:
+        """``gradient noise scale 41.2 streams at the end (learning rate 0.003 at batch 32)``."""
+        return (f"gradient noise scale {NOISE_SCALE.show(self.final.gradient_noise_scale, unit=True)} at the end "
+                f"(about the critical batch); learning rate {self.learning_rate:.4g} at batch_size "
+                f"{self.batch_size}")
 
     @property
     def baseline_text(self) -> str:
@@ -230,22 +259,33 @@ def train(
     # Validation sees every sequence: ``drop`` would silently lose some, so it pads instead.
     val_padding = Padding.dummy if cfg.padding == Padding.drop else cfg.padding
     val_layout = build_layout(dataset.val, cfg.k, cfg.batch_size, val_padding, cfg.reset)
+    trainer = cfg.trainer
     epochs: list[EpochMetrics] = []
-    first_layout = None
-    for epoch in range(1, cfg.trainer.epochs + 1):
-        order = epoch_order(len(dataset.train), cfg.seed, epoch - 1, cfg.trainer.shuffle)
+    first_layout, target, stopped = None, {}, ""
+    for epoch in range(1, trainer.epochs + 1):
+        order = epoch_order(len(dataset.train), cfg.seed, epoch - 1, trainer.shuffle)
         layout = build_layout(dataset.train, cfg.k, cfg.batch_size, cfg.padding, cfg.reset, order)
         first_layout = first_layout or layout
         report = None if progress is None else (lambda done, e=epoch, n=layout.n_batches: progress(e, done, n))
+        spent = sum(e.epoch_time_s for e in epochs)
+        time_left = None if trainer.max_time_s is None else trainer.max_time_s - spent
         try:
             epochs.append(_epoch(engine, epoch, layout, val_layout, dataset.is_text, report, epoch_seconds,
-                                 validation_executions))
+                                 validation_executions, time_left))
         except NonFiniteLoss as loss:
             raise diverged(cfg, epoch, str(loss)) from None
         if not math.isfinite(epochs[-1].val_loss):
             raise diverged(cfg, epoch, f"the validation loss became {epochs[-1].val_loss}")
         if on_epoch is not None:
             on_epoch(epochs[-1])
+        if trainer.target_val_loss is not None and epochs[-1].val_loss <= trainer.target_val_loss:
+            target = {"time_to_target_s": spent + epochs[-1].epoch_time_s,
+                      "tokens_to_target": sum(e.tokens_trained for e in epochs)}
+            stopped = "target_val_loss" if epoch < trainer.epochs else ""
+            break
+        if trainer.max_time_s is not None and sum(e.epoch_time_s for e in epochs) >= trainer.max_time_s:
+            stopped = "max_time_s" if epoch < trainer.epochs or epochs[-1].tokens_trained < layout.real_tokens else ""
+            break
     return RunResult(
         epochs=epochs, compile_time_s=epochs[0].first_execution_s, padding_waste=first_layout.padding_waste,
         real_tokens_per_epoch=first_layout.real_tokens, padded_tokens_per_epoch=first_layout.padded_tokens,
@@ -253,6 +293,9 @@ def train(
         n_batches=first_layout.n_batches, vocab_size=dataset.vocab_size, num_params=int(engine.model.count_params()),
         device=measure.device_description(), jit_compile=engine.jit_compile, unroll=engine.unroll,
         step_name=dataset.step_name, **_baseline(dataset),
+        batch_size=cfg.batch_size, learning_rate=trainer.learning_rate_for(cfg.batch_size),
+        training_time_s=sum(e.epoch_time_s for e in epochs), tokens_trained=sum(e.tokens_trained for e in epochs),
+        target_val_loss=trainer.target_val_loss, stopped=stopped, **target,
     )
 
 
@@ -295,16 +338,17 @@ def build(cfg: ExperimentConfig, dataset: Dataset):
     unroll = resolve_unroll(cfg.model.unroll) and cfg.model.factory is None
     model = make_model(cfg.model, dataset.io, cfg.batch_size, cfg.k, unroll=unroll, precision=cfg.trainer.precision)
     head = Head(dataset.io, from_logits=not cfg.model.softmax_output, target_scale=dataset.target_scale)
-    engine = ENGINES[cfg.engine.name](model, cfg.trainer, head=head, optimizer=make_optimizer(cfg.trainer))
+    optimizer = make_optimizer(cfg.trainer, cfg.batch_size)
+    engine = ENGINES[cfg.engine.name](model, cfg.trainer, head=head, optimizer=optimizer)
     engine.unroll = unroll  # as built: auto resolved for the device, never for a model of your own
     return engine
 
 
 def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool,
            report: Callable[[int], None] | None, seconds: float | None,
-           validation_executions: int | None = None) -> EpochMetrics:
-    """Train one epoch, validate, and measure both."""
-    result = engine.train_epoch(layout, report, stop_after_s=seconds)
+           validation_executions: int | None = None, time_left_s: float | None = None) -> EpochMetrics:
+    """Train one epoch (cut after ``time_left_s`` of training), validate, and measure both."""
+    result = engine.train_epoch(layout, report, stop_after_s=seconds, time_left_s=time_left_s)
     started = time.perf_counter()
     validation = engine.validate(val_layout, validation_executions)
     validation_s = time.perf_counter() - started
@@ -327,4 +371,6 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
         val_accuracy=validation.get("accuracy"),
         val_rmse=validation.get("rmse"),
         val_mae=validation.get("mae"),
+        gradient_noise_scale=result.gradient_noise_scale,
+        tokens_trained=layout.real_tokens_done(timing.batches),
     )
