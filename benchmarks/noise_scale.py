@@ -45,12 +45,12 @@ def overhead(rounds: int, batch_size: int, k: int, every: int, max_chars: int) -
                   f"  noise scale {result.gradient_noise_scale}", flush=True)
     ratios = [a / b for a, b in zip(rates["on"], rates["off"])]
     return [
-        f"| B | k | noise_scale_every | tokens/s on (median) | tokens/s off (median) | on/off (median of {rounds} "
-        "rounds, min-max) | peak MB on | peak MB off |",
+        (f"| B | k | noise_scale_every | tokens/s on (median) | tokens/s off (median) | on/off (median of {rounds} "
+         "rounds, min-max) | peak MB on | peak MB off |"),
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {batch_size} | {k} | {every} | {statistics.median(rates['on']):,.0f} | "
-        f"{statistics.median(rates['off']):,.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}-"
-        f"{max(ratios):.3f}) | {peaks['on']:.1f} | {peaks['off']:.1f} |",
+        (f"| {batch_size} | {k} | {every} | {statistics.median(rates['on']):,.0f} | "
+         f"{statistics.median(rates['off']):,.0f} | {statistics.median(ratios):.3f} ({min(ratios):.3f}-"
+         f"{max(ratios):.3f}) | {peaks['on']:.1f} | {peaks['off']:.1f} |"),
     ]
 
 

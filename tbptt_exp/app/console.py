@@ -133,7 +133,9 @@ class TrainingConsole:
             f"sequences, {dataset.train.num_tokens:,} training {dataset.step_name}, {dataset.io.describe()}")
         say(f"k={experiment.k} batch_size={experiment.batch_size} padding={experiment.padding} "
             f"reset={experiment.reset} engine={experiment.engine.name} model={model.preset} "
-            f"({model.shape}) epochs={experiment.trainer.epochs}")
+            f"({model.shape}) epochs={experiment.trainer.epochs}{budgets(experiment.trainer)}{learning_rate_text(experiment)}")
+        for warning in experiment.trainer.warnings():
+            say(f"warning: {warning}")
 
     def device(self, description: dict[str, str]) -> None:
         say(f"training on {description['device']} ({description['device_name']})")
@@ -152,3 +154,19 @@ class TrainingConsole:
         elif budget is not None:
             verdict = "over" if over_budget_mb > 0 else "within"
             say(f"  {verdict} the memory budget of {budget:,.0f} MB by {abs(over_budget_mb):,.1f} MB")
+
+
+def learning_rate_text(experiment) -> str:
+    """`` learning_rate=0.006 (sqrt-scaled from 0.003 at batch 32)`` where scaling changed it."""
+    trainer = experiment.trainer
+    rate = trainer.learning_rate_for(experiment.batch_size)
+    if rate == trainer.learning_rate:
+        return ""
+    return (f" learning_rate={rate:.4g} ({trainer.lr_scaling}-scaled from {trainer.learning_rate:g} at batch "
+            f"{trainer.reference_batch_size})")
+
+
+def budgets(trainer) -> str:
+    """`` max_time_s=60 target_val_loss=1.5``: the stops set besides the epochs."""
+    return "".join(f" {name}={getattr(trainer, name):g}" for name in ("max_time_s", "target_val_loss")
+                   if getattr(trainer, name) is not None)

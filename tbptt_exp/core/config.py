@@ -124,7 +124,7 @@ class TargetLevel(StrEnum):
 
 
 class Task(StrEnum):
-    """train: one experiment; max_batch: the largest workable batch; cleanup: close dead runs."""
+    """train: one experiment; max_batch: the largest and the useful batch; cleanup: close dead runs."""
 
     train = "train"
     max_batch = "max_batch"
@@ -542,7 +542,7 @@ def gpu_card(preset: str, memory_limit_mb: int) -> Callable[[], DeviceConfig]:
 
 @dataclass
 class BatchFinderConfig:
-    """``task=max_batch``: how the largest workable batch size is searched."""
+    """``task=max_batch``: how the largest and the useful batch size are searched."""
 
     granularity: int = field(default=8, metadata=POSITIVE)  # batch sizes are multiples of this
     min_batch_size: int = field(default=8, metadata=POSITIVE)

@@ -99,14 +99,22 @@ NOISE_SCALE = Figure(
     "averages of two-batch estimates from the halves of a batch's rows, every trainer.noise_scale_every steps "
     "(engine=graph); about the critical batch at this point of training, growing as the loss falls",
     fmt=",.1f", unit="streams")
+VAL_LOSS = Figure(
+    "val_loss", "loss/val", "the loss per weighted validation step, state carried as in training: "
+    "cross-entropy (nats) for classes, squared error of standardised targets for regression",
+    fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True)
+TRAINING_TIME = Figure(
+    "training_time_s", "time/training_s", "the run's training wall time, every epoch's (validation left out)",
+    fmt=".1f", unit="s")
+TOKENS_TRAINED = Figure(
+    "tokens_trained", "time/real_tokens_trained", "the real tokens the run trained on, over every epoch",
+    fmt=",.0f", unit="tokens")
 OVER_BUDGET = Figure(
     "peak_memory_over_budget_mb", "memory/over_budget_mb",
     "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
 
 FIGURES: dict[str, Figure] = {f.name: f for f in (
-    Figure("val_loss", "loss/val", "the loss per weighted validation step, state carried as in training: "
-           "cross-entropy (nats) for classes, squared error of standardised targets for regression",
-           fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True),
+    VAL_LOSS,
     Figure("train_loss", "loss/train", "the loss per weighted step of the epoch's training batches",
            fmt=".4f", objective=True, sweep_table=True),
     Figure("val_bits_per_char", "loss/val_bits_per_char", "the validation loss in bits per character (text)",
@@ -137,10 +145,10 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
     Figure("validation_time_s", "speed/validation_time_s", "the epoch's validation pass, timed on its own",
            fmt=".1f", unit="s"),
     NOISE_SCALE,
-    Figure("training_time_s", "time/training_s", "the run's training wall time, every epoch's (validation left out)",
-           fmt=".1f", unit="s"),
-    Figure("tokens_trained", "time/real_tokens_trained", "the real tokens the run trained on, over every epoch",
-           fmt=",.0f", unit="tokens"),
+    Figure("steps", "optim/steps", "the optimizer steps (batches) the epoch trained: fewer as the batch grows",
+           fmt=",.0f"),
+    TRAINING_TIME,
+    TOKENS_TRAINED,
     Figure("time_to_target_s", "time/to_target_s", "training time until the first validation at or below "
            "trainer.target_val_loss (absent: not reached)", fmt=".1f", unit="s"),
     Figure("tokens_to_target", "time/real_tokens_to_target", "real tokens trained until that validation",
@@ -169,6 +177,8 @@ OBJECTIVES = tuple(f.name for f in FIGURES.values() if f.objective)
 NIGHTLY_THRESHOLDS = {f.name: f.nightly_threshold for f in FIGURES.values() if f.nightly_threshold is not None}
 PROBE_FIGURES = tuple(f for f in FIGURES.values() if f.probe)
 SWEEP_TABLE = tuple(f for f in FIGURES.values() if f.sweep_table)
+# What the noise scale's warm-up reports: the scale and the point of training it was measured at.
+WARMUP_FIGURES = (NOISE_SCALE, VAL_LOSS, REAL_TOKENS, REAL_TOKENS_SPREAD, TRAINING_TIME, TOKENS_TRAINED)
 
 
 def mlflow_names(figures: dict[str, float | None]) -> dict[str, float | None]:

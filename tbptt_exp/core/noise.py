@@ -14,6 +14,8 @@ inside a compiled train step alike (``engines.GraphEngine``).
 
 from __future__ import annotations
 
+import math
+
 EMA_DECAY = 0.9  # per measurement: with one every 50 steps, about the last 500 steps count
 
 
@@ -35,7 +37,7 @@ def noise_scale(ema_sq: float, ema_trace: float) -> float | None:
     ratios (which one noisy step with |G|² near 0 would swamp). None while the averaged
     |G|² is not positive: no signal above the noise yet. (An EMA's start-up bias is the same
     factor in both, so it cancels in the ratio.)"""
-    if not ema_sq > 0 or not ema_trace == ema_trace:
+    if not ema_sq > 0 or math.isnan(ema_trace):
         return None
     return max(0.0, ema_trace / ema_sq)
 

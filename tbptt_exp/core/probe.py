@@ -21,7 +21,9 @@ outcome, the figures and the time each phase took.
 Request: ``config`` (``core.config.to_dict`` of the experiment: the batch size to try, one
 epoch; checked once, as it is built on arrival), ``seconds`` (steady-state time to measure)
 and ``dataset`` (optional: what ``train.prepare`` gave; read here if absent);
-``{"describe": true}`` reports the device (and checks a model of your own). A setting that
+``{"describe": true}`` reports the device (and checks a model of your own);
+``{"warmup": true}`` trains ``seconds`` at ``batch_size`` for the gradient noise scale
+(``warm_up``). A setting that
 cannot work is answered as ``refused`` with the setting, its value and what is allowed.
 A probe imports the core only: neither Hydra nor MLflow.
 """
@@ -38,13 +40,14 @@ import tempfile
 import threading
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, from_dict
+from tbptt_exp.core.config import ConfigError, EngineConfig, ExperimentConfig, from_dict
 from tbptt_exp.core.device import configure_device, prepare_tensorflow
-from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, over_budget_mb
+from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, WARMUP_FIGURES, over_budget_mb
 from tbptt_exp.core.train import build, check_dataset, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
@@ -134,6 +137,22 @@ def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phase
     return answer | {"outcome": "budget" if over is not None and over > 0 else "ok"}
 
 
+WARMUP_NOISE_EVERY = 10  # the warm-up measures the noise scale this often: ten times the default's samples
+
+
+def warm_up(cfg: ExperimentConfig, seconds: float, dataset=None, batch_size: int | None = None) -> dict:
+    """The gradient noise scale after ``seconds`` of real training at ``batch_size`` (default
+    ``trainer.reference_batch_size``; engine=graph, which measures it), with the figures that
+    say which point of training it was measured at. The noise scale grows as the loss falls,
+    so one measured on the untrained model of a 3-second probe would underrate the batch."""
+    trainer = replace(cfg.trainer, epochs=1_000_000, max_time_s=seconds, target_val_loss=None,
+                      noise_scale_every=WARMUP_NOISE_EVERY)
+    run = replace(cfg, batch_size=batch_size or cfg.trainer.reference_batch_size, trainer=trainer, engine=EngineConfig(),
+                  device=replace(cfg.device, memory_budget_mb=None))
+    result = train(run, dataset=dataset if dataset is not None else prepare(run))
+    return {f.name: result.value(f.name) for f in WARMUP_FIGURES} | {"outcome": "warmup", "batch_size": run.batch_size}
+
+
 def answer(request: dict) -> dict:
     """The probe's answer to one request, with its ``phases``; any failure is reported and classified."""
     phases = Phases()
@@ -144,6 +163,8 @@ def answer(request: dict) -> dict:
         phases.lap("imports")
         if request.get("describe"):
             return describe(cfg, request.get("dataset"))
+        if request.get("warmup"):
+            return warm_up(cfg, request["seconds"], request.get("dataset"), request.get("batch_size"))
         return run_probe(cfg, request["seconds"], request.get("dataset"), phases) | {"phases": phases.seconds}
     except ConfigError as refused:  # a setting that cannot work: the parent says so in one line
         return {"outcome": "refused", "error": str(refused), "setting": refused.setting, "value": refused.value,

@@ -46,6 +46,7 @@ class EpochMetrics:
     val_mae: Optional[float] = None  # regression, in the targets' units
     gradient_noise_scale: Optional[float] = None  # streams, the run's average so far; None: not measured
     tokens_trained: int = 0  # real tokens of the batches this epoch trained (fewer where max_time_s cut it)
+    steps: int = 0  # optimizer steps (batches) this epoch trained
 
     def figures(self) -> dict[str, float | None]:
         """Every figure of the epoch by name."""
@@ -373,4 +374,5 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
         val_mae=validation.get("mae"),
         gradient_noise_scale=result.gradient_noise_scale,
         tokens_trained=layout.real_tokens_done(timing.batches),
+        steps=timing.batches,
     )
