@@ -12,7 +12,7 @@ import pytest
 
 from planted_probe import planted
 
-from tbptt_exp.app.batch_finder import ProbeError, find_max_batch, max_probes
+from tbptt_exp.app.batch_finder import GOODPUT_TIE, ProbeError, find_max_batch, max_probes
 from tbptt_exp.app.jobs import EXIT_PROBE_ERROR, JobContext, max_batch_job
 from tbptt_exp.core.config import (
     BatchFinderConfig,
@@ -23,6 +23,7 @@ from tbptt_exp.core.config import (
     ModelConfig,
     TrackingConfig,
 )
+from tbptt_exp.core.noise import goodput
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,7 @@ BUDGET_MB = 50
 SMALL = [
     "data=key_recall", "data.num_sequences=256", "data.sequence_length=40", "data.num_noise_tokens=2000", "model.units=64", "model.embedding_dim=16",
     "batch_finder.max_batch_size=224", "batch_finder.probe_seconds=1.5", f"device.memory_budget_mb={BUDGET_MB}",
+    "batch_finder.noise_warmup_s=3",
 ]
 
 
@@ -59,7 +61,7 @@ def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> Experi
     return ExperimentConfig(
         k=k, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40, num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
         batch_finder=BatchFinderConfig(max_batch_size=max_batch_size, probe_seconds=1.5,
-                                       cache_dir=str(tmp_path / "cache"), **finder),
+                                       cache_dir=str(tmp_path / "cache"), **({"noise_warmup_s": 3.0} | finder)),
         device=DeviceConfig(memory_budget_mb=BUDGET_MB),
         tracking=TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
     )
@@ -82,11 +84,13 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
     rows = list(csv.DictReader(open(folder / "batch_frontier.csv")))
     assert [r["k"] for r in rows] == ["10", "25"]
     for column in ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
-                   "tokens_per_s_spread", "probes", "memory_monotone"):
+                   "tokens_per_s_spread", "probes", "memory_monotone", "useful_batch_size", "critical_batch_size",
+                   "noise_scale", "noise_measured", "noise_batch_size", "noise_tokens_per_s", "goodput"):
         assert column in rows[0]
     assert (folder / "batch_frontier.json").is_file()
-    assert (folder / "batch_memory.png").stat().st_size > 0 and (folder / "batch_throughput.png").stat().st_size > 0
-    assert "largest workable batch per k" in out.stdout
+    for plot in ("batch_memory.png", "batch_throughput.png", "batch_goodput.png"):
+        assert (folder / plot).stat().st_size > 0
+    assert "largest and useful batch per k" in out.stdout
 
     bound = max_probes(BatchFinderConfig(max_batch_size=224))
     for row in json.loads((folder / "batch_frontier.json").read_text()):
@@ -102,6 +106,15 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
         # The answer holds in real training: an independent one-epoch run at that size.
         assert real_run(k, best, tmp_path) == "within", row
         assert row["budget_mb"] == BUDGET_MB
+        # The useful batch: of highest goodput among the probes that fit and the warm-up's batch, by a
+        # noise scale measured after the warm-up's training at the recommended size.
+        assert row["noise_scale"] > 0 and row["critical_batch_size"] == round(row["noise_scale"])
+        assert row["noise_batch_size"] == rec and row["noise_measured"].startswith(f"after 3 s of training at batch {rec}")
+        scored = {p["batch_size"]: p["goodput"] for p in row["probe_log"] if p["outcome"] == "ok"}
+        assert all(g is not None for g in scored.values())
+        scored.setdefault(rec, goodput(row["noise_tokens_per_s"], rec, row["noise_scale"], 32))
+        tied = [b for b, g in scored.items() if g >= (1 - GOODPUT_TIE) * max(scored.values())]
+        assert row["useful_batch_size"] == max(tied) <= best and row["goodput"] == scored[max(tied)]
 
     from mlflow import MlflowClient
 
@@ -131,6 +144,9 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
     assert f"within a budget of {BUDGET_MB} MB" in note and "- k=10: largest" in note and "- k=25: largest" in note
     history = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "frontier/max_batch_size")}
     assert history == {r["k"]: r["max_batch_size"] for r in json.loads((folder / "batch_frontier.json").read_text())}
+    useful = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "frontier/useful_batch_size")}
+    assert useful == {r["k"]: r["useful_batch_size"] for r in json.loads((folder / "batch_frontier.json").read_text())}
+    assert "- k=10: largest" in note and ", useful " in note and "batch_goodput.png" in note
     assert out.stdout.count("in MLflow: http") == 1 and "open the run" not in out.stdout
     assert "env_set" not in out.stdout + out.stderr and "job 2/2: k=25" in out.stdout
 

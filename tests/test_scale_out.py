@@ -159,7 +159,7 @@ def test_the_team_tracking_server_on_postgresql_takes_runs_children_artifacts_an
         assert train.returncode == 0, train.stderr[-3000:]
         finder = cli(["-m", "sweep=max_batch", "k=10", "data=key_recall", "data.num_sequences=64",
                       "data.sequence_length=20", "model.units=16", "model.embedding_dim=8",
-                      "batch_finder.max_batch_size=32", "batch_finder.probe_seconds=0.5",
+                      "batch_finder.max_batch_size=32", "batch_finder.probe_seconds=0.5", "batch_finder.noise_warmup_s=2",
                       f"batch_finder.cache_dir={tmp_path / 'cache'}", f"tracking.uri={uri}"], cwd=tmp_path)
         assert finder.returncode == 0, finder.stderr[-3000:]
 

@@ -137,15 +137,18 @@ def test_a_frontier_parent_states_the_answer_per_k_and_flags_a_ceiling():
 
     rows = [{"k": 25, "max_batch_size": 48, "recommended_batch_size": 40, "peak_memory_mb": 42.25,
              "tokens_per_s": 23456.0, "tokens_per_s_spread": 100.0, "probes": 6, "budget_mb": 50.0,
-             "max_is_ceiling": False, "job": "1"},
+             "max_is_ceiling": False, "job": "1", "useful_batch_size": 24, "critical_batch_size": 41,
+             "noise_measured": "after 20 s of training at batch 40", "goodput": 20000.0},
             {"k": 10, "max_batch_size": 224, "recommended_batch_size": 200, "peak_memory_mb": 30.0,
              "tokens_per_s": 51000.0, "tokens_per_s_spread": None, "probes": 4, "budget_mb": 50.0,
              "max_is_ceiling": True, "job": "0"}]
     text = note(rows)
-    assert text.startswith("**Largest workable batch per k, within a budget of 50 MB:**")
+    assert text.startswith("**Largest and useful batch per k, within a budget of 50 MB:**")
     k10, k25 = [line for line in text.splitlines() if line.startswith("- k=")]
     assert k10.startswith("- k=10: largest 224 (every probe fitted") and "raise batch_finder.max_batch_size" in k10
-    assert k25 == "- k=25: largest 48, recommended 40, 23,456 tokens/s, 42.2 MB"
+    assert "useful unknown (no gradient noise scale)" in k10
+    assert k25 == ("- k=25: largest 48, recommended 40, useful 24 (goodput 20,000 tokens/s; critical batch ≈ 41 "
+                   "streams, its noise scale after 20 s of training at batch 40), 23,456 tokens/s, 42.2 MB")
 
 
 def test_a_grid_parent_states_the_best_job_with_its_cost():

@@ -1,4 +1,4 @@
-"""The largest workable batch size for a model and chunk length k, verified by probes.
+"""The largest and the useful batch size for a model and chunk length k, verified by probes.
 
 Each probe runs in a fresh process (``tbptt_exp.core.probe``) with a time-out, because
 TensorFlow does not give device memory back after running out of it. A probe is a real
@@ -14,6 +14,12 @@ the result says so. Out-of-memory in any form TensorFlow reports it, an exceeded
 a time-out and a host-memory kill mean "too big"; any other error, or a peak the device
 cannot report while a budget is set, stops the search: a bug, not a size. Results are
 cached by a fingerprint of everything that decides memory.
+
+What fits is not what trains best: a larger batch is more streams, so fewer optimizer
+steps. After the search a warm-up trains at the recommended size and measures the gradient
+noise scale (``measure_noise``; or it is read from a run, ``batch_finder.noise_from``), and
+the useful batch is the probed size of highest goodput, tokens/s times the statistical
+efficiency that noise scale gives (``core.noise``).
 """
 
 from __future__ import annotations
@@ -28,13 +34,22 @@ from typing import Callable
 
 from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
 from tbptt_exp.core.factories import factory_source
-from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, PROBE_FIGURES, REAL_TOKENS, rate_text
+from tbptt_exp.core.measure import (
+    FIGURES, GOODPUT, NOISE_SCALE, PEAK_MEMORY, PROBE_FIGURES, REAL_TOKENS, TOKENS_TRAINED, TRAINING_TIME, VAL_LOSS,
+    rate_text,
+)
+from tbptt_exp.core.noise import goodput
 from tbptt_exp.core.probe import PHASES, answer, launch
 from tbptt_exp.paths import default_store_dir
 
 PROBE_ENTRY = answer  # what a probe process runs
 FITS = ("ok",)
 TOO_BIG = ("oom", "budget", "timeout", "killed")
+# Goodputs this close to the highest are tied, and the useful batch is the largest of them. Pollux
+# acts on a predicted gain of 5% or more, from a live job's steady measurements; a probe's are
+# coarser: identical probes' tokens/s differ by up to 6%, and the noise scale grew 1.6-2.4x over
+# the 60 s that benchmarks/useful_batch.py trains (which raises a larger batch's goodput).
+GOODPUT_TIE = 0.10
 MONOTONE_TOLERANCE = 0.05  # a peak this much below a smaller size's peak: memory is not monotone
 
 
@@ -51,6 +66,7 @@ class Probe:
     tokens_per_s_spread: float | None = None
     padded_tokens_per_s: float | None = None
     phases: dict[str, float] = field(default_factory=dict)  # wall time per phase (``probe.PHASES``)
+    goodput: float | None = None  # tokens/s times the statistical efficiency at this size (``core.noise``)
 
     @property
     def fits(self) -> bool:
@@ -70,7 +86,7 @@ class Probe:
     def metrics(self) -> dict[str, float | None]:
         """MLflow's metrics of the probe (``probe/...``), logged with step = its batch size."""
         figures = {f.probe_metric: getattr(self, f.name) for f in PROBE_FIGURES}
-        return figures | {"probe/fits": float(self.fits), "probe/seconds": self.seconds}
+        return figures | {GOODPUT.probe_metric: self.goodput, "probe/fits": float(self.fits), "probe/seconds": self.seconds}
 
     def describe(self, k: int, budget_mb: float | None = None) -> str:
         """``k=25 batch_size=56: over the budget of 50 MB at a peak of 56.2 MB [2.1 s, start 0.1, ...]``:
@@ -78,6 +94,7 @@ class Probe:
         the budget stops as its peak passes it, so its peak is where it stopped, a floor."""
         peak = "" if self.peak_memory_mb is None else f", peak {PEAK_MEMORY.show(self.peak_memory_mb, unit=True)}"
         rate = f", {rate_text(self.tokens_per_s, self.tokens_per_s_spread)} tokens/s" if self.tokens_per_s else ""
+        rate += f", goodput {GOODPUT.show(self.goodput)}" if self.goodput is not None else ""
         why = f" ({self.error})" if self.error and self.outcome != "ok" else ""
         outcome = self.outcome
         if outcome == "budget" and budget_mb is not None and self.peak_memory_mb is not None:
@@ -99,6 +116,16 @@ class SearchResult:
 
 
 @dataclass
+class NoiseScale:
+    """The gradient noise scale the useful batch is judged by, and where it was measured."""
+
+    value: float | None  # streams; None: not measured (the warm-up failed or found no signal)
+    where: str  # ``after 20 s of training at batch 32 (val_loss 1.70)``, or the run it came from
+    batch_size: int = 0  # the batch it was measured at; its tokens/s stand beside the probes'
+    tokens_per_s: float | None = None
+
+
+@dataclass
 class Frontier:
     k: int
     max_batch_size: int
@@ -110,29 +137,48 @@ class Frontier:
     budget_mb: float | None
     memory_monotone: bool = True
     max_is_ceiling: bool = False  # every size up to batch_finder.max_batch_size fitted: a bound, not a limit
+    # The useful batch: the size of highest goodput (``core.noise``), by the noise scale below.
+    useful_batch_size: int | None = None  # None: no noise scale known
+    critical_batch_size: int | None = None  # the noise scale, rounded
+    noise_scale: float | None = None  # B_noise in streams (``optim/gradient_noise_scale``)
+    noise_measured: str = ""  # which point of training the noise scale is from
+    noise_batch_size: int | None = None  # the batch it was measured at
+    noise_tokens_per_s: float | None = None  # the warm-up's tokens/s there: one more goodput candidate
+    reference_batch_size: int = 32  # statistical efficiency 1 here (trainer.reference_batch_size)
+    goodput: float | None = None  # at useful_batch_size
     probe_log: list[dict] = field(default_factory=list)
     fingerprint: str = ""
     cached: bool = False
     search_s: float = 0.0  # the search's wall time
     measuring_s: float = 0.0  # of it, probes training and validating (the rest: starting, data, building)
+    warmup_s: float = 0.0  # of it, the warm-up that measured the noise scale (whole wall time)
 
     def answer(self) -> str:
-        """``k=25: largest 48, recommended 40, 23,456 tokens/s, 42.2 MB``, the ceiling said."""
+        """``k=25: largest 200, recommended 176, useful 64 (critical batch ≈ 41 streams, its noise
+        scale after 20 s at batch 32, val_loss 1.70), 23,456 tokens/s, 42.2 MB``, the ceiling said."""
         if not self.max_batch_size:
             return f"k={self.k}: not even the smallest size fits"
         ceiling = (" (every probe fitted: the range's ceiling, not a measured limit; raise "
                    "batch_finder.max_batch_size)") if self.max_is_ceiling else ""
         figures = ", ".join(f.show(v, unit=True) for f, v in ((REAL_TOKENS, self.tokens_per_s),
                                                              (PEAK_MEMORY, self.peak_memory_mb)) if v is not None)
-        return (f"k={self.k}: largest {self.max_batch_size}{ceiling}, recommended {self.recommended_batch_size}"
-                + (f", {figures}" if figures else ""))
+        return (f"k={self.k}: largest {self.max_batch_size}{ceiling}, recommended {self.recommended_batch_size}, "
+                f"{self.useful_text()}" + (f", {figures}" if figures else ""))
+
+    def useful_text(self) -> str:
+        """``useful 64 (critical batch ≈ 41 streams, measured after ...)``, or why it is unknown."""
+        if self.useful_batch_size is None:
+            return f"useful unknown ({self.noise_measured or 'no gradient noise scale'})"
+        return (f"useful {self.useful_batch_size} (goodput {GOODPUT.show(self.goodput, unit=True)}; critical batch "
+                f"≈ {self.critical_batch_size} streams, its noise scale {self.noise_measured})")
 
     def cost(self) -> str:
         """``11 probes in 41 s, 27 s of it training and validating``: what the answer took."""
         if self.cached:
             return f"{self.probes} probes, cached"
+        warmup = f", {self.warmup_s:.0f} s the noise scale's warm-up" if self.warmup_s else ""
         return (f"{self.probes} probes in {self.search_s:.0f} s, {self.measuring_s:.0f} s of it training and "
-                "validating (the rest: starting probes, handing them the data, building the model)")
+                f"validating{warmup} (the rest: starting probes, handing them the data, building the model)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -272,20 +318,105 @@ def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str, data: str 
     return hashlib.sha256(json.dumps(decisive, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def score(probes: list[Probe], noise: NoiseScale, reference: int, say: Callable[[str], None], k: int) -> None:
+    """Each probe that fits gets its goodput by ``noise``, said in one line."""
+    if noise.value is None:
+        return
+    for p in probes:
+        if p.fits and p.tokens_per_s:
+            p.goodput = goodput(p.tokens_per_s, p.batch_size, noise.value, reference)
+    shown = ", ".join(f"B={p.batch_size}: {GOODPUT.show(p.goodput)}" for p in probes if p.goodput is not None)
+    if shown:
+        say(f"k={k}: goodput (reference tokens/s, against batch {reference}) {shown}")
+
+
+def noise_fields(found: SearchResult, noise: NoiseScale | None, reference: int) -> dict:
+    """The frontier's useful-batch fields (``Frontier``) from the search and the noise scale."""
+    useful, best_goodput = useful_batch(found.probes, found.max_batch_size, noise, reference)
+    if noise is None:
+        return {"noise_measured": "no gradient noise scale: batch_finder.noise_warmup_s is 0 and no "
+                                  "batch_finder.noise_from"}
+    return {"useful_batch_size": useful, "goodput": best_goodput, "noise_scale": noise.value,
+            "critical_batch_size": None if noise.value is None else round(noise.value),
+            "noise_measured": noise.where, "noise_batch_size": noise.batch_size,
+            "noise_tokens_per_s": noise.tokens_per_s}
+
+
 def cache_dir(cfg: BatchFinderConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_store_dir() / "batch_cache"
+
+
+def measure_noise(cfg: ExperimentConfig, batch_size: int, probe_entry: Callable[[dict], dict],
+                  dataset=None) -> NoiseScale | None:
+    """The gradient noise scale from a warm-up training of ``batch_finder.noise_warmup_s`` at
+    ``batch_size``, in a process of its own like a probe (``probe.warm_up``); None where the
+    warm-up is off. The finder warms up at its recommended size, not the reference: B_noise
+    is a property of the point of training, which a larger batch reaches sooner (on the
+    embedded text it trained 7% lower in 60 s at 192 streams than at 32), and a larger batch
+    measures it with less noise."""
+    finder = cfg.batch_finder
+    if not finder.noise_warmup_s:
+        return None
+    request = {"config": to_dict(cfg), "warmup": True, "seconds": finder.noise_warmup_s, "dataset": dataset,
+               "batch_size": batch_size}
+    found = launch(request, finder.probe_timeout_s + finder.noise_warmup_s, probe_entry)
+    if found.get("outcome") != "warmup":
+        why = " ".join(str(found.get("error") or found.get("outcome")).split())[:300]
+        return NoiseScale(None, f"the warm-up at batch {batch_size} ended without one: {why}", batch_size)
+    where = (f"after {found[TRAINING_TIME.name]:.0f} s of training at batch {batch_size} "
+             f"({found[TOKENS_TRAINED.name]:,} tokens, val_loss {VAL_LOSS.show(found[VAL_LOSS.name])})")
+    if found[NOISE_SCALE.name] is None:
+        where = f"not measurable {where}: no gradient signal above the noise yet"
+    return NoiseScale(found[NOISE_SCALE.name], where, batch_size, found[REAL_TOKENS.name])
+
+
+def useful_batch(probes: list[Probe], best: int, noise: NoiseScale | None,
+                 reference: int) -> tuple[int | None, float | None]:
+    """The size of highest goodput among the probes that fit, up to ``best``, and the batch
+    the noise scale was measured at (its tokens/s measured there); with its goodput. Sizes
+    within ``GOODPUT_TIE`` of the highest count as tied, and the largest of them is taken:
+    a smaller gain is within the probes' noise, and the noise scale only grows as training
+    goes on, which favours the larger. (None, None) without a
+    noise scale."""
+    if noise is None or noise.value is None or not best:
+        return None, None
+    rates = {p.batch_size: p.tokens_per_s for p in probes if p.fits and p.tokens_per_s and p.batch_size <= best}
+    if noise.tokens_per_s and noise.batch_size <= best:
+        rates.setdefault(noise.batch_size, noise.tokens_per_s)
+    if not rates:
+        return None, None
+    scored = {b: goodput(rate, b, noise.value, reference) for b, rate in rates.items()}
+    size = max(b for b, g in scored.items() if g >= (1 - GOODPUT_TIE) * max(scored.values()))
+    return size, scored[size]
+
+
+def noise_for(cfg: ExperimentConfig, found: SearchResult, noise: NoiseScale | None, probe_entry: Callable[[dict], dict],
+              dataset, say: Callable[[str], None]) -> tuple[NoiseScale | None, float]:
+    """The noise scale given (``batch_finder.noise_from``) or measured by a warm-up at the
+    recommended size, said and scored against the probes; with the warm-up's seconds."""
+    started = time.perf_counter()
+    if noise is None and found.max_batch_size:
+        noise = measure_noise(cfg, found.recommended_batch_size or found.max_batch_size, probe_entry, dataset)
+    warmup_s = time.perf_counter() - started if cfg.batch_finder.noise_from is None else 0.0
+    if noise is not None:
+        say(f"k={cfg.k}: gradient noise scale {'unknown' if noise.value is None else f'{noise.value:,.1f} streams'}, "
+            f"{noise.where}")
+        score(found.probes, noise, cfg.trainer.reference_batch_size, say, cfg.k)
+    return noise, warmup_s
 
 
 def find_max_batch(
     cfg: ExperimentConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
     probe_entry: Callable[[dict], dict] | None = None, dataset=None, device: dict | None = None,
+    noise: NoiseScale | None = None,
 ) -> Frontier:
-    """Search (or recall from the cache) the largest workable batch for ``cfg.k``;
-    ``probe_entry`` is what a probe process runs (``PROBE_ENTRY``); ``dataset``: what
-    ``train.prepare(cfg)`` gave, handed to every probe and keying the cache by its content
-    (read in each probe if absent); ``device``: what ``describe_device`` answered, else it
-    is asked here."""
+    """Search (or recall from the cache) the largest batch that fits ``cfg.k``, and the
+    useful one; ``probe_entry`` is what a probe process runs (``PROBE_ENTRY``); ``dataset``:
+    what ``train.prepare(cfg)`` gave, handed to every probe and keying the cache by its
+    content (read in each probe if absent); ``device``: what ``describe_device`` answered,
+    else it is asked here; ``noise``: the noise scale taken from elsewhere
+    (``batch_finder.noise_from``), else measured by a warm-up (``measure_noise``)."""
     finder, probe_entry = cfg.batch_finder, probe_entry or PROBE_ENTRY
     device = device or describe_device(to_dict(cfg), finder.probe_timeout_s, probe_entry, dataset)
     budget = budget_for(device["device"], cfg)
@@ -297,6 +428,8 @@ def find_max_batch(
         return replace(found, max_is_ceiling=found.max_batch_size == size_range(finder)[1])
     if budget is None:
         say(f"k={cfg.k}: no memory budget known (set device.memory_budget_mb): searching by real out-of-memory only")
+    started = time.perf_counter()
+    reference = cfg.trainer.reference_batch_size
 
     def probe(batch_size: int) -> Probe:
         one_epoch = replace(cfg, batch_size=batch_size, trainer=replace(cfg.trainer, epochs=1))
@@ -305,8 +438,8 @@ def find_max_batch(
         say(found.describe(cfg.k, budget))
         return found
 
-    started = time.perf_counter()
     found = search(probe, finder, budget, on_probe)
+    noise, warmup_s = noise_for(cfg, found, noise, probe_entry, dataset, say)
     search_s = time.perf_counter() - started
     at_best = next((p for p in found.probes if p.batch_size == found.max_batch_size), None)
     if not found.memory_monotone:
@@ -322,6 +455,7 @@ def find_max_batch(
         probes=len(found.probes), budget_mb=budget, memory_monotone=found.memory_monotone,
         max_is_ceiling=found.max_batch_size == size_range(finder)[1], probe_log=[asdict(p) for p in found.probes], fingerprint=key,
         search_s=search_s, measuring_s=sum(p.measuring_s for p in found.probes),
+        reference_batch_size=reference, warmup_s=warmup_s, **noise_fields(found, noise, reference),
     )
     if finder.cache:
         cached.parent.mkdir(parents=True, exist_ok=True)

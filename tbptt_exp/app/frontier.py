@@ -1,7 +1,7 @@
-"""The batch frontier: largest workable batch per k, as a table, files and plots.
+"""The batch frontier: the largest and the useful batch per k, as a table, files and plots.
 
 Each ``task=max_batch`` job hands its sweep its frontier row (``JobResult``); ``report``
-writes them as ``batch_frontier.csv``/``.json`` and two plots in the sweep folder,
+writes them as ``batch_frontier.csv``/``.json`` and three plots in the sweep folder,
 prints the table and attaches everything to the sweep's MLflow parent run.
 """
 
@@ -16,14 +16,16 @@ from typing import Any
 from tbptt_exp.app import tables
 from tbptt_exp.app.batch_finder import Frontier
 from tbptt_exp.app.console import say
-from tbptt_exp.core.measure import PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
+from tbptt_exp.core.measure import GOODPUT, PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
+from tbptt_exp.core.noise import goodput
 
 # A row is a ``Frontier`` (its probe log and fingerprint aside) and what the job set apart.
 COLUMNS = ("k", "precision", "unroll",
            *(f.name for f in fields(Frontier) if f.name not in ("k", "probe_log", "fingerprint")), "model", "job")
 
 
-FRONTIER_METRICS = ("max_batch_size", "recommended_batch_size", REAL_TOKENS.name, PEAK_MEMORY.name)
+FRONTIER_METRICS = ("max_batch_size", "recommended_batch_size", "useful_batch_size", "critical_batch_size",
+                    REAL_TOKENS.name, PEAK_MEMORY.name)
 
 
 def answer(row: dict) -> str:
@@ -37,10 +39,12 @@ def note(rows: list[dict]) -> str:
     budget = next((r["budget_mb"] for r in rows if r.get("budget_mb")), None)
     within = f"within a budget of {budget:g} MB" if budget else "by real out-of-memory (no budget)"
     lines = [f"- {answer(r)}" for r in sorted(rows, key=lambda r: r["k"])]
-    return (f"**Largest workable batch per k, {within}:**\n\n" + "\n".join(lines)
-            + "\n\nSizes are probed by real training runs, one process each; `frontier/*` metrics are charted "
-            "against k (step), each k's probes are in its run beneath this one, and `batch_memory.png`, "
-            "`batch_throughput.png` draw them all.")
+    return (f"**Largest and useful batch per k, {within}:**\n\n" + "\n".join(lines)
+            + "\n\nSizes are probed by real training runs, one process each. The largest fits; the useful one "
+            "trains best per second: the probed size of highest goodput, tokens/s times the statistical efficiency "
+            "(B_noise + B_ref) / (B_noise + B) that the gradient noise scale B_noise gives. `frontier/*` metrics are "
+            "charted against k (step), each k's probes are in its run beneath this one, and `batch_memory.png`, "
+            "`batch_throughput.png`, `batch_goodput.png` draw them all.")
 
 
 def table(rows: list[dict]) -> str:
@@ -79,50 +83,21 @@ def write_files(rows: list[dict], folder: Path) -> list[Path]:
 
 
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    """Peak memory vs batch (budget, max and recommended marked) and tokens/s vs batch with
-    each probe's spread, a colour per k; log-scaled batch axis, no lines between probes."""
+    """Peak memory, tokens/s and goodput against batch size, a colour per k (the same colour
+    in each plot); log-scaled batch axis, no lines between probes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
-    fig_m, ax_m = plt.subplots(figsize=(7.5, 4.8))
-    fig_t, ax_t = plt.subplots(figsize=(7.5, 4.8))
-    budgets = set()
-    for row in sorted(rows, key=lambda r: r["k"]):
-        label = line_label(row, rows)
-        probes = sorted(row["probe_log"], key=lambda p: p["batch_size"])
-        ok = [p for p in probes if p["outcome"] == "ok" and p.get(PEAK_MEMORY.name) is not None]
-        bad = [p for p in probes if p["outcome"] != "ok"]
-        colour = ax_m.plot([p["batch_size"] for p in ok], [p[PEAK_MEMORY.name] for p in ok], "o", label=label)[0].get_color()
-        ax_m.plot([p["batch_size"] for p in bad], [p.get(PEAK_MEMORY.name) or float("nan") for p in bad], "x",
-                  color=colour, markersize=9)
-        if row["max_batch_size"]:
-            ax_m.axvline(row["max_batch_size"], color=colour, linestyle="-", alpha=0.5)
-        if row["recommended_batch_size"]:
-            ax_m.axvline(row["recommended_batch_size"], color=colour, linestyle=":", alpha=0.8)
-        timed = [p for p in ok if p.get(REAL_TOKENS.name)]
-        ax_t.errorbar([p["batch_size"] for p in timed], [p[REAL_TOKENS.name] for p in timed],
-                      yerr=[(p.get(REAL_TOKENS_SPREAD.name) or 0) / 2 for p in timed], fmt="o", capsize=3, label=label)
-        if row.get("budget_mb"):
-            budgets.add((row["budget_mb"], row.get("headroom") or 0.0))
-    handles, _ = ax_m.get_legend_handles_labels()
-    handles += [Line2D([], [], marker="o", linestyle="", color="grey", label="fits"),
-                Line2D([], [], marker="x", linestyle="", color="grey", label="too big (its peak when it stopped)"),
-                Line2D([], [], color="grey", alpha=0.5, label="largest that fits"),
-                Line2D([], [], color="grey", linestyle=":", label="recommended")]
-    for budget, headroom in sorted(budgets):
-        handles.append(ax_m.axhline(budget, color="red", linewidth=1, label=f"budget {budget:,.0f} MB"))
-        if headroom:
-            handles.append(ax_m.axhline(budget * (1 - headroom), color="red", linewidth=1, linestyle="--",
-                                        label=f"budget less {headroom:.0%} headroom (recommended below)"))
-    ax_m.legend(handles=handles, fontsize=8)
-    ax_t.legend(fontsize=8)
-    ax_m.set(xlabel="batch size", ylabel="peak memory (MB)", title="Peak memory per probe")
-    ax_t.set(xlabel="batch size", ylabel="real tokens / s (median, ± half IQR)", title="Throughput of the probes that fit")
     paths = []
-    for fig, ax, name in ((fig_m, ax_m, "batch_memory.png"), (fig_t, ax_t, "batch_throughput.png")):
+    ordered = sorted(rows, key=lambda r: r["k"])
+    for draw, name in ((draw_memory, "batch_memory.png"), (draw_throughput, "batch_throughput.png"),
+                       (draw_goodput, "batch_goodput.png")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for colour, row in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(ordered), ordered):
+            draw(ax, row, line_label(row, rows), colour)
+        legend(ax, draw, rows)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -132,15 +107,81 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
     return paths
 
 
+def fitted(row: dict) -> list[dict]:
+    return [p for p in sorted(row["probe_log"], key=lambda p: p["batch_size"])
+            if p["outcome"] == "ok" and p.get(PEAK_MEMORY.name) is not None]
+
+
+def draw_memory(ax, row: dict, label: str, colour: str) -> None:
+    """Each probe's peak (x: too big, at its peak when it stopped); the largest and recommended sizes."""
+    ok, bad = fitted(row), [p for p in row["probe_log"] if p["outcome"] != "ok"]
+    ax.plot([p["batch_size"] for p in ok], [p[PEAK_MEMORY.name] for p in ok], "o", color=colour, label=label)
+    ax.plot([p["batch_size"] for p in bad], [p.get(PEAK_MEMORY.name) or float("nan") for p in bad], "x",
+            color=colour, markersize=9)
+    if row["max_batch_size"]:
+        ax.axvline(row["max_batch_size"], color=colour, linestyle="-", alpha=0.5)
+    if row["recommended_batch_size"]:
+        ax.axvline(row["recommended_batch_size"], color=colour, linestyle=":", alpha=0.8)
+    ax.set(xlabel="batch size", ylabel="peak memory (MB)", title="Peak memory per probe")
+
+
+def draw_throughput(ax, row: dict, label: str, colour: str) -> None:
+    """Each fitting probe's median tokens/s, ± half its interquartile range."""
+    timed = [p for p in fitted(row) if p.get(REAL_TOKENS.name)]
+    ax.errorbar([p["batch_size"] for p in timed], [p[REAL_TOKENS.name] for p in timed],
+                yerr=[(p.get(REAL_TOKENS_SPREAD.name) or 0) / 2 for p in timed], fmt="o", capsize=3, color=colour,
+                label=label)
+    ax.set(xlabel="batch size", ylabel="real tokens / s (median, ± half IQR)", title="Throughput of the probes that fit")
+
+
+def draw_goodput(ax, row: dict, label: str, colour: str) -> None:
+    """Each scored probe's goodput, the warm-up's (a square) and the useful batch (a star)."""
+    scored = [p for p in fitted(row) if p.get(GOODPUT.name) is not None]
+    if not scored:
+        return
+    ax.plot([p["batch_size"] for p in scored], [p[GOODPUT.name] for p in scored], "o", color=colour,
+            label=f"{label} (critical batch ≈ {row.get('critical_batch_size')})")
+    if row.get("noise_tokens_per_s") and row.get("noise_batch_size"):
+        ax.plot([row["noise_batch_size"]], [goodput(row["noise_tokens_per_s"], row["noise_batch_size"],
+                                                    row["noise_scale"], row["reference_batch_size"])],
+                "s", color=colour)
+    if row.get("useful_batch_size"):
+        ax.axvline(row["useful_batch_size"], color=colour, linestyle="--", alpha=0.8)
+        ax.plot([row["useful_batch_size"]], [row["goodput"]], "*", color=colour, markersize=14)
+    ax.set(xlabel="batch size", ylabel=GOODPUT.axis,
+           title="Goodput: tokens/s × statistical efficiency from the gradient noise scale")
+
+
+def legend(ax, draw, rows: list[dict]) -> None:
+    """Each plot's legend: its k's, and what its marks mean (the memory plot: the budgets)."""
+    from matplotlib.lines import Line2D
+
+    handles, _ = ax.get_legend_handles_labels()
+    if draw is draw_memory:
+        handles += [Line2D([], [], marker="o", linestyle="", color="grey", label="fits"),
+                    Line2D([], [], marker="x", linestyle="", color="grey", label="too big (its peak when it stopped)"),
+                    Line2D([], [], color="grey", alpha=0.5, label="largest that fits"),
+                    Line2D([], [], color="grey", linestyle=":", label="recommended")]
+        for budget, headroom in sorted({(r["budget_mb"], r.get("headroom") or 0.0) for r in rows if r.get("budget_mb")}):
+            handles.append(ax.axhline(budget, color="red", linewidth=1, label=f"budget {budget:,.0f} MB"))
+            if headroom:
+                handles.append(ax.axhline(budget * (1 - headroom), color="red", linewidth=1, linestyle="--",
+                                          label=f"budget less {headroom:.0%} headroom (recommended below)"))
+    elif draw is draw_goodput:
+        handles += [Line2D([], [], color="grey", linestyle="--", marker="*", markersize=10, label="useful: highest goodput"),
+                    Line2D([], [], marker="s", linestyle="", color="grey", label="the warm-up that measured the noise")]
+    ax.legend(handles=handles, fontsize=8)
+
+
 def report(rows: list[dict], sweep_dir: Path, parent) -> None:
     """The sweep's frontier: files and plots in the sweep folder, a table, the parent run."""
     rows = sorted(rows, key=lambda r: int(r["job"]) if str(r.get("job", "")).isdigit() else 0)
     files = write_files(rows, sweep_dir)
-    say("largest workable batch per k:\n" + table(rows))
+    say("largest and useful batch per k:\n" + table(rows))
     for row in rows:
         if row.get("max_is_ceiling"):
             say(answer(row))
-    say(f"frontier written to {files[0]} (also .json, batch_memory.png, batch_throughput.png)")
+    say(f"frontier written to {files[0]} (also .json, batch_memory.png, batch_throughput.png, batch_goodput.png)")
     parent.log_text(table(rows), "batch_frontier.md")
     for f in files:
         parent.log_file(f)

@@ -1,4 +1,4 @@
-"""The tasks a Hydra job runs: train one experiment, find the largest workable batch, or
+"""The tasks a Hydra job runs: train one experiment, find the largest and the useful batch, or
 close what dead processes left open.
 
 Each task gets one validated ``ExperimentConfig`` and a ``JobContext`` (everything it
@@ -15,7 +15,15 @@ import os
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app import frontier, signals
-from tbptt_exp.app.batch_finder import Frontier, Probe, ProbeError, describe_device, find_max_batch, max_probes
+from tbptt_exp.app.batch_finder import (
+    Frontier,
+    NoiseScale,
+    Probe,
+    ProbeError,
+    describe_device,
+    find_max_batch,
+    max_probes,
+)
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
@@ -35,8 +43,12 @@ EXIT_PROBE_ERROR = 3
 
 
 def run_params(experiment: ExperimentConfig) -> dict:
-    """A run's params: the settings its task reads (``config.settings_read``)."""
-    return settings_read(experiment)
+    """A run's params: the settings its task reads (``config.settings_read``); a training run's
+    also the learning rate it trains at (``trainer.lr_scaling`` applied to its batch size)."""
+    params = settings_read(experiment)
+    if experiment.task == Task.train:
+        params["trainer.scaled_learning_rate"] = experiment.trainer.learning_rate_for(experiment.batch_size)
+    return params
 
 
 @contextlib.contextmanager
@@ -205,16 +217,20 @@ def log_result(run: TrackedRun, result: RunResult, over_budget: float | None) ->
     run.log_figures(result.figures() | {"tracking_overhead_s": run.logging_s,
                                         measure.OVER_BUDGET.name: over_budget})
     run.log_dict(result.to_dict(), "result.json")
-    run.set_tags({"unroll": str(result.unroll).lower(), "jit_compile": str(result.jit_compile).lower()})  # as built
+    run.set_tags({"unroll": str(result.unroll).lower(), "jit_compile": str(result.jit_compile).lower(),  # as built
+                  **({"stopped": result.stopped} if result.stopped else {}),
+                  **({"target_reached": str(result.time_to_target_s is not None).lower()}
+                     if result.target_val_loss is not None else {})})
 
 
 def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
-    """Find the largest workable batch for this k; the job's value is that size (0: none)."""
+    """Find the largest and the useful batch for this k; the job's value is that size (0: none)."""
     dataset = prepare(experiment)  # data errors as one line here, not in every probe
     gpus = claim_devices(experiment)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
     # The probes' device, from a first probe process, which also refuses a model of your own
     # that cannot be trained: in one line, before a run is recorded.
     device = describe_device(to_dict(experiment), experiment.batch_finder.probe_timeout_s, dataset=dataset)
+    noise = noise_from_run(experiment)  # a run that is not there is one line, before this one is recorded
     say(search_line(experiment))
     tags = {"device.gpus": gpus, "mlflow.note.content": search_note(experiment)}
     with tracked_run(experiment, ctx, "max_batch", search_name(experiment), tags) as run:
@@ -223,7 +239,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             signals.check()  # between probes: a safe point
 
         try:
-            found = find_max_batch(experiment, on_probe, say, dataset=dataset, device=device)
+            found = find_max_batch(experiment, on_probe, say, dataset=dataset, device=device, noise=noise)
         except ProbeError as failure:
             run.set_tags({"error": str(failure)[:500]})
             error(f"the search stopped on an error that is not out-of-memory: {failure}")
@@ -231,6 +247,9 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         if found.cached:  # answered from the cache: its probes, as if just run
             for probe in found.probe_log:
                 on_probe(Probe(**probe))
+        else:  # goodput is known once the noise scale is, after the probes
+            for probe in found.probe_log:
+                run.log_metrics({measure.GOODPUT.probe_metric: probe["goodput"]}, step=probe["batch_size"])
         row = frontier_row(found, experiment, ctx)
         say(f"{found.answer()} ({found.cost()})")
         if not ctx.multirun:
@@ -246,6 +265,35 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     return JobResult(values=[float(found.max_batch_size)], run_id=run.run_id, frontier_row=row)
 
 
+def noise_from_run(experiment: ExperimentConfig) -> NoiseScale | None:
+    """``batch_finder.noise_from``: the last ``optim/gradient_noise_scale`` of a training run
+    in the tracking store. Measured at another k, it is converted by tokens: a stream of k
+    steps carries k/k_run times the run's tokens, so B_noise in streams scales by k_run/k."""
+    run_id = experiment.batch_finder.noise_from
+    if run_id is None:
+        return None
+    setting = "batch_finder.noise_from"
+    if not experiment.tracking.enabled:
+        raise ConfigError(setting, run_id, "it is read from the tracking store, and tracking is off (tracking=none)")
+    client = Tracker(experiment.tracking).client
+    try:
+        run = client.get_run(run_id)
+    except StoreFailed as failure:
+        raise ConfigError(setting, run_id, f"no such run in the tracking store ({failure})") from None
+    history = client.get_metric_history(run_id, measure.NOISE_SCALE.mlflow)
+    if not history:
+        raise ConfigError(setting, run_id, f"that run logged no {measure.NOISE_SCALE.mlflow}: use a training run "
+                                           "with engine=graph and trainer.noise_scale_every above 0")
+    last = max(history, key=lambda m: m.step)
+    k_run = int(run.data.params.get("k", experiment.k))
+    value = last.value * k_run / experiment.k
+    batch_size = run.data.params.get("batch_size", "")
+    where = (f"from run {run_id[:8]} at epoch {last.step} (batch {batch_size or '?'}, "
+             f"k={k_run}" + (f", {last.value:,.1f} streams converted by tokens" if k_run != experiment.k else "")
+             + f", val_loss {run.data.metrics.get(measure.VAL_LOSS.mlflow, float('nan')):.4f})")
+    return NoiseScale(value, where, int(batch_size) if batch_size.isdigit() else 0)
+
+
 def search_name(experiment: ExperimentConfig) -> str:
     budget = experiment.device.memory_budget_mb
     return (f"max_batch k={experiment.k} {experiment.model.preset} {experiment.engine.name} "
@@ -254,7 +302,7 @@ def search_name(experiment: ExperimentConfig) -> str:
 
 def search_line(experiment: ExperimentConfig) -> str:
     model, finder = experiment.model, experiment.batch_finder
-    return (f"largest workable batch for k={experiment.k}, model={model.preset} ({model.shape}), "
+    return (f"largest and useful batch for k={experiment.k}, model={model.preset} ({model.shape}), "
             f"engine={experiment.engine.name}: sizes {finder.min_batch_size}..{finder.max_batch_size} in steps of "
             f"{finder.granularity}, at most {max_probes(finder)} probes, each a real training run in its own "
             f"process: stopped as soon as its peak passes the budget, else timed for {finder.probe_seconds:g} s "
@@ -269,9 +317,11 @@ def search_note(experiment: ExperimentConfig) -> str:
             "Each probe is a short real training run "
             "in its own process, logged here with step = its batch size: `probe/allocator_peak_mb` (TensorFlow's "
             "allocator peak; a probe stops once it passes the budget), `probe/real_tokens_per_s` (probes that fit), "
-            "`probe/fits` (1: fits, 0: too big). Their charts draw "
+            "`probe/fits` (1: fits, 0: too big), `probe/goodput_tokens_per_s` (tokens/s times the statistical "
+            "efficiency the gradient noise scale gives). Their charts draw "
             "every probe against the batch size; the single value beside a `probe/` name is the largest size "
-            "probed, not the answer, which is `batch/max` and `batch/recommended`. The `probes` tag lists each "
+            "probed, not the answer, which is `batch/max`, `batch/recommended` and `batch/useful` (the size of "
+            "highest goodput; `batch/critical` is the noise scale). The `probes` tag lists each "
             "size and its outcome.")
 
 
