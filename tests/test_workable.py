@@ -96,6 +96,11 @@ def test_the_useful_batch_is_the_size_of_highest_goodput_never_above_the_largest
     assert useful_batch(tied, 128, replace(noise, value=50.0, tokens_per_s=None), 32)[0] == 128
     behind = probes((64, 30_000), (128, 30_000 * 0.88 * 178 / 114))  # 88%: a real loss
     assert useful_batch(behind, 128, replace(noise, value=50.0, tokens_per_s=None), 32)[0] == 64
+    # tokens/s enter as their non-decreasing trend: a probe reading below a smaller one is noise
+    dip = probes((64, 30_000), (128, 20_000))
+    assert useful_batch(dip, 128, replace(noise, value=10_000.0, tokens_per_s=None), 32)[0] == 128
+    assert useful_batch(dip, 128, replace(noise, value=10_000.0, tokens_per_s=None), 32)[1] == pytest.approx(
+        goodput(25_000, 128, 10_000.0, 32))
     # a large noise scale makes rows nearly free: the largest wins
     assert useful_batch(found, 256, replace(noise, value=10_000.0), 32)[0] == 256
     # a tiny one makes them nearly worthless: the smallest wins
