@@ -147,7 +147,9 @@ def nightly(tmp_path, *extra):
 # Back-to-back nights judged with a margin over the defaults (15%, 20%): nights on this
 # shared machine drift by up to ~12% between processes; the defaults' own false-alarm rate
 # is measured by benchmarks/nightly_sensitivity.py (0 of 8 here, benchmarks/RESULTS.md).
-MARGIN = ["nightly.thresholds.tokens_per_s=0.25", "nightly.thresholds.epoch_time_s=0.3"]
+# Back to back on a shared runner: a loaded CI machine (at half this machine's tokens/s) once
+# read a graph-engine speed figure beyond 25% with an interval clear of zero, on unchanged code.
+MARGIN = ["nightly.thresholds.tokens_per_s=0.35", "nightly.thresholds.epoch_time_s=0.4"]
 
 
 @pytest.mark.slow
