@@ -17,7 +17,6 @@ from tbptt_exp.app import tables
 from tbptt_exp.app.batch_finder import Frontier
 from tbptt_exp.app.console import say
 from tbptt_exp.core.measure import GOODPUT, PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
-from tbptt_exp.core.noise import goodput
 
 # A row is a ``Frontier`` (its probe log and fingerprint aside) and what the job set apart.
 COLUMNS = ("k", "precision", "unroll",
@@ -135,16 +134,16 @@ def draw_throughput(ax, row: dict, label: str, colour: str) -> None:
 
 
 def draw_goodput(ax, row: dict, label: str, colour: str) -> None:
-    """Each scored probe's goodput, the warm-up's (a square) and the useful batch (a star)."""
+    """Each scored probe's goodput, the batch the noise scale was measured at (a square around
+    its probe) and the useful batch (a star)."""
     scored = [p for p in fitted(row) if p.get(GOODPUT.name) is not None]
     if not scored:
         return
     ax.plot([p["batch_size"] for p in scored], [p[GOODPUT.name] for p in scored], "o", color=colour,
             label=f"{label} (critical batch ≈ {row.get('critical_batch_size')})")
-    if row.get("noise_tokens_per_s") and row.get("noise_batch_size"):
-        ax.plot([row["noise_batch_size"]], [goodput(row["noise_tokens_per_s"], row["noise_batch_size"],
-                                                    row["noise_scale"], row["reference_batch_size"])],
-                "s", color=colour)
+    measured_at = [p[GOODPUT.name] for p in scored if p["batch_size"] == row.get("noise_batch_size")]
+    if measured_at:  # a ring on the scored point: the warm-up's own tokens/s include its compiling
+        ax.plot([row["noise_batch_size"]], measured_at, "s", markersize=12, markerfacecolor="none", color=colour)
     if row.get("useful_batch_size"):
         ax.axvline(row["useful_batch_size"], color=colour, linestyle="--", alpha=0.8)
         ax.plot([row["useful_batch_size"]], [row["goodput"]], "*", color=colour, markersize=14)
@@ -169,7 +168,8 @@ def legend(ax, draw, rows: list[dict]) -> None:
                                           label=f"budget less {headroom:.0%} headroom (recommended below)"))
     elif draw is draw_goodput:
         handles += [Line2D([], [], color="grey", linestyle="--", marker="*", markersize=10, label="useful: highest goodput"),
-                    Line2D([], [], marker="s", linestyle="", color="grey", label="the warm-up that measured the noise")]
+                    Line2D([], [], marker="s", linestyle="", color="grey", markerfacecolor="none",
+                           label="the batch the noise scale was measured at")]
     ax.legend(handles=handles, fontsize=8)
 
 
