@@ -176,6 +176,22 @@ BAD = {
     "empty arrays": (lambda p: np.savez(p / "d.npz", x=np.zeros((0, 2)), y=np.zeros(0)), [], ["'x' array is empty"]),
     "pickled": (lambda p: np.savez(p / "d.npz", x=np.array([object()] * 4), y=np.zeros(4)), [],
                 ["without pickle"]),
+    # Bad targets blame the data, not a setting they would surface in later (no NumPy warning either).
+    "infinite target": (lambda p: np.savez(p / "d.npz", x=RNG.normal(size=(40, 2)),
+                                           y=np.where(np.arange(40) == 17, np.inf, RNG.normal(size=40))), [],
+                        ["its targets hold 1 infinite value(s), the first at sequence 0, step 17", "NaN marks a missing"]),
+    "infinite target in a column": (lambda p: pd.DataFrame({"a": RNG.normal(size=6), "y": [0.5, 1, -np.inf, 2, 3, 1]})
+                                    .to_csv(p / "d.csv", index=False),
+                                    ["data=table", "data.target_column=y"], ["infinite value(s), the first at data row 3"]),
+    "stray class id": (lambda p: np.savez(p / "d.npz", x=RNG.normal(size=(40, 2)), lengths=[20, 20],
+                                          y=np.where(np.arange(40) == 25, 1_000_000_000, np.arange(40) % 2)), [],
+                       ["class id 1,000,000,000 at sequence 1, step 5 would make 1,000,000,001 classes",
+                        "only 3 distinct id(s) appear"]),
+    "one class": (lambda p: np.savez(p / "d.npz", x=RNG.normal(size=(40, 2)), y=np.zeros(40, np.int64)), [],
+                  ["its training targets hold one class only (id 0): a classifier has nothing to learn"]),
+    "every validation target missing": (lambda p: np.savez(p / "d.npz", x=RNG.normal(size=(40, 2)), lengths=[20, 20],
+                                                           y=np.where(np.arange(40) < 20, RNG.normal(size=40), np.nan)),
+                                        ["data.val_fraction=0.5"], ["its validation sequences hold no known target"]),
 }
 
 
@@ -212,3 +228,15 @@ def test_integer_ids_of_one_value_per_step_are_tokens_for_an_embedding(tmp_path)
     assert dataset.io.tokens and dataset.io.vocab_size == ids.max() + 2 and dataset.io.num_outputs == 3
     np.testing.assert_array_equal(np.concatenate(dataset.train.inputs), ids[:300] + 1)  # id 0 is padding
     assert dataset.step_name == "tokens" and not dataset.normalization
+
+
+def test_a_data_file_that_is_not_there_says_so(tmp_path):
+    for cls, name in ((TableDataConfig, "d.parquet"), (ArraysDataConfig, "d.npz")):
+        with pytest.raises(ConfigError, match=r"is not allowed: there is no such file or folder; use the path of"):
+            cls(path=str(tmp_path / name), **({"target_column": "y"} if cls is TableDataConfig else {}))
+
+
+def test_class_ids_numbered_densely_past_the_sparse_limit_still_load(tmp_path):
+    ids = np.arange(3000) % 1500  # 1,500 classes, each present: a vocabulary, not a stray id
+    np.savez(tmp_path / "v.npz", x=RNG.normal(size=(3000, 2)), y=ids, lengths=[1500, 1500])
+    assert load_dataset(ArraysDataConfig(path=str(tmp_path / "v.npz"), val_fraction=0.5), 0).io.num_outputs == 1500

@@ -278,7 +278,7 @@ class SeriesDataConfig:
 
 def _existing(path: Optional[str], setting: str, what: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
-        raise ConfigError(setting, path, f"use the path of {what}")
+        raise ConfigError(setting, path, f"there is no such file or folder; use the path of {what}")
 
 
 @dataclass

@@ -243,9 +243,13 @@ def load(cfg: ArraysDataConfig | TableDataConfig) -> Dataset:
     """The dataset ``cfg`` names: read, checked, split, standardised by training statistics."""
     data = read(cfg, cfg.path, "data.path")
     check_features(data)
+    check_targets(data)
+    check_class_ids(data, cfg.task)
     if cfg.val_path is not None:
         train, val = data, read(cfg, cfg.val_path, "data.val_path")
         check_features(val)
+        check_targets(val)
+        check_class_ids(val, cfg.task)
     else:
         train, val = split(data, cfg.val_fraction)
     task = cfg.task if cfg.task != DataTask.auto else infer_task(train)
@@ -256,6 +260,10 @@ def load(cfg: ArraysDataConfig | TableDataConfig) -> Dataset:
     train_inputs, val_inputs, io, feature_stats = _inputs(train, val, io, cfg.normalize)
     (train_corpus, train_missing), (val_corpus, val_missing) = (_corpus(train, train_inputs, train_targets),
                                                                 _corpus(val, val_inputs, val_targets))
+    for part, corpus, name in ((train, train_corpus, "training"), (val, val_corpus, "validation")):
+        if not any(w.any() for w in corpus.weights):  # nothing to learn from, or a loss of 0/0
+            raise part.fail(f"its {name} sequences hold no known target (every one is NaN); give targets, "
+                            "or another data.val_fraction or data.val_path")
     missing = train_missing + val_missing
     return Dataset(
         train=train_corpus,
@@ -285,6 +293,27 @@ def check_features(data: Sequences) -> None:
     where = f"data row {int(data.rows[seq][step]) + 1}" if data.rows is not None else f"sequence {seq}, step {step}"
     raise data.fail(f"{name} holds {count:,} NaN or infinite value(s), the first at {where}; "
                     "fill or drop them before training")
+
+
+def _where(data: Sequences, seq: int, step: int) -> str:
+    """Where a step sits, as the user can find it: a table's data row, else sequence and step
+    (a per-sequence target: its sequence)."""
+    if data.rows is not None:
+        return f"data row {int(data.rows[seq][-1 if data.per_sequence else step]) + 1}"
+    return f"sequence {seq}" + ("" if data.per_sequence else f", step {step}")
+
+
+def check_targets(data: Sequences) -> None:
+    """An infinite target stops here, with how many and where the first is: NaN marks a
+    missing target (weight 0), but infinity is no target at all, and would otherwise surface
+    as a diverged run that blames the learning rate."""
+    bad = [np.isinf(np.asarray(t, np.float64)).reshape(len(t), -1).any(axis=1) for t in data.targets]
+    count = sum(int(b.sum()) for b in bad)
+    if count:
+        seq = next(i for i, b in enumerate(bad) if b.any())
+        raise data.fail(f"its targets hold {count:,} infinite value(s), the first at "
+                        f"{_where(data, seq, int(np.flatnonzero(bad[seq])[0]))}; use finite targets (NaN marks a "
+                        "missing one)")
 
 
 def split(data: Sequences, fraction: float) -> tuple[Sequences, Sequences]:
@@ -332,6 +361,11 @@ def _classes(train: Sequences, val: Sequences, num_classes: int | None):
             bad = known[(known < 0) | (known != np.round(known))][0]
             raise part.fail(f"class id {bad:g} is negative or not whole; class ids are 0, 1, 2, ...")
         ids.append((values, known))
+    distinct = np.unique(ids[0][1])
+    if distinct.size < 2:
+        held = f"one class only (id {distinct[0]:g})" if distinct.size else "no known target"
+        raise train.fail(f"its training targets hold {held}: a classifier has nothing to learn; use data with "
+                         "2 classes or more (or data.task=regression for values)")
     seen = int(ids[0][1].max()) + 1 if ids[0][1].size else 0
     classes = num_classes or max(seen, 2)
     top = max((int(known.max()) for _, known in ids if known.size), default=0)
@@ -340,6 +374,31 @@ def _classes(train: Sequences, val: Sequences, num_classes: int | None):
         raise ConfigError("data.num_classes", num_classes, f"{where} class id {top}, so there are at least "
                                                            f"{top + 1} classes; use that many or more")
     return ids[0][0], ids[1][0], ModelIO(DataTask.classification, classes), {}
+
+
+SPARSE_CLASSES = 1024  # past this many classes, ids that leave most of them unused are refused
+
+
+def check_class_ids(part: Sequences, task: DataTask) -> None:
+    """Class ids number the classes 0, 1, 2, ...: the output layer has one unit per id up to
+    the largest, so a stray id (a mislabel, a raw code) would build a model of that many
+    classes, most of which never appear. Refused with the id and where it sits in the file."""
+    if task == DataTask.regression or (task == DataTask.auto and infer_task(part) != DataTask.classification):
+        return
+    if any(t.ndim > 1 and t.shape[1] > 1 for t in part.targets):
+        return  # several values per step: refused as classification later, with its own line
+    values = [np.asarray(t, np.float64).reshape(len(t)) for t in part.targets]
+    known = np.concatenate(values)
+    known = known[np.isfinite(known)]
+    if not known.size:
+        return
+    top, distinct = int(known.max()), np.unique(known).size
+    if top + 1 <= SPARSE_CLASSES or distinct * 2 > top + 1:
+        return
+    seq = next(i for i, v in enumerate(values) if (v == top).any())
+    step = int(np.flatnonzero(values[seq] == top)[0])
+    raise part.fail(f"class id {top:,} at {_where(part, seq, step)} would make {top + 1:,} classes, but only "
+                    f"{distinct:,} distinct id(s) appear; number the classes 0, 1, 2, ... (or set data.task=regression)")
 
 
 def _values(train: Sequences, val: Sequences, normalize: bool):
