@@ -68,7 +68,7 @@ class Probe:
     """One probe's answer: its outcome and the figures it measured (``measure.PROBE_FIGURES``)."""
 
     batch_size: int
-    outcome: str  # ok | oom | budget | timeout | killed | unknown | error
+    outcome: str  # ok | oom | budget | timeout | killed | error
     peak_memory_mb: float | None = None
     tokens_per_s: float | None = None
     seconds: float = 0.0
@@ -89,7 +89,10 @@ class Probe:
 
     @classmethod
     def from_answer(cls, batch_size: int, answer: dict) -> "Probe":
-        """A probe process's answer (or how it died), as a Probe."""
+        """A probe process's answer (or how it died), as a Probe; a setting the probe refused
+        (a budget its device cannot check) stops the search as that setting's one line."""
+        if answer["outcome"] == "refused":
+            raise ConfigError(answer["setting"], answer["value"], answer["allowed"])
         return cls(batch_size, answer["outcome"], seconds=answer.get("seconds", 0.0), error=answer.get("error", ""),
                    phases=answer.get("phases", {}), **{f.name: answer.get(f.name) for f in PROBE_FIGURES})
 

@@ -18,6 +18,7 @@ the weights hold NaN every later figure is meaningless.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +29,7 @@ import tensorflow as tf
 from tbptt_exp.core.config import TrainerConfig
 from tbptt_exp.core.dataset import token_io
 from tbptt_exp.core.layout import Layout
-from tbptt_exp.core.measure import EpochTiming, NonFiniteLoss
+from tbptt_exp.core.measure import MB, EpochTiming, NonFiniteLoss
 from tbptt_exp.core.model import Head, get_states, reset_rows, set_states, stateful_layers
 from tbptt_exp.core.noise import EMA_DECAY, noise_scale, two_batch_estimates
 
@@ -37,7 +38,8 @@ Progress = Callable[[int], None]
 
 @dataclass
 class EpochResult:
-    loss: float  # the loss per weighted step (cross-entropy in nats, or squared error), over the batches trained
+    loss: float | None  # the loss per weighted step (cross-entropy in nats, or squared error), over the batches
+    # trained; None where none of them carried weight
     timing: EpochTiming  # marks: the first execution, then throughput windows (measure.py)
     gradient_noise_scale: float | None = None  # streams; the run's average so far (GraphEngine)
 
@@ -77,6 +79,11 @@ class Engine:
             self._evaluate_steps, input_signature=spec, jit_compile=self.jit_compile
         )
 
+    @property
+    def weights_mb(self) -> float:
+        """The model's weights in MiB: a floor of any training run's peak memory."""
+        return sum(math.prod(w.shape) * np.dtype(w.dtype).itemsize for w in self.model.weights) / MB
+
     def train_epoch(self, layout: Layout, progress: Progress | None = None, stop_after_s: float | None = None,
                     time_left_s: float | None = None) -> EpochResult:
         """One pass over ``layout``; ``progress(batches_done)`` is called at each window.
@@ -110,8 +117,10 @@ class Engine:
         ``rmse`` and ``mae``), over its first ``limit`` executions only where given (a probe:
         the first reaches the peak); the training state is left as it was."""
         saved = get_states(self.layers)
-        sums = [self._evaluate_execution(*arrays)
-                for arrays in itertools.islice(executions(layout, self.cfg.steps_per_execution), limit)]
+        chosen = executions(layout, self.cfg.steps_per_execution)
+        if limit is not None:  # executions that carry weight: labels only at sequence ends leave most without
+            chosen = itertools.islice((arrays for arrays in chosen if arrays[2].any()), limit)
+        sums = [self._evaluate_execution(*arrays) for arrays in chosen]
         set_states(self.layers, saved)
         return self.head.figures(np.sum([np.asarray(s) for s in sums], axis=0))
 
@@ -120,10 +129,13 @@ class Engine:
         return self.validate(layout)["loss"]
 
 
-def per_token_loss(sums) -> float:
-    """Executions' (loss x weight sum, weight sum) pairs -> mean loss per weighted step."""
+def per_token_loss(sums) -> float | None:
+    """Executions' (loss x weight sum, weight sum) pairs -> mean loss per weighted step; None
+    where no step carried weight (a run cut short before its first label)."""
     loss_sum, weight_sum = np.sum([[float(a), float(b)] for a, b in sums], axis=0)
-    return float(loss_sum / weight_sum)
+    if weight_sum == 0 and loss_sum == 0:
+        return None
+    return float(loss_sum / weight_sum) if weight_sum > 0 else float("nan")
 
 
 def first_non_finite(sums, ends: list[int]) -> NonFiniteLoss:
@@ -161,11 +173,12 @@ class GraphEngine(Engine):
     steps carries weight, and a step whose halves are not both real is not measured. The
     averages live in variables, updated inside the graph: no host sync.
 
-    A measuring step opens its own compiled function (its other steps plain), chosen on the
-    host: a ``tf.cond`` between the two kinds of step inside one function cost 12% of
-    tokens/s on every step (``benchmarks/RESULTS.md``). The run's first execution measures,
-    and the second (the plain function's first) is left out of the timing too, like the
-    first: each compiles. So a batch-size probe's peak memory includes a measuring step.
+    A measuring step runs in a compiled function of its own (one step; the execution's
+    other steps run in the plain one), chosen on the host: a ``tf.cond`` between the two
+    kinds of step inside one function cost 12% of tokens/s on every step
+    (``benchmarks/RESULTS.md``). The run's first execution measures; it and the second are
+    left out of the timing, as either may compile. So a batch-size probe's peak memory
+    includes a measuring step.
     """
 
     name = "graph"
@@ -183,18 +196,14 @@ class GraphEngine(Engine):
         self._compiled = 0  # how many of the train functions have run once
         signature = self._evaluate_execution.input_signature
         self._train_execution = tf.function(self._train_steps, input_signature=signature, jit_compile=self.jit_compile)
-        self._measuring_execution = tf.function(lambda *arrays: self._train_steps(*arrays, measure=True),
-                                                input_signature=signature, jit_compile=self.jit_compile)
+        self._measuring_execution = tf.function(self._measuring_first_step, input_signature=signature,
+                                                jit_compile=self.jit_compile)
 
-    def _train_steps(self, inputs, targets, weights, resets, measure: bool = False):
-        """One execution's steps; with ``measure``, its first step measures the noise scale."""
+    def _train_steps(self, inputs, targets, weights, resets):
+        """One execution's steps."""
         loss_sum, weight_sum = tf.constant(0.0), tf.constant(0.0)
         variables = self.model.trainable_variables
-        if measure:
-            reset_rows(self.layers, resets[0])
-            gradients, loss_sum, weight_sum = self._measuring_step(inputs[0], targets[0], weights[0])
-            self.model.optimizer.apply(gradients, variables)
-        for s in tf.range(1 if measure else 0, tf.shape(inputs)[0]):
+        for s in tf.range(tf.shape(inputs)[0]):
             reset_rows(self.layers, resets[s])
             gradients, batch_loss, batch_weight = self._step(inputs[s], targets[s], weights[s])
             self.model.optimizer.apply(gradients, variables)
@@ -202,13 +211,27 @@ class GraphEngine(Engine):
             weight_sum += batch_weight
         return loss_sum, weight_sum
 
+    def _measuring_first_step(self, inputs, targets, weights, resets):
+        """The first step of an execution, measuring the noise scale as it trains."""
+        reset_rows(self.layers, resets[0])
+        gradients, loss_sum, weight_sum = self._measuring_step(inputs[0], targets[0], weights[0])
+        self.model.optimizer.apply(gradients, self.model.trainable_variables)
+        return loss_sum, weight_sum
+
     def _execute(self, arrays, steps: int):
-        """One execution of ``steps`` steps, measuring where a measurement is due."""
+        """One execution of ``steps`` steps, measuring where a measurement is due: its first
+        step in a function of its own (one step: it compiles two passes, not a loop of
+        them as well), the rest in the plain one."""
         measure = self.noise_every > 0 and self._steps_done >= self._next_measure
-        if measure:
-            self._next_measure = self._steps_done + self.noise_every
         self._steps_done += steps
-        return (self._measuring_execution if measure else self._train_execution)(*arrays)
+        if not measure:
+            return self._train_execution(*arrays)
+        self._next_measure = self._steps_done - steps + self.noise_every
+        loss_sum, weight_sum = self._measuring_execution(*(a[:1] for a in arrays))
+        if steps == 1:
+            return loss_sum, weight_sum
+        rest_loss, rest_weight = self._train_execution(*(a[1:] for a in arrays))
+        return loss_sum + rest_loss, weight_sum + rest_weight
 
     def _step(self, inputs, targets, weights):
         """One batch's gradient of its loss per weighted step, and its (loss, weight) sums."""
@@ -292,7 +315,7 @@ class GraphEngine(Engine):
                     continue  # not measured long enough yet: once more round the layout
             break
         loss = per_token_loss(sums)  # waits for the last execution
-        if not np.isfinite(loss):
+        if loss is not None and not np.isfinite(loss):
             raise first_non_finite(sums, ends)
         timing.finish(done)
         return EpochResult(loss, timing, self.gradient_noise_scale())

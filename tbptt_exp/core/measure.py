@@ -241,9 +241,18 @@ def reset_peak_memory(device: str) -> None:
         pass  # an allocator without stats: peak_memory_mb() then reports None
 
 
-def peak_memory_mb(device: str) -> float | None:
+def peak_memory_mb(device: str, floor_mb: float = 0.0) -> float | None:
     """Peak bytes TensorFlow's allocator held on ``device`` since the last reset, in MiB;
-    None when the allocator keeps no statistics."""
+    None when the allocator keeps no statistics, or reports less than ``floor_mb`` (memory
+    the run certainly held: its weights). TensorFlow's oneDNN CPU allocator counts no
+    allocation under 4 KB, so a small model's peak reads 0.0 or a fraction of its weights:
+    not measured, and never a figure that passes a budget."""
+    peak = allocator_peak_mb(device)
+    return peak if peak is not None and peak > 0 and peak >= floor_mb else None
+
+
+def allocator_peak_mb(device: str) -> float | None:
+    """The allocator's peak as it reads (0.0 included); None when it keeps no statistics."""
     import tensorflow as tf
 
     try:

@@ -45,14 +45,19 @@ from pathlib import Path
 from typing import Callable
 
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ConfigError, EngineConfig, ExperimentConfig, from_dict
+from tbptt_exp.core.config import ConfigError, EngineConfig, EngineName, ExperimentConfig, from_dict
 from tbptt_exp.core.device import configure_device, prepare_tensorflow
-from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, WARMUP_FIGURES, over_budget_mb
+from tbptt_exp.core.measure import PEAK_MEMORY, PROBE_FIGURES, TOKENS_TRAINED, WARMUP_FIGURES, over_budget_mb
 from tbptt_exp.core.train import build, check_dataset, prepare, train
 
 MARKER = "TBPTT_PROBE_RESULT "
 PHASES = ("start", "imports", "data", "build", "compile", "training", "validation")
 WATCH_S = 0.05  # how often a probe reads the allocator's peak while it trains
+# A probe's first execution always measures the gradient noise scale (engine=graph), even
+# where the run would not: the peak of a measuring step (a half-batch pass, then the whole
+# batch) is the same between processes on TensorFlow's CPU allocator, and bounds a plain
+# step's, whose peak is bimodal there (benchmarks/RESULTS.md). This many steps apart: once.
+MEASURE_FIRST_ONLY = 1_000_000
 
 OOM_PATTERNS = re.compile(
     r"ResourceExhausted|RESOURCE_EXHAUSTED|out of memory|OOM when allocating|"
@@ -104,6 +109,8 @@ def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phase
     else:
         check_dataset(cfg, dataset)  # what depends on the batch size: the layout's size, drop, stream
     phases.lap("data")
+    if cfg.engine.name == EngineName.graph and cfg.trainer.noise_scale_every == 0:
+        cfg = replace(cfg, trainer=replace(cfg.trainer, noise_scale_every=MEASURE_FIRST_ONLY))
     engine = build(cfg, dataset)
     phases.lap("build")
     budget, device = cfg.device.memory_budget_mb, measure.training_device()
@@ -132,9 +139,21 @@ def run_probe(cfg: ExperimentConfig, seconds: float, dataset=None, phases: Phase
     answer = {f.name: result.value(f.name) for f in PROBE_FIGURES}
     over = over_budget_mb(result.final, budget)
     if budget is not None and over is None:
-        return answer | {"outcome": "unknown", "error": f"TensorFlow's allocator on {result.device.get('device')} "
-                         "reports no peak memory, so device.memory_budget_mb cannot be checked"}
+        raise unmeasured(budget, device, engine.weights_mb)
     return answer | {"outcome": "budget" if over is not None and over > 0 else "ok"}
+
+
+def unmeasured(budget: float, device: str, weights_mb: float) -> ConfigError:
+    """The budget refused where the device's allocator did not measure the run's peak: an
+    unmeasured peak must never read as "fits"."""
+    raw = measure.allocator_peak_mb(device)
+    if raw is None:
+        why = f"TensorFlow's allocator on {device} reports no peak memory"
+    else:  # oneDNN's CPU allocator: allocations under 4 KB go uncounted
+        why = (f"TensorFlow's allocator on {device} counts no allocation under 4 KB and read {raw:.2f} MB, less than "
+               f"this model's weights ({weights_mb:.2f} MB): its tensors are too small to be counted")
+    return ConfigError("device.memory_budget_mb", budget, f"{why}, so no batch can be checked against the budget; "
+                       "set device.memory_budget_mb=null (the largest size that runs) or size a larger model")
 
 
 WARMUP_NOISE_EVERY = 10  # the warm-up measures the noise scale this often: ten times the default's samples
@@ -150,7 +169,9 @@ def warm_up(cfg: ExperimentConfig, seconds: float, dataset=None, batch_size: int
     run = replace(cfg, batch_size=batch_size or cfg.trainer.reference_batch_size, trainer=trainer, engine=EngineConfig(),
                   device=replace(cfg.device, memory_budget_mb=None))
     result = train(run, dataset=dataset if dataset is not None else prepare(run))
-    return {f.name: result.value(f.name) for f in WARMUP_FIGURES} | {"outcome": "warmup", "batch_size": run.batch_size}
+    figures = {f.name: result.value(f.name) for f in WARMUP_FIGURES}
+    figures[TOKENS_TRAINED.name] = result.tokens_trained  # the whole warm-up's, not its last epoch's
+    return figures | {"outcome": "warmup", "batch_size": run.batch_size}
 
 
 def answer(request: dict) -> dict:

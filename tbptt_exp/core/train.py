@@ -30,7 +30,7 @@ class EpochMetrics:
     """One epoch's figures, each defined in ``measure.FIGURES`` (a new field is logged as a new metric)."""
 
     epoch: int
-    train_loss: float
+    train_loss: float | None  # None: no step trained carried weight (cut short before a label)
     val_loss: float
     tokens_per_s: float  # real tokens per second: median of steady-state windows
     padded_tokens_per_s: float  # all timesteps computed per second (real + padding), median
@@ -363,7 +363,7 @@ def _epoch(engine, epoch: int, layout: Layout, val_layout: Layout, is_text: bool
         tokens_per_s=speed.tokens_per_s,
         padded_tokens_per_s=speed.padded_tokens_per_s,
         tokens_per_s_spread=speed.tokens_per_s_spread,
-        peak_memory_mb=measure.peak_memory_mb(measure.training_device()),
+        peak_memory_mb=measure.peak_memory_mb(measure.training_device(), floor_mb=engine.weights_mb),
         peak_rss_mb=measure.peak_rss_mb(),
         epoch_time_s=timing.wall_s,
         first_execution_s=timing.first_execution_s,
