@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from tbptt_exp.app.batch_finder import Probe, ProbeError, max_probes, search
-from tbptt_exp.core.config import BatchFinderConfig
+from tbptt_exp.core.config import BatchFinderConfig, ConfigError
 from tbptt_exp.core.probe import classify_error
 
 CFG = BatchFinderConfig(granularity=8, min_batch_size=8, max_batch_size=4096)
@@ -100,12 +100,18 @@ def test_a_non_memory_error_stops_the_search():
         search(probe, CFG, 10_000)
 
 
-def test_an_unknown_peak_never_fits_and_stops_the_search():
-    def probe(b):
-        return Probe(b, "unknown", None, 1.0, error="TensorFlow's allocator on CPU:0 reports no peak memory")
+def test_an_unmeasured_peak_never_fits_and_stops_the_search_as_the_budget_refused():
+    refused = {"outcome": "refused", "setting": "device.memory_budget_mb", "value": 500.0, "error": "...",
+               "allowed": "TensorFlow's allocator on CPU:0 counts no allocation under 4 KB and read 0.00 MB"}
+    probed = []
 
-    with pytest.raises(ProbeError, match="reports no peak memory"):
+    def probe(b):
+        probed.append(b)
+        return Probe.from_answer(b, refused)
+
+    with pytest.raises(ConfigError, match=r"^device.memory_budget_mb=500.0 is not allowed: .*under 4 KB"):
         search(probe, CFG, 500)
+    assert len(probed) == 1  # the first probe's refusal ends the search: nothing counted as fitting
 
 
 @pytest.mark.parametrize(
