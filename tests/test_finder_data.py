@@ -18,7 +18,7 @@ import pytest
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ArraysDataConfig, DeviceConfig, ExperimentConfig, ModelConfig, to_dict
 from tbptt_exp.core.engines import per_token_loss
-from tbptt_exp.core.probe import answer, run_probe
+from tbptt_exp.core.probe import launch, run_probe
 
 RNG = np.random.default_rng(11)
 SMALL = ModelConfig(units=32)
@@ -63,10 +63,11 @@ def test_a_model_too_small_for_the_cpu_allocator_to_count_is_refused_not_fitted(
                             device=DeviceConfig(memory_budget_mb=1))
     cfg = to_dict(tiny)
     cfg["trainer"]["epochs"] = 1
-    found = answer({"config": cfg, "seconds": 0.5})
+    # In a process of its own, as the finder runs it: this one's allocator holds other tests' tensors.
+    found = launch({"config": cfg, "seconds": 0.5}, timeout_s=300)
     assert found["outcome"] == "refused", found
     assert found["setting"] == "device.memory_budget_mb" and "under 4 KB" in found["allowed"]
     # The default model's peak is counted: the same probe measures it.
-    found = answer({"config": to_dict(replace(tiny, model=ModelConfig(), device=DeviceConfig(memory_budget_mb=10_000)))
-                    | {"trainer": cfg["trainer"]}, "seconds": 0.5})
+    found = launch({"config": to_dict(replace(tiny, model=ModelConfig(), device=DeviceConfig(memory_budget_mb=10_000)))
+                    | {"trainer": cfg["trainer"]}, "seconds": 0.5}, timeout_s=300)
     assert found["outcome"] == "ok" and found["peak_memory_mb"] > 1, found
