@@ -222,11 +222,10 @@ class GraphEngine(Engine):
         """One execution of ``steps`` steps, measuring where a measurement is due: its first
         step in a function of its own (one step: it compiles two passes, not a loop of
         them as well), the rest in the plain one."""
-        measure = self.noise_every > 0 and self._steps_done >= self._next_measure
-        self._steps_done += steps
-        if not measure:
+        start, self._steps_done = self._steps_done, self._steps_done + steps
+        if not (self.noise_every > 0 and start >= self._next_measure):
             return self._train_execution(*arrays)
-        self._next_measure = self._steps_done - steps + self.noise_every
+        self._next_measure = start + self.noise_every
         loss_sum, weight_sum = self._measuring_execution(*(a[:1] for a in arrays))
         if steps == 1:
             return loss_sum, weight_sum

@@ -354,9 +354,7 @@ def _classes(train: Sequences, val: Sequences, num_classes: int | None):
         if any(t.ndim > 1 and t.shape[1] > 1 for t in part.targets):
             raise part.fail("classification takes one target per step or sequence (one column); "
                             "several target values are regression (data.task=regression)")
-        values = [np.asarray(t, np.float64).reshape(len(t)) for t in part.targets]
-        known = np.concatenate(values)
-        known = known[np.isfinite(known)]
+        values, known = _class_values(part)
         if known.size and ((known < 0).any() or (known != np.round(known)).any()):
             bad = known[(known < 0) | (known != np.round(known))][0]
             raise part.fail(f"class id {bad:g} is negative or not whole; class ids are 0, 1, 2, ...")
@@ -376,6 +374,13 @@ def _classes(train: Sequences, val: Sequences, num_classes: int | None):
     return ids[0][0], ids[1][0], ModelIO(DataTask.classification, classes), {}
 
 
+def _class_values(part: Sequences) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each sequence's class ids as floats (NaN: missing), and every known id."""
+    values = [np.asarray(t, np.float64).reshape(len(t)) for t in part.targets]
+    known = np.concatenate(values)
+    return values, known[np.isfinite(known)]
+
+
 SPARSE_CLASSES = 1024  # past this many classes, ids that leave most of them unused are refused
 
 
@@ -387,9 +392,7 @@ def check_class_ids(part: Sequences, task: DataTask) -> None:
         return
     if any(t.ndim > 1 and t.shape[1] > 1 for t in part.targets):
         return  # several values per step: refused as classification later, with its own line
-    values = [np.asarray(t, np.float64).reshape(len(t)) for t in part.targets]
-    known = np.concatenate(values)
-    known = known[np.isfinite(known)]
+    values, known = _class_values(part)
     if not known.size:
         return
     top, distinct = int(known.max()), np.unique(known).size
