@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from tbptt_exp.core.config import TrainerConfig
 from tbptt_exp.core.layout import build_layout
-from tbptt_exp.core.model import get_states, set_states
+from tbptt_exp.core.model import get_states, reset_rows, set_states
 from tbptt_exp.core.noise import EMA_DECAY, goodput, noise_scale, statistical_efficiency, two_batch_estimates
 from tests.test_tbptt import SMALL, K, make_engine, variable_corpus
 
@@ -90,6 +90,25 @@ def test_the_engine_measures_the_halves_of_its_rows_as_gradients_taken_by_hand()
     assert rows_a == rows_b == 2
     want = two_batch_estimates((first_sq + second_sq) / 2, whole_sq, (1 / rows_a + 1 / rows_b) / 2, 1 / 4)
     engine._measuring_execution(*(a[:1] for a in (layout.inputs, layout.targets, layout.sample_weights, layout.reset)))
+    ema_sq, ema_trace, measured = (float(v.numpy()) for v in engine._noise)
+    assert measured == 1
+    np.testing.assert_allclose([ema_sq, ema_trace], [(1 - EMA_DECAY) * w for w in want], rtol=1e-4)
+
+
+def test_a_restarted_noise_scale_holds_only_what_was_measured_after_it():
+    """The warm-up restarts the averages halfway: nothing of an earlier measurement may stay."""
+    corpus = variable_corpus(8, seed=3)
+    layout = build_layout(corpus, K, 4, "dummy")
+    engine = make_engine("graph", 4, TrainerConfig(learning_rate=0.01, noise_scale_every=1))
+    arrays = [a[:1] for a in (layout.inputs, layout.targets, layout.sample_weights, layout.reset)]
+    engine._measuring_execution(*arrays)
+    assert float(engine._noise[2].numpy()) == 1 and float(engine._noise[1].numpy()) != 0
+    engine.restart_noise_scale()
+    assert engine.gradient_noise_scale() is None and [float(v.numpy()) for v in engine._noise] == [0.0, 0.0, 0.0]
+    reset_rows(engine.layers, layout.reset[0])  # as the execution starts: the chunk's rows reset
+    first_sq, second_sq, whole_sq = by_hand(engine, layout.inputs[0], layout.targets[0], layout.sample_weights[0])
+    want = two_batch_estimates((first_sq + second_sq) / 2, whole_sq, 1 / 2, 1 / 4)
+    engine._measuring_execution(*arrays)  # at the weights the first step left
     ema_sq, ema_trace, measured = (float(v.numpy()) for v in engine._noise)
     assert measured == 1
     np.testing.assert_allclose([ema_sq, ema_trace], [(1 - EMA_DECAY) * w for w in want], rtol=1e-4)

@@ -282,6 +282,13 @@ class GraphEngine(Engine):
             average.assign(tf.where(valid, EMA_DECAY * average + (1 - EMA_DECAY) * value, average))
         self._noise[2].assign_add(tf.cast(valid, tf.float32))
 
+    def restart_noise_scale(self) -> None:
+        """Forget the measurements so far: early in training the gradient falls fast and its
+        |G|², several times later values, would outweigh theirs in the averages for dozens of
+        measurements, so a short run's noise scale would read several times too low."""
+        for average in self._noise:
+            average.assign(0.0)
+
     def gradient_noise_scale(self) -> float | None:
         """The noise scale so far, in streams (None: off, or nothing measured yet)."""
         ema_sq, ema_trace, measured = (float(v.numpy()) for v in self._noise)
