@@ -553,8 +553,9 @@ class BatchFinderConfig:
     cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
     cache_dir: Optional[str] = None  # None: mlruns/batch_cache
     # The useful batch needs the gradient noise scale, which grows as the loss falls: it is
-    # measured by a short training at trainer.reference_batch_size before the probes, for
-    # this many seconds of training (0: no warm-up and no useful batch, unless noise_from) ...
+    # measured by a short training at the recommended size after the probes, for this many
+    # seconds of training, in their second half (0: no warm-up and no useful batch, unless
+    # noise_from) ...
     noise_warmup_s: float = field(default=20.0, metadata=rule(lambda v: _number(v) and v >= 0,
                                                               "use a number of seconds, or 0 (no warm-up)"))
     # ... or taken from a longer training run of yours: its MLflow run id (its last
