@@ -61,9 +61,10 @@ MARKER = "TBPTT_PROBE_RESULT "
 PHASES = ("start", "imports", "data", "build", "compile", "training", "validation")
 WATCH_S = 0.05  # how often a probe reads the allocator's peak while it trains
 # A probe's first execution always measures the gradient noise scale (engine=graph), even
-# where the run would not: the peak of a measuring step (a half-batch pass, then the whole
-# batch) is the same between processes on TensorFlow's CPU allocator, and bounds a plain
-# step's, whose peak is bimodal there (benchmarks/RESULTS.md). This many steps apart: once.
+# where the run would not: a measuring step (a half-batch pass, then the whole batch) holds
+# a plain step's buffers and more, so its peak mostly bounds a plain step's, whose peak on
+# TensorFlow's CPU allocator is bimodal between processes. Both still scatter by about 8%
+# (benchmarks/RESULTS.md). This many steps apart: once.
 MEASURE_FIRST_ONLY = 1_000_000
 
 OOM_PATTERNS = re.compile(
