@@ -241,15 +241,9 @@ def read(cfg: ArraysDataConfig | TableDataConfig, path: str | None, setting: str
 
 def load(cfg: ArraysDataConfig | TableDataConfig) -> Dataset:
     """The dataset ``cfg`` names: read, checked, split, standardised by training statistics."""
-    data = read(cfg, cfg.path, "data.path")
-    check_features(data)
-    check_targets(data)
-    check_class_ids(data, cfg.task)
+    data = check(read(cfg, cfg.path, "data.path"), cfg.task)
     if cfg.val_path is not None:
-        train, val = data, read(cfg, cfg.val_path, "data.val_path")
-        check_features(val)
-        check_targets(val)
-        check_class_ids(val, cfg.task)
+        train, val = data, check(read(cfg, cfg.val_path, "data.val_path"), cfg.task)
     else:
         train, val = split(data, cfg.val_fraction)
     task = cfg.task if cfg.task != DataTask.auto else infer_task(train)
@@ -301,6 +295,14 @@ def _where(data: Sequences, seq: int, step: int) -> str:
     if data.rows is not None:
         return f"data row {int(data.rows[seq][-1 if data.per_sequence else step]) + 1}"
     return f"sequence {seq}" + ("" if data.per_sequence else f", step {step}")
+
+
+def check(data: Sequences, task: DataTask) -> Sequences:
+    """``data`` once its features, targets and class ids are checked (each refusal names the file)."""
+    check_features(data)
+    check_targets(data)
+    check_class_ids(data, task)
+    return data
 
 
 def check_targets(data: Sequences) -> None:
