@@ -59,3 +59,27 @@ def test_a_timed_run_that_goes_round_the_layout_again_counts_every_batch():
     real = np.array([10.0, 20.0, 30.0])  # 60 real tokens a round
     speed = throughput(timing([(1.0, 1), (2.0, 7)]), real, 40)  # batches 1..6: 20+30+10+20+30+10
     assert speed.tokens_per_s == pytest.approx(120.0) and speed.padded_tokens_per_s == pytest.approx(240.0)
+
+
+def test_a_cpu_budget_reserves_one_allocator_region_unwritten_and_outside_the_runs_peak():
+    """The region is taken through the allocator whose peak is judged (so its peak shows it),
+    is not written (the process's resident memory does not grow by it), is not taken
+    without a budget or on a GPU, and ``build`` takes it before the run's peak starts."""
+    from tbptt_exp.core.config import DeviceConfig, ExperimentConfig, ModelConfig
+    from tbptt_exp.core.train import build, prepare
+
+    if not measure.training_device().startswith("CPU"):
+        pytest.skip("the region is for TensorFlow's CPU allocator; a GPU's is left as it is")
+    for budget, device in ((None, "CPU:0"), (256, "GPU:0")):
+        measure.reset_peak_memory("CPU:0")
+        measure.steady_cpu_peak(budget, device)
+        assert measure.allocator_peak_mb("CPU:0") < 256, (budget, device)
+    measure.reset_peak_memory("CPU:0")
+    measure.reset_peak_rss()
+    before = measure.peak_rss_mb()
+    measure.steady_cpu_peak(256, "CPU:0")
+    assert measure.allocator_peak_mb("CPU:0") >= 2 * 256
+    assert measure.peak_rss_mb() - before < 100  # 512 MB reserved; written, it would be resident
+    cfg = ExperimentConfig(model=ModelConfig(units=64), device=DeviceConfig(memory_budget_mb=256))
+    build(cfg, prepare(cfg))
+    assert measure.allocator_peak_mb("CPU:0") < 256  # the model's own, not the region

@@ -63,7 +63,8 @@ WATCH_S = 0.05  # how often a probe reads the allocator's peak while it trains
 # A probe's first execution always measures the gradient noise scale (engine=graph), even
 # where the run would not: a measuring step (a half-batch pass, then the whole batch) holds
 # a plain step's buffers and more, so its peak mostly bounds a plain step's, whose peak on
-# TensorFlow's CPU allocator is bimodal between processes. Both still scatter by about 8%
+# TensorFlow's CPU allocator scatters between processes: at B=312, 141-286 MB, where the
+# measuring step's read 261-287 with ``measure.steady_cpu_peak``'s region
 # (benchmarks/RESULTS.md). This many steps apart: once.
 MEASURE_FIRST_ONLY = 1_000_000
 

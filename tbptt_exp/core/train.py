@@ -320,8 +320,9 @@ def _baseline(dataset: Dataset) -> dict:
 
 def build(cfg: ExperimentConfig, dataset: Dataset):
     """The model ``cfg`` asks for, checked (``model.make_model``) and compiled in its engine, in
-    a process cleared of earlier experiments, with this run's peaks reset. TensorFlow loads
-    here, once the config and data are known to be good."""
+    a process cleared of earlier experiments, with this run's peaks reset (after a budget's
+    CPU region is reserved: ``measure.steady_cpu_peak``). TensorFlow loads here, once the
+    config and data are known to be good."""
     prepare_tensorflow()
     load_tensorflow()
     import keras
@@ -334,6 +335,7 @@ def build(cfg: ExperimentConfig, dataset: Dataset):
     keras.backend.clear_session()
     gc.collect()
     keras.utils.set_random_seed(cfg.seed)
+    measure.steady_cpu_peak(cfg.device.memory_budget_mb, measure.training_device())
     measure.reset_peak_memory(measure.training_device())  # this run's peak: the model, training and validation
     measure.reset_peak_rss()
     unroll = resolve_unroll(cfg.model.unroll) and cfg.model.factory is None
