@@ -195,10 +195,58 @@ def test_no_function_is_longer_than_sixty_lines():
     assert long == []
 
 
-def test_no_private_state_of_optuna_or_hydra_is_reached_into():
-    """Trials are addressed through Optuna's public API (``study.tell`` by number, the storage's
-    own methods), failed jobs through ``JobReturn.return_value``."""
-    import re
+# Every reach into a library's private names, with why there is no public way. A new reach
+# fails the test below until it is listed here with its reason; one that is gone must leave.
+PRIVATE_REACHES = {
+    ("hydra_plugins/tbptt_exp_plugins/sweep_presets.py", "ConfigSource._get_header_dict"):
+        "Hydra's own parser of a preset's '# @package' header; no public one, and a second would drift",
+    ("hydra_plugins/tbptt_exp_plugins/tracked_sweeper.py", "hydra._internal.core_plugins.basic_launcher"):
+        "Hydra ships its basic launcher only here; no public flag says a launcher runs jobs one by one",
+    ("hydra_plugins/tbptt_exp_plugins/tracked_sweeper.py", "hydra._internal.core_plugins.basic_sweeper"):
+        "Hydra ships its basic (grid) sweeper only here; extending it keeps Hydra's own grid expansion",
+    ("tbptt_exp/app/stores.py", "mlflow.store.db.utils._all_tables_exist"):
+        "what MLflow's SqlAlchemyStore runs on a new database; no public call makes a store at another path",
+    ("tbptt_exp/app/stores.py", "mlflow.store.db.utils._initialize_tables"):
+        "the same: MLflow's schema on a database it is not yet connected to",
+    ("tbptt_exp/app/stores.py", "parts._replace"): "public: a named tuple's documented method (urllib's SplitResult)",
+    ("tbptt_exp/core/probe.py", "os._exit"): "public: the documented exit without clean-up, for a forked probe",
+}
 
-    private = re.compile(r"\._(storage|trial_id|all_grids|return_value)\b")
-    assert [str(p.relative_to(ROOT)) for p in package_files() if private.search(p.read_text())] == []
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_reaches(path: Path) -> set[str]:
+    """``x._name`` (``self`` and ``cls`` aside), an import from a module with a private part
+    (``hydra._internal``) and an imported private name, as written in ``path``."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.add(ast.unparse(node))
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if any(map(private, a.name.split("."))))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if any(map(private, node.module.split("."))):
+                found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if private(a.name))
+    return found
+
+
+def test_the_private_reach_finder_sees_attributes_modules_and_names(tmp_path):
+    planted = tmp_path / "m.py"
+    planted.write_text("import optuna.storages._rdb.models\nfrom hydra._internal import utils\n"
+                       "from mlflow.store.db.utils import _upgrade_db\n"
+                       "def f(study, self):\n    return study._storage, self._mine, type(study).__name__\n")
+    assert private_reaches(planted) == {"optuna.storages._rdb.models", "hydra._internal", "mlflow.store.db.utils._upgrade_db",
+                                        "study._storage"}
+
+
+def test_every_reach_into_a_private_name_is_listed_with_its_reason():
+    """Trials are addressed through Optuna's public API (``study.tell`` by number, the storage's
+    own methods), failed jobs through ``JobReturn.return_value``; what has no public way is
+    listed in ``PRIVATE_REACHES``, each with its reason."""
+    found = {(str(p.relative_to(ROOT)), reach) for p in package_files() for reach in private_reaches(p)}
+    assert found - PRIVATE_REACHES.keys() == set(), "a private reach not listed, with its reason, in PRIVATE_REACHES"
+    assert PRIVATE_REACHES.keys() - found == set(), "listed but no longer reached: drop it from PRIVATE_REACHES"
