@@ -516,6 +516,20 @@ def test_a_killed_joblib_worker_ends_the_sweep_in_one_line(tmp_path):
     assert lines == [lines[-1]] and "joblib worker process died" in lines[-1] and "SIGKILL" in lines[-1], lines
 
 
+def test_a_store_url_names_its_sqlite_file_one_way_everywhere(tmp_path):
+    """One reading of ``sqlite:///PATH`` for every store check, lock and artifact folder:
+    one database reached by two spellings of its path is still one database."""
+    from tbptt_exp.app.run import artifact_location
+    from tbptt_exp.app.stores import same_database, sqlite_path
+
+    assert sqlite_path(f"sqlite:///{tmp_path}/a.db") == tmp_path / "a.db"
+    assert sqlite_path("postgresql+psycopg://host/db") is None and sqlite_path("sqlite://a.db") is None
+    assert same_database(f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/x/../a.db")
+    assert not same_database(f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db")
+    assert artifact_location(f"sqlite:///{tmp_path}/a.db") == (tmp_path / "artifacts").as_uri()
+    assert artifact_location("http://127.0.0.1:5000") is None
+
+
 @pytest.mark.parametrize("case", ["one file for both", "a study storage as tracking.uri",
                                   "a tracking store as the study storage"])
 def test_mlflow_and_optuna_never_share_a_database_and_the_store_still_works(tmp_path, case):

@@ -11,7 +11,6 @@ no task reads Hydra's globals or the environment.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, Iterator
 
 from tbptt_exp.app import frontier, signals
@@ -28,7 +27,7 @@ from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.signals import deferred
-from tbptt_exp.app.stores import default_storage_url
+from tbptt_exp.app.stores import default_storage_url, sqlite_path
 from tbptt_exp.app.study import job_trial
 from tbptt_exp.app.sweep import JobContext, JobResult
 from tbptt_exp.app.trials import fail_orphans_in_storage
@@ -349,7 +348,7 @@ def cleanup_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
         say(f"MLflow: {len(closed)} run(s) of dead processes closed at {tracker.where}")
     storage = ctx.sweeper.get("storage") if "study_name" in ctx.sweeper else None
     url = storage or default_storage_url(create=False)
-    if storage or os.path.exists(url[len("sqlite:///"):]):
+    if storage or ((path := sqlite_path(url)) is not None and path.exists()):
         failed = fail_orphans_in_storage(url)
         for study_name, numbers in failed.items():
             say(f"study '{study_name}': trial(s) {', '.join(map(str, numbers))} had no live worker, marked FAIL")

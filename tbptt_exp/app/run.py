@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 from tbptt_exp.app import signals
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.signals import Deferring, deferred
-from tbptt_exp.app.stores import creation_lock, holders, mask_credentials, resolve_uri
+from tbptt_exp.app.stores import creation_lock, holders, mask_credentials, resolve_uri, sqlite_path
 from tbptt_exp.app.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
 from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
@@ -82,8 +82,8 @@ class Guarded(Deferring):
                         time.sleep(1)  # each attempt already waited out SQLite's busy timeout
                         continue
                     cause = store_error(error)
-                    if locked and self._uri.startswith("sqlite:///"):
-                        cause += f" for {LOCK_WAIT_S} s by {holders(Path(self._uri[len('sqlite:///'):]))}"
+                    if locked and (path := sqlite_path(self._uri)) is not None:
+                        cause += f" for {LOCK_WAIT_S} s by {holders(path)}"
                     raise StoreFailed(f"the tracking store failed ({cause})") from error
 
         return guarded
@@ -130,9 +130,8 @@ def close_dead_runs_once(client, uri: str) -> list[tuple[str, str]]:
 
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a local SQLite store go beside it; a server decides for itself."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
-    return None
+    path = sqlite_path(uri)
+    return None if path is None else (path.parent / "artifacts").as_uri()
 
 
 class Tracker:

@@ -45,6 +45,14 @@ PASSWORD_VARIABLES = {"http": "MLFLOW_TRACKING_PASSWORD", "https": "MLFLOW_TRACK
                       "postgresql": "PGPASSWORD"}
 
 
+SQLITE = "sqlite:///"  # then the path: sqlite:////abs/file.db
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file a ``sqlite:///`` URL names; None for any other store."""
+    return Path(url[len(SQLITE):]) if url.startswith(SQLITE) else None
+
+
 def scheme(url: str) -> str:
     """``postgresql+psycopg://...`` -> ``postgresql``; ``sqlite:///x`` -> ``sqlite``."""
     return url.split("://", 1)[0].split("+", 1)[0].lower() if "://" in url else ""
@@ -145,9 +153,8 @@ def default_storage_url(create: bool = True) -> str:
 
 
 def _check_sqlite(setting: str, url: str) -> None:
-    if not url.startswith("sqlite:///"):
+    if (path := sqlite_path(url)) is None:
         raise ConfigError(setting, url, "use sqlite:////absolute/path/file.db (three slashes, then the path)")
-    path = Path(url[len("sqlite:///"):])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tbptt-exp-write-check"):
@@ -196,8 +203,7 @@ MLFLOW_TABLES = {"experiments", "runs"}  # an MLflow tracking store
 
 def tables(url: str) -> set[str]:
     """The tables of a reachable SQLite or PostgreSQL store (none for a file not made yet)."""
-    if scheme(url) == "sqlite":
-        path = Path(url[len("sqlite:///"):])
+    if (path := sqlite_path(url)) is not None:
         if not path.exists():
             return set()
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=TIMEOUT_S)
@@ -219,8 +225,8 @@ def same_database(a: str, b: str) -> bool:
     database by host, port and name, users and passwords aside)."""
     if scheme(a) != scheme(b):
         return False
-    if scheme(a) == "sqlite":
-        return Path(a[len("sqlite:///"):]).resolve() == Path(b[len("sqlite:///"):]).resolve()
+    if (path := sqlite_path(a)) is not None:
+        return path.resolve() == sqlite_path(b).resolve()
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.hostname, pa.port or 5432, pa.path) == (pb.hostname, pb.port or 5432, pb.path)
 
@@ -231,8 +237,7 @@ def creation_lock(url: str) -> Iterator[None]:
     a lock file beside a SQLite database, an advisory lock on a PostgreSQL server. Without
     it the second process dies in the first one's schema creation (``UNIQUE constraint
     failed: alembic_version``, ``UniqueViolation ... pg_type_typname_nsp_index``)."""
-    if scheme(url) == "sqlite":
-        path = Path(url[len("sqlite:///"):])
+    if (path := sqlite_path(url)) is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(path.with_name(path.name + ".lock"), preserve_lock_file=True):
             yield
@@ -291,7 +296,7 @@ def create_store(url: str, setting: str, kind: str) -> None:
         if scheme(url) == "postgresql":  # its schema is made in transactions
             build(url)
             return
-        path = Path(url[len("sqlite:///"):])
+        path = sqlite_path(url)
         if path.exists() and path.stat().st_size:
             build(url)  # an empty database someone made: tables added in place
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import optuna
@@ -19,6 +18,7 @@ from optuna.trial import TrialState
 from sqlalchemy import text
 
 from tbptt_exp.app.signals import deferred
+from tbptt_exp.app.stores import sqlite_path
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # toward n_trials; failed ones are retried
 
@@ -33,10 +33,6 @@ def counted_trials(study: optuna.Study) -> int:
 
 def _key(study_name: str, size: int) -> int:
     return int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:size], "big", signed=True)
-
-
-def _sqlite_path(storage: optuna.storages.RDBStorage) -> Path:
-    return Path(str(storage.url)[len("sqlite:///"):])
 
 
 @contextlib.contextmanager
@@ -55,9 +51,9 @@ def study_lock(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _key(study_name, 8)})
                 conn.commit()
-    elif url.startswith("sqlite:///"):
+    elif (path := sqlite_path(url)) is not None:
         suffix = f".{hashlib.sha1(study_name.encode()).hexdigest()[:8]}.lock"
-        with FileLock(_sqlite_path(storage).with_suffix(suffix), preserve_lock_file=True):
+        with FileLock(path.with_suffix(suffix), preserve_lock_file=True):
             yield
     else:
         raise ValueError(f"storage {url!r}: use a sqlite:/// or postgresql:// URL")
@@ -79,7 +75,7 @@ class TrialLocks:
         self.held: dict[int, Any] = {}  # trial number -> its open connection or FileLock
 
     def _lock_file(self, number: int) -> FileLock:
-        db = _sqlite_path(self.storage)
+        db = sqlite_path(str(self.storage.url))
         name = f"{db.name}.{hashlib.sha1(self.study_name.encode()).hexdigest()[:8]}.trial-{number}.lock"
         return FileLock(db.with_name(name))
 
