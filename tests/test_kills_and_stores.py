@@ -526,6 +526,7 @@ def test_a_store_url_names_its_sqlite_file_one_way_everywhere(tmp_path):
     assert sqlite_path("postgresql+psycopg://host/db") is None and sqlite_path("sqlite://a.db") is None
     assert same_database(f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/x/../a.db")
     assert not same_database(f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db")
+    assert not same_database(f"sqlite:///{tmp_path}/a.db", "sqlite://a.db")  # not a file URL: no file to compare
     assert artifact_location(f"sqlite:///{tmp_path}/a.db") == (tmp_path / "artifacts").as_uri()
     assert artifact_location("http://127.0.0.1:5000") is None
 

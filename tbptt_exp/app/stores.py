@@ -226,7 +226,7 @@ def same_database(a: str, b: str) -> bool:
     if scheme(a) != scheme(b):
         return False
     if (path := sqlite_path(a)) is not None:
-        return path.resolve() == sqlite_path(b).resolve()
+        return (other := sqlite_path(b)) is not None and path.resolve() == other.resolve()
     pa, pb = urlsplit(a), urlsplit(b)
     return (pa.hostname, pa.port or 5432, pa.path) == (pb.hostname, pb.port or 5432, pb.path)
 
