@@ -28,12 +28,10 @@ from tbptt_exp.core.noise import goodput
 
 pytestmark = pytest.mark.slow
 
-# Measured on TensorFlow 2.21's CPU allocator: at k=10 the peak jumps from 42-45 MB (B=136)
-# to 55-56 MB (B=144), at k=25 from 29.5 MB (B=40) to 42 or 53 MB (B=48) and 54-56 MB (B=56).
-# The CPU peak is a sample: it depends on how concurrent ops interleave, and at some sizes it
-# has two modes (B=48 at k=25 read 42.2 MB in five lone probes and 53.0 MB in a finder's
-# sweep). So a single real run one size up can fall on the low mode; the answer itself must
-# hold in real training, and the budget sits about 5 MB above the answers' peaks.
+# The CPU peak of one size scatters between identical processes (TensorFlow 2.21's optimised
+# graph differs by process, benchmarks/RESULTS.md): B=144 at k=10 read 40.4 and 49.9 MB in two
+# one-epoch runs. So a real run at the largest size, whose probe sits just under the budget, may
+# land just over it; the recommended size, which leaves the headroom free, must hold.
 BUDGET_MB = 50
 SMALL = [
     "data=key_recall", "data.num_sequences=256", "data.sequence_length=40", "data.num_noise_tokens=2000", "model.units=64", "model.embedding_dim=16",
@@ -68,13 +66,15 @@ def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> Experi
     )
 
 
-def real_run(k: int, batch_size: int, cwd: Path) -> str:
-    """An independent one-epoch training run; its verdict on the budget."""
+def real_run(k: int, batch_size: int, cwd: Path) -> float:
+    """An independent one-epoch training run; how far its peak is over the budget, in MB
+    (negative: within it)."""
     out = cli([f"k={k}", f"batch_size={batch_size}", "trainer.epochs=1", "tracking=none",
                *[a for a in SMALL if not a.startswith("batch_finder.")]], cwd=cwd, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (line,) = [line for line in out.stdout.splitlines() if f"the memory budget of {BUDGET_MB} MB" in line]
-    return line.split()[1]  # within | over
+    verdict, by = re.search(r"(within|over) the memory budget of \d+ MB by ([\d.]+) MB", line).groups()
+    return float(by) * (1 if verdict == "over" else -1)
 
 
 def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_comes_from_the_cache(tmp_path):
@@ -104,8 +104,10 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
         # Probes that fit are timed (several windows each); a probe over the budget stops there, untimed.
         assert all((p["tokens_per_s_spread"] is not None) == (p["outcome"] == "ok") for p in probed.values())
         assert all(set(p["phases"]) >= {"start", "build", "compile"} for p in probed.values())
-        # The answer holds in real training: an independent one-epoch run at that size.
-        assert real_run(k, best, tmp_path) == "within", row
+        # The answer holds in real training: independent one-epoch runs. The recommended size is
+        # within the budget; the largest is within it or over by less than the headroom.
+        assert real_run(k, rec, tmp_path) < 0, row
+        assert real_run(k, best, tmp_path) < BUDGET_MB * BatchFinderConfig().headroom, row
         assert row["budget_mb"] == BUDGET_MB
         # The useful batch: of highest goodput among the probes that fit and the warm-up's batch, by a
         # noise scale measured after the warm-up's training at the recommended size.
