@@ -68,8 +68,8 @@ def padding_waste(max_chars: int, k: int, batch_sizes: list[int]) -> list[str]:
     ds = chars(CharsDataConfig(cut="documents", max_chars=max_chars), seed=0)
     corpus = ds.train
     lines = [
-        f"Whole-document chars: {len(corpus)} training documents, {corpus.num_tokens:,} real tokens, "
-        f"lengths {corpus.lengths.min()}..{corpus.lengths.max()} (median {int(statistics.median(corpus.lengths))}), k={k}.",
+        (f"Whole-document chars: {len(corpus)} training documents, {corpus.num_tokens:,} real tokens, "
+        f"lengths {corpus.lengths.min()}..{corpus.lengths.max()} (median {int(statistics.median(corpus.lengths))}), k={k}."),
         "",
         "| batch size | dummy: waste | dummy: batches | pack: waste | pack: batches | drop: sequences lost |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -24,9 +24,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
-from tbptt_exp.core.config import CharsDataConfig, EngineConfig, ExperimentConfig, ModelConfig, TrainerConfig, seed_model
+from tbptt_exp.core.config import (
+    CharsDataConfig,
+    EngineConfig,
+    ExperimentConfig,
+    ModelConfig,
+    TrainerConfig,
+    seed_model,
+)
 from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.device import prepare_tensorflow
 

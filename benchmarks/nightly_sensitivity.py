@@ -14,6 +14,7 @@ file under FOLDER, oldest first) and judges them with the nightly's own rules:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def main(folder: str, without: list[str]) -> None:
     nights = [samples_of(json.loads(p.read_text())) for p in files]
     cfg = NightlyConfig()
     cfg.thresholds = {f: t for f, t in cfg.thresholds.items() if f not in without}  # as ~nightly.thresholds.F
-    pairs = list(zip(nights, nights[1:]))
+    pairs = list(itertools.pairwise(nights))
     print(f"{len(nights)} nights, {len(pairs)} back-to-back comparisons, "
           f"{len(nights[0])} entries, {len(next(iter(nights[0].values()))['tokens_per_s'])} rounds each\n")
     verdicts = [night_verdict(compare(now, base, cfg), True) for base, now in pairs]

@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from planted_probe import planted
 
 from tbptt_exp.app.batch_finder import GOODPUT_TIE, ProbeError, find_max_batch, max_probes
@@ -82,7 +81,7 @@ def test_sweep_over_k_finds_a_frontier_that_holds_in_real_training_and_a_repeat_
     out = cli(args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     folder = sweep_dir(tmp_path)
-    rows = list(csv.DictReader(open(folder / "batch_frontier.csv")))
+    rows = list(csv.DictReader((folder / "batch_frontier.csv").read_text().splitlines()))
     assert [r["k"] for r in rows] == ["10", "25"]
     for column in ("k", "max_batch_size", "recommended_batch_size", "peak_memory_mb", "tokens_per_s",
                    "tokens_per_s_spread", "probes", "memory_monotone", "useful_batch_size", "critical_batch_size",
@@ -171,7 +170,7 @@ def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
 
 
 def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monkeypatch, capsys):
-    import tbptt_exp.app.batch_finder as batch_finder
+    from tbptt_exp.app import batch_finder
 
     monkeypatch.setattr(batch_finder, "PROBE_ENTRY", planted("error:16"))
     with pytest.raises(SystemExit) as stopped:

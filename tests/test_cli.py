@@ -36,7 +36,7 @@ def cli(args, cwd, timeout=300, **kwargs):
 
 # What libraries print unasked: TensorFlow's C++ log lines (absl format: I0000 ...), CUDA and
 # oneDNN notices, MLflow/alembic INFO records, matplotlib's font cache.
-NOISE = re.compile(r"^[IWEF]\d{4} |oneDNN|cuInit|cuda|absl|\bINFO\b|alembic|Matplotlib|font cache", re.M)
+NOISE = re.compile(r"^[IWEF]\d{4} |oneDNN|cuInit|cuda|absl|\bINFO\b|alembic|Matplotlib|font cache", re.MULTILINE)
 
 
 def noise(text: str) -> list[str]:

@@ -3,7 +3,14 @@ import pytest
 
 from tbptt_exp.core.config import CharsDataConfig, KeyRecallDataConfig
 from tbptt_exp.core.data import (
-    FIRST_CHAR_ID, UNK_ID, chars, cut_text, embedded_text_files, encode, key_recall, split_tail,
+    FIRST_CHAR_ID,
+    UNK_ID,
+    chars,
+    cut_text,
+    embedded_text_files,
+    encode,
+    key_recall,
+    split_tail,
 )
 
 

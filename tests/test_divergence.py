@@ -5,13 +5,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_cli import cli, runs
 
 from tbptt_exp.core.config import EngineConfig, ExperimentConfig, SeriesDataConfig, TrainerConfig
 from tbptt_exp.core.layout import build_layout
 from tbptt_exp.core.measure import Diverged, NonFiniteLoss
 from tbptt_exp.core.train import build, diverged, prepare
-
-from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
 
 SMALL = ExperimentConfig(k=5, batch_size=4, data=SeriesDataConfig(num_sequences=16, sequence_length=40),
                          trainer=TrainerConfig(epochs=1))

@@ -11,13 +11,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_tbptt import SMALL, B, K, V, chunked_forward, make_engine, small_experiment, tokens, variable_corpus
 
 from tbptt_exp.core.config import EngineConfig, TrainerConfig
 from tbptt_exp.core.layout import build_layout
 from tbptt_exp.core.model import build_model, get_states, make_optimizer, reset_rows, resolve_unroll, stateful_layers
 from tbptt_exp.core.train import train
-
-from test_tbptt import SMALL, B, K, V, chunked_forward, make_engine, small_experiment, tokens, variable_corpus
 
 # Tolerances against a float32 reference: bfloat16 keeps 8 significant bits, float16 11.
 PRECISIONS = {"float32": 1e-5, "mixed_bfloat16": 5e-2, "mixed_float16": 5e-3}

@@ -19,6 +19,8 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_cli import TINY, cli, runs
+from test_optuna_cli import postgres_available, start_mlflow_server
 
 from tbptt_exp.app import signals
 from tbptt_exp.app.liveness import STALE_AFTER_S, Holder, dead_reason, this_process
@@ -28,15 +30,12 @@ from tbptt_exp.app.study import sampler_seed
 from tbptt_exp.app.trials import TrialLocks, fail_orphaned_trials, study_lock
 from tbptt_exp.core.config import ConfigError, TrackingConfig
 
-from test_cli import TINY, cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
-from test_optuna_cli import postgres_available, start_mlflow_server  # noqa: E402
-
 
 def dead_holder() -> Holder:
     """A holder naming a process of this host that has ended."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     me = this_process()
-    start = open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    start = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     child.wait()
     return Holder(me.host, me.boot, child.pid, start)
 
@@ -776,15 +775,14 @@ def test_a_store_that_fails_mid_run_keeps_every_figure_in_the_job_folder(tmp_pat
     db = tmp_path / "mlflow.db"
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{db}", experiment="full-disk"))
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    with pytest.raises(StoreFailed) as failed:
-        with tracker.run(name="filling", figures_dir=tmp_path / "job") as run:
-            run.log_metrics({"loss/train": 2.5}, step=0)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (db.stat().st_size, hard))
-            try:
-                for step in range(1, 2000):
-                    run.log_metrics({f"figure/{i}": step + i / 100 for i in range(25)}, step=step)
-            finally:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with pytest.raises(StoreFailed) as failed, tracker.run(name="filling", figures_dir=tmp_path / "job") as run:
+        run.log_metrics({"loss/train": 2.5}, step=0)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (db.stat().st_size, hard))
+        try:
+            for step in range(1, 2000):
+                run.log_metrics({f"figure/{i}": step + i / 100 for i in range(25)}, step=step)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     kept = json.loads((tmp_path / "job" / "figures.json").read_text())
     message = str(failed.value)
     assert message.startswith("the tracking store failed (") and "disk I/O error" in message
@@ -889,15 +887,14 @@ def test_out_of_memory_while_training_names_the_batch_and_how_to_find_one_that_f
     from tbptt_exp.core.config import ExperimentConfig
 
     experiment = ExperimentConfig(k=50, batch_size=4096)
-    with pytest.raises(ConfigError) as refused:
-        with out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
-            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096,50,256]")
+    with pytest.raises(ConfigError) as refused, out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096,50,256]")
     assert str(refused.value).startswith("batch_size=4096 is not allowed: out of memory on ")
     assert "while training; the model has 1,000,000 parameters, about 15 MiB" in str(refused.value)
     assert "python -m tbptt_exp -m sweep=max_batch k=50 finds the largest batch that fits" in str(refused.value)
-    with pytest.raises(tf.errors.InvalidArgumentError):  # any other TensorFlow error is left as it is
-        with out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
-            raise tf.errors.InvalidArgumentError(None, None, "shapes do not match")
+    # any other TensorFlow error is left as it is
+    with pytest.raises(tf.errors.InvalidArgumentError), out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
+        raise tf.errors.InvalidArgumentError(None, None, "shapes do not match")
 
 
 @pytest.mark.slow
@@ -937,7 +934,7 @@ def test_a_store_write_in_another_thread_neither_defers_nor_swallows_a_ctrl_c(in
                 inside.set()
                 leave.wait(10)
             ended.append("cleanly")
-        except BaseException as error:  # noqa: BLE001 - what the thread would lose
+        except BaseException as error:  # what the thread would lose
             ended.append(type(error).__name__)
 
     thread = threading.Thread(target=heartbeat)

@@ -50,7 +50,7 @@ def make(case):
 @settings(max_examples=300, deadline=None)
 @given(layouts)
 def test_shapes_and_weights_mark_exactly_the_real_tokens(case):
-    corpus, lay = make(case)
+    _corpus, lay = make(case)
     if lay is None:
         return
     n, b, k = lay.inputs.shape
@@ -89,7 +89,7 @@ def test_every_real_token_trained_exactly_once_per_epoch(case):
 @given(layouts)
 def test_row_of_next_batch_continues_the_same_stream(case):
     """Each sequence (a piece, for streams) sits in one row, chunk after chunk, in consecutive batches."""
-    corpus, lay = make(case)
+    _corpus, lay = make(case)
     if lay is None:
         return
     k = case["k"]
@@ -104,7 +104,7 @@ def test_row_of_next_batch_continues_the_same_stream(case):
 @settings(max_examples=300, deadline=None)
 @given(layouts)
 def test_reset_flags_sit_exactly_at_sequence_starts(case):
-    corpus, lay = make(case)
+    _corpus, lay = make(case)
     if lay is None:
         return
     starts = np.zeros_like(lay.reset)
@@ -126,7 +126,7 @@ def test_reset_flags_sit_exactly_at_sequence_starts(case):
 @given(layouts)
 def test_no_row_is_overwritten(case):
     """Placements in one row never overlap: a stream holds one sequence at a time."""
-    corpus, lay = make(case)
+    _corpus, lay = make(case)
     if lay is None:
         return
     k = case["k"]

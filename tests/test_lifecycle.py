@@ -4,6 +4,7 @@ and a grid sweep, in process, goes through the sweeper, the job protocol and MLf
 import contextlib
 import signal
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -40,12 +41,14 @@ def tracker(tmp_path):
 
 def ended(tracker, raise_, **tags):
     run_id = None
-    with pytest.raises(type(raise_)) if raise_ else contextlib.nullcontext():
-        with tracker.run("r", params={"k": 10}, tags=tags) as run:
-            run_id = run.run_id
-            run.log_metrics({"loss": 1.5}, step=1)
-            if raise_:
-                raise raise_
+    with (
+        pytest.raises(type(raise_)) if raise_ else contextlib.nullcontext(),
+        tracker.run("r", params={"k": 10}, tags=tags) as run,
+    ):
+        run_id = run.run_id
+        run.log_metrics({"loss": 1.5}, step=1)
+        if raise_:
+            raise raise_
     return tracker.client.get_run(run_id)
 
 
@@ -105,7 +108,7 @@ def test_a_grid_sweep_in_process_tracks_a_parent_and_its_children(tmp_path, monk
     assert parent.info.status == "FINISHED" and len(runs) == 3
     assert sorted(r.data.params["k"] for r in children) == ["10", "5"]
     assert {r.info.status for r in children} == {"FINISHED"}
-    table = open(client.download_artifacts(parent.info.run_id, "sweep_results.md", str(tmp_path))).read()
+    table = Path(client.download_artifacts(parent.info.run_id, "sweep_results.md", str(tmp_path))).read_text()
     rows = [line for line in table.splitlines()[2:]]
     assert [row.split()[1] for row in rows] == ["k=5", "k=10"]  # labelled by the job's overrides
     assert all("| FINISHED |" in row for row in rows) and "env_set" not in table

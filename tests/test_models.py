@@ -6,21 +6,27 @@ import dataclasses
 from pathlib import Path
 
 import keras
+import model_factories
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_cli import cli, runs
+from test_tbptt import assert_chunked_equals_full
 
 from tbptt_exp.core.config import Cell, ConfigError, DataTask, ExperimentConfig, ModelConfig, TrainerConfig
 from tbptt_exp.core.dataset import ModelIO
 from tbptt_exp.core.engines import ENGINES
 from tbptt_exp.core.layout import Corpus, build_layout
 from tbptt_exp.core.model import (
-    Head, build_model, get_states, make_model, make_optimizer, reset_rows, set_states, stateful_layers,
+    Head,
+    build_model,
+    get_states,
+    make_model,
+    make_optimizer,
+    reset_rows,
+    set_states,
+    stateful_layers,
 )
-
-import model_factories  # noqa: E402 - the factories of these tests
-from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
-from test_tbptt import assert_chunked_equals_full  # noqa: E402
 
 B, K, F = 4, 5, 3
 IO = ModelIO(DataTask.classification, 4, num_features=F)
@@ -156,7 +162,7 @@ def test_the_cache_tells_factories_and_their_arguments_apart(tmp_path):
             key(custom("stack", cells="gru"))}
     assert len(keys) == 5
     mine = tmp_path / "mine.py"
-    mine.write_text((FACTORIES.read_text()))
+    mine.write_text(FACTORIES.read_text())
     spec = ModelConfig(preset="custom", factory=f"{mine}:stack")
     before = key(spec)
     mine.write_text(FACTORIES.read_text().replace("units=16", "units=17"))  # the model's code changed

@@ -219,7 +219,7 @@ def test_concurrent_workers_on_postgresql_share_one_study_exactly(tmp_path):
         for artifact in client.list_artifacts(run.info.run_id):
             if not artifact.is_dir and artifact.path.endswith((".yaml", ".json", ".md", ".txt")):
                 path = client.download_artifacts(run.info.run_id, artifact.path, str(tmp_path))
-                assert secret not in open(path).read()
+                assert secret not in Path(path).read_text()
 
 
 def test_joblib_launched_trials_find_their_trial_through_the_storage(tmp_path):

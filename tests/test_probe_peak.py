@@ -14,7 +14,12 @@ import pytest
 
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import (
-    BatchFinderConfig, EngineConfig, ExperimentConfig, KeyRecallDataConfig, TrainerConfig, seed_model,
+    BatchFinderConfig,
+    EngineConfig,
+    ExperimentConfig,
+    KeyRecallDataConfig,
+    TrainerConfig,
+    seed_model,
 )
 from tbptt_exp.core.layout import build_layout
 from tbptt_exp.core.train import build, prepare

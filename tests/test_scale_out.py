@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from test_cli import TINY, cli, free_port, runs
+from test_kills_and_stores import postgres_url
 
 from tbptt_exp.app.preflight import check_gpus
 from tbptt_exp.core.config import ConfigError
-
-from test_cli import TINY, cli, free_port, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
-from test_kills_and_stores import postgres_url  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUR_GPUS = ["0", "1", "2", "3"]

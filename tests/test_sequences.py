@@ -4,13 +4,12 @@ they belong, standardised by training data only, bad data stopped in one line.""
 import numpy as np
 import pandas as pd
 import pytest
+from test_cli import cli, runs
 
 from tbptt_exp.core.config import ArraysDataConfig, ConfigError, DataTask, TableDataConfig
 from tbptt_exp.core.data import load_dataset
 from tbptt_exp.core.dataset import baselines
 from tbptt_exp.core.layout import build_layout
-
-from test_cli import cli, runs  # noqa: E402 - the CLI helpers of the end-to-end tests
 
 RNG = np.random.default_rng(5)
 LENGTHS = [7, 12, 9, 15, 11, 8]

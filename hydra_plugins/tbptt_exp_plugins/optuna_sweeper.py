@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -25,8 +25,8 @@ ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySet
 class OptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
         self.settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(StudySettings), settings))
-        self.hydra_context: Optional[HydraContext] = None  # validate_batch_is_legal reads it
-        self.config: Optional[DictConfig] = None
+        self.hydra_context: HydraContext | None = None  # validate_batch_is_legal reads it
+        self.config: DictConfig | None = None
         self.launcher = None
         self.job_idx = 0
 
@@ -36,7 +36,7 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         from tbptt_exp.app.study import run_study  # the study's storage and tracking load when a study runs
 
         if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
@@ -44,7 +44,7 @@ class OptunaSweeper(Sweeper):
                   "tbptt-exp's sweeper is used. To silence this: pip uninstall hydra-optuna-sweeper", file=sys.stderr)
         return run_study(self.settings, self.config, arguments, self._launch)
 
-    def _launch(self, batch: List[List[str]]) -> Any:
+    def _launch(self, batch: list[list[str]]) -> Any:
         self.validate_batch_is_legal(batch)
         returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
         self.job_idx += len(batch)

@@ -8,8 +8,8 @@ Sweep presets live beside ``conf/`` rather than inside it, yet users select them
 
 from __future__ import annotations
 
+import builtins
 import os
-from typing import List, Optional
 
 from hydra.core.object_type import ObjectType
 from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
@@ -28,7 +28,7 @@ class SweepPresetsConfigSource(ConfigSource):
     def _folder(self) -> str:
         return str(sweeps_dir())
 
-    def _real_path(self, config_path: str) -> Optional[str]:
+    def _real_path(self, config_path: str) -> str | None:
         """``sweep`` -> sweeps/, ``sweep/x.yaml`` -> sweeps/x.yaml, anything else -> None."""
         parts = config_path.strip("/").split("/", 1)
         if parts[0] != GROUP:
@@ -61,11 +61,11 @@ class SweepPresetsConfigSource(ConfigSource):
         path = self._real_path(self._normalize_file_name(config_path))
         return path is not None and os.path.isfile(path)
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: ObjectType | None) -> builtins.list[str]:
         if config_path.strip("/") == "":
             return [GROUP] if results_filter in (None, ObjectType.GROUP) else []
         path = self._real_path(config_path)
-        files: List[str] = []
+        files: list[str] = []
         if path is None or not os.path.isdir(path):
             return files
         for name in os.listdir(path):

@@ -12,8 +12,9 @@ Hydra's own basic sweeper module, which stores Hydra's ``basic`` again (and defi
 in ``sys.modules``, where dataclasses cannot resolve string annotations.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any
 
 # Hydra ships its basic (grid) sweeper only under hydra._internal; extending it keeps Hydra's
 # own grid expansion, batching and settings instead of writing them again.
@@ -40,10 +41,10 @@ class TrackedSweeper(BasicSweeper):
     """Hydra's basic sweeper, repeated ``rounds`` times round after round (a nightly's repeats),
     each job carrying its sweep's link."""
 
-    link_overrides: List[str] = []
+    link_overrides: Sequence[str] = ()  # the sweep's link, set as it starts
     rounds: int = 1
 
-    def get_job_batch(self) -> List[List[str]]:
+    def get_job_batch(self) -> list[list[str]]:
         batch = self.overrides[self.batch_index % len(self.overrides)]
         self.batch_index += 1
         return [[*job, *self.link_overrides] for job in batch]
@@ -51,13 +52,13 @@ class TrackedSweeper(BasicSweeper):
     def is_done(self) -> bool:
         return self.batch_index >= len(self.overrides) * self.rounds
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         basic_sweep = super().sweep
 
         def launch(link, rounds: int, on_failure, on_start) -> list:
             self.link_overrides, self.rounds = link.overrides(), rounds
 
-            def started(index: int, overrides: List[str]) -> None:
+            def started(index: int, overrides: list[str]) -> None:
                 on_start(index, sum(len(batch) for batch in self.overrides) * rounds, overrides)
 
             # A failed job ends in the report, not the sweep.

@@ -28,9 +28,9 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 from scipy.optimize import isotonic_regression
 
@@ -88,7 +88,7 @@ class Probe:
         return sum(self.phases.get(name, 0.0) for name in ("compile", "training", "validation"))
 
     @classmethod
-    def from_answer(cls, batch_size: int, answer: dict) -> "Probe":
+    def from_answer(cls, batch_size: int, answer: dict) -> Probe:
         """A probe process's answer (or how it died), as a Probe; a setting the probe refused
         (a budget its device cannot check) stops the search as that setting's one line."""
         if answer["outcome"] == "refused":

@@ -7,7 +7,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Self
 
 from tqdm import tqdm
 
@@ -120,10 +121,10 @@ class TrainingConsole:
         self.started = time.perf_counter()
         self.step_name = "tokens"
 
-    def __enter__(self) -> "TrainingConsole":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.progress.close()
 
     def starting(self, dataset) -> None:

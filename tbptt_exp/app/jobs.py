@@ -11,7 +11,8 @@ no task reads Hydra's globals or the environment.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tbptt_exp.app import frontier, signals
 from tbptt_exp.app.batch_finder import (
@@ -149,7 +150,7 @@ def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
         yield
     except (ConfigError, Diverged, StoreFailed):
         raise
-    except Exception as error:  # noqa: BLE001 - TensorFlow's many forms of out-of-memory, by their text
+    except Exception as error:
         if classify_error(error) != "oom":
             raise
         size = model_size(experiment, dataset, built)

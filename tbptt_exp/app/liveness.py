@@ -60,7 +60,7 @@ class Holder:
         return f"{HOLDER_PREFIX}{self.host}/{self.boot}/{self.pid}/{self.start}"
 
     @classmethod
-    def from_key(cls, key: str) -> "Holder | None":
+    def from_key(cls, key: str) -> Holder | None:
         parts = key[len(HOLDER_PREFIX):].split("/")
         if len(parts) != 4 or not parts[2].isdigit():
             return None
@@ -167,7 +167,7 @@ class Heartbeats:
             for run_id, client in runs:
                 try:
                     client.set_tag(run_id, key, f"{time.time():.0f}")
-                except Exception:  # noqa: BLE001 - a missed beat is retried; the run goes on
+                except Exception:  # a missed beat is retried; the run goes on
                     pass
 
 

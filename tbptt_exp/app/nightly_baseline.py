@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tbptt_exp.app.nightly import GOOD_NIGHTS
 

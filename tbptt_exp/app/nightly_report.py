@@ -54,9 +54,9 @@ def report_markdown(results: dict, rows: list[Comparison], note: str, verdict: s
         "",
         tables.markdown(table_headers(confidence), [table_row(r) for r in rows], align="llrrrrrrl"),
         "",
-        "How to read it: *regressed* is worse beyond the threshold with an interval that excludes no "
+        ("How to read it: *regressed* is worse beyond the threshold with an interval that excludes no "
         "change; *inconclusive* is beyond the threshold but inside the noise; *missing*, *added* and "
-        "*invalid* are gaps in the matrix. Samples: baseline/tonight.",
+        "*invalid* are gaps in the matrix. Samples: baseline/tonight."),
     ]
     return "\n".join(lines) + "\n"
 
@@ -123,7 +123,7 @@ def results_record(entries: list[dict], rounds: int) -> dict:
     """Tonight's results file: every sample of every entry, and each figure's median."""
     tonight = group_samples(entries)
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "device_fingerprint": entries[0]["device_fingerprint"],
         "rounds": rounds,

@@ -23,8 +23,9 @@ import difflib
 import itertools
 import os
 import typing
+from collections.abc import Iterable
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -35,7 +36,14 @@ from optuna.distributions import CategoricalDistribution
 
 from tbptt_exp.app.search_space import StudySettings, distribution
 from tbptt_exp.app.stores import (
-    check_storage_url, check_tracking_uri, create_store, default_storage_url, mask_credentials, resolve_uri, same_database, take_secrets,
+    check_storage_url,
+    check_tracking_uri,
+    create_store,
+    default_storage_url,
+    mask_credentials,
+    resolve_uri,
+    same_database,
+    take_secrets,
 )
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, objective_names
 from tbptt_exp.core.data import load_dataset

@@ -22,9 +22,10 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from tbptt_exp.app import signals
 from tbptt_exp.app.liveness import HEARTBEATS, close_dead_runs, this_process
@@ -76,7 +77,7 @@ class Guarded(Deferring):
             while True:
                 try:
                     return call(*args, **kwargs)
-                except Exception as error:  # noqa: BLE001 - whatever the store raised, it is the store's
+                except Exception as error:
                     locked = "database is locked" in str(error)
                     if locked and time.monotonic() < give_up:
                         time.sleep(1)  # each attempt already waited out SQLite's busy timeout
@@ -173,7 +174,7 @@ class Tracker:
         self, name: str | None = None, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
         parent_run_id: str | None = None, run_id: str | None = None, system_metrics: float | None = None,
         figures_dir: Path | None = None,
-    ) -> Iterator["TrackedRun"]:
+    ) -> Iterator[TrackedRun]:
         """Start a run (or take up ``run_id`` again), yield it, end it as ``ending_of`` says.
 
         The block may call ``run.leave_running()`` when the run outlives it (a study's
@@ -204,7 +205,7 @@ class Tracker:
                     raise run.keep_figures(failed) from error
             raise
 
-    def _start(self, name, tags, parent_run_id) -> "TrackedRun":
+    def _start(self, name, tags, parent_run_id) -> TrackedRun:
         all_tags = {k: mask_credentials(str(v)) for k, v in tags.items() if v is not None}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -213,7 +214,7 @@ class Tracker:
         HEARTBEATS.hold(self.client, run_id)
         return TrackedRun(self, run_id, is_trial="optuna.trial" in all_tags)
 
-    def _resume(self, run_id: str) -> "TrackedRun":
+    def _resume(self, run_id: str) -> TrackedRun:
         self.client.set_tag(run_id, this_process().key, f"{time.time():.0f}")  # before it is RUNNING again
         self.client.update_run(run_id, status="RUNNING")
         HEARTBEATS.hold(self.client, run_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Dict, Optional
+from typing import Any
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -46,11 +46,11 @@ class StudySettings:
 
     _target_: str = "hydra_plugins.tbptt_exp_plugins.optuna_sweeper.OptunaSweeper"
     study_name: str = "tbptt-exp"
-    storage: Optional[str] = None  # None: SQLite under mlruns/; postgresql://... for many workers
+    storage: str | None = None  # None: SQLite under mlruns/; postgresql://... for many workers
     n_trials: int = field(default=20, metadata=_count(1))  # the study's target: COMPLETE + PRUNED (+ running)
     n_jobs: int = field(default=1, metadata=_count(1))  # trials launched together (a process launcher runs them in parallel)
     sampler: Sampler = Sampler.tpe
-    seed: Optional[int] = field(default=None, metadata=rule(
+    seed: int | None = field(default=None, metadata=rule(
         lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
         "use a whole number from 0 to 4294967295, or null"))
     direction: Any = "minimize"  # or a list, one per objective: [minimize, maximize]
@@ -61,7 +61,7 @@ class StudySettings:
     max_failure_rate: float = field(default=0.5, metadata=rule(
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
         "use a fraction from 0 up to (not including) 1: failed trials are retried"))
-    params: Dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, "hydra.sweeper.")
@@ -120,7 +120,7 @@ def make_sampler(name: str, seed: int | None, space: dict[str, BaseDistribution]
         grid = {}
         for key, dist in space.items():
             if not isinstance(dist, CategoricalDistribution):
-                raise ValueError(f"sampler=grid needs choice(...) for every parameter; {key} is not")
+                raise ValueError(f"sampler=grid needs choice(...) for every parameter; {key} is not")  # noqa: TRY004 - a bad setting, not a bad call
             grid[key] = list(dist.choices)
         return AskTellGridSampler(grid, seed=seed)
     kinds = {Sampler.tpe: optuna.samplers.TPESampler, Sampler.random: optuna.samplers.RandomSampler,
@@ -140,7 +140,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         super().__init__(grid, seed=seed)
         self.grid_size = math.prod(len(choices) for choices in grid.values())
 
-    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+    def after_trial(self, study, trial, state, values) -> None:
         pass
 
 

@@ -23,7 +23,8 @@ import functools
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _terminated = False
 _depth = 0  # how many deferred() blocks the main thread is in
@@ -44,13 +45,13 @@ def _interrupt(error: KeyboardInterrupt) -> None:
     raise error
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+def _on_sigterm(signum, frame):
     global _terminated
     _terminated = True
     _interrupt(Terminated("terminated by SIGTERM"))
 
 
-def _on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
+def _on_sigint(signum, frame):
     _interrupt(KeyboardInterrupt())
 
 

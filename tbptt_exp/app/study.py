@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -25,8 +26,8 @@ from optuna.trial import TrialState
 from tbptt_exp.app.console import Stopped, say
 from tbptt_exp.app.provenance import environment_tags
 from tbptt_exp.app.run import KILLED, Ending, TrackedRun, ending_of, make_tracker
-from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.search_space import StudySettings, make_pruner, make_sampler, search_space
+from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.stores import default_storage_url, mask_credentials
 from tbptt_exp.app.study_report import COST_FIGURES, EPOCHS_ATTR, RUN_ATTR, log_study_summary
 from tbptt_exp.app.sweep import SweepLink, job_error, section

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
@@ -49,7 +50,7 @@ class SweepLink:
         return [f"++hydra.job.env_set.{k}={v}" for k, v in env.items()]
 
     @classmethod
-    def from_env_set(cls, env_set: Mapping[str, Any]) -> "SweepLink":
+    def from_env_set(cls, env_set: Mapping[str, Any]) -> SweepLink:
         trial = env_set.get(TRIAL_ENV)
         return cls(
             parent_run_id=env_set.get(PARENT_RUN_ENV) or None,
@@ -94,8 +95,8 @@ def job_error(job) -> BaseException | None:
         return None
     with contextlib.redirect_stderr(io.StringIO()):
         try:
-            job.return_value
-        except BaseException as error:  # noqa: BLE001 - every way a job ends is an answer here
+            _ = job.return_value  # raises what the job raised
+        except BaseException as error:  # every way a job ends is an answer here
             return error
     return None
 

@@ -16,10 +16,11 @@ import dataclasses
 import functools
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any
 
 from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS, OBJECTIVES
 
@@ -198,13 +199,13 @@ class CharsDataConfig:
     """Character-level language modelling on real text (default: embedded stdlib sources)."""
 
     name: str = "chars"
-    path: Optional[str] = None  # a text file or folder; None = the embedded corpus
+    path: str | None = None  # a text file or folder; None = the embedded corpus
     cut: Cut = Cut.fixed  # fixed: sequences of sequence_length; documents: one file each
     sequence_length: int = field(default=200, metadata=POSITIVE)  # timesteps per sequence when cut=fixed
     # cut=documents: longer documents are cut (state resets at a cut)
-    max_sequence_length: Optional[int] = field(default=None, metadata=POSITIVE)
+    max_sequence_length: int | None = field(default=None, metadata=POSITIVE)
     # a cap on the number of sequences, training and validation each
-    max_sequences: Optional[int] = field(default=None, metadata=POSITIVE)
+    max_sequences: int | None = field(default=None, metadata=POSITIVE)
     max_chars: int = field(default=400_000, metadata=POSITIVE)  # cap on the characters read
     max_vocab: int = field(default=200, metadata=POSITIVE)  # most frequent characters kept; the rest: one unknown id
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
@@ -276,7 +277,7 @@ class SeriesDataConfig:
         return self.sequence_length
 
 
-def _existing(path: Optional[str], setting: str, what: str) -> None:
+def _existing(path: str | None, setting: str, what: str) -> None:
     if path is not None and not Path(path).expanduser().exists():
         raise ConfigError(setting, path, f"there is no such file or folder; use the path of {what}")
 
@@ -289,10 +290,10 @@ class ArraysDataConfig:
     embedded example (ragged sequences of 4 features, a label per step)."""
 
     name: str = "arrays"
-    path: Optional[str] = None  # a .npz, or a folder holding x.npy, y.npy and optionally lengths.npy
-    val_path: Optional[str] = None  # validation in the same format; None: the last val_fraction of sequences
+    path: str | None = None  # a .npz, or a folder holding x.npy, y.npy and optionally lengths.npy
+    val_path: str | None = None  # validation in the same format; None: the last val_fraction of sequences
     task: DataTask = DataTask.auto
-    num_classes: Optional[int] = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_classes: int | None = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)  # float features and regression targets, by training steps
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
@@ -313,15 +314,15 @@ class TableDataConfig:
     embedded example (sequences of 4 features, one label per sequence, on its last row)."""
 
     name: str = "table"
-    path: Optional[str] = None  # a .csv, .parquet or .pq file
-    val_path: Optional[str] = None  # validation in the same format; None: the last val_fraction of sequences
-    sequence_column: Optional[str] = None  # the rows of one sequence share it; None: one long sequence
-    time_column: Optional[str] = None  # the order within a sequence (not a feature); None: file order
+    path: str | None = None  # a .csv, .parquet or .pq file
+    val_path: str | None = None  # validation in the same format; None: the last val_fraction of sequences
+    sequence_column: str | None = None  # the rows of one sequence share it; None: one long sequence
+    time_column: str | None = None  # the order within a sequence (not a feature); None: file order
     target_column: Any = None  # a column name, or a list of them (several target values per step)
-    feature_columns: Optional[list[str]] = None  # None: every other numeric column
+    feature_columns: list[str] | None = None  # None: every other numeric column
     target_level: TargetLevel = TargetLevel.step  # sequence: each sequence's last row holds its target
     task: DataTask = DataTask.auto
-    num_classes: Optional[int] = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_classes: int | None = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
@@ -390,10 +391,10 @@ class ModelConfig:
     cell: Cell = Cell.lstm
     # Your own model: "module.path:function" or "path/to/file.py:function", called with the
     # harness's arguments and ``params``; it returns an uncompiled keras.Model.
-    factory: Optional[str] = field(default=None, metadata=rule(
+    factory: str | None = field(default=None, metadata=rule(
         lambda v: isinstance(v, str) and all(part.strip() for part in v.rpartition(":")[::2]) and ":" in v,
         "use module.path:function or path/to/file.py:function"))
-    params: Dict[str, Any] = field(default_factory=dict)  # the factory's own keyword arguments
+    params: dict[str, Any] = field(default_factory=dict)  # the factory's own keyword arguments
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
@@ -458,10 +459,10 @@ class TrainerConfig:
     epochs: int = field(default=3, metadata=POSITIVE)
     optimizer: Optimizer = Optimizer.adam
     learning_rate: float = field(default=0.003, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number"))
-    clipnorm: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    clipnorm: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
                                                                   "use a positive number or null"))
     steps_per_execution: int = field(default=1, metadata=POSITIVE)
-    jit_compile: Optional[bool] = None  # None = Keras's "auto" (XLA on GPU where it can)
+    jit_compile: bool | None = None  # None = Keras's "auto" (XLA on GPU where it can)
     shuffle: bool = True  # new sequence order each epoch; streams always stay continuous
     # Keras mixed precision: mixed_* compute in 16 bits, keep weights, LSTM state, output
     # layer and loss in float32; mixed_float16 scales the loss so gradients do not underflow.
@@ -477,11 +478,11 @@ class TrainerConfig:
                                                              "use a whole number of steps, or 0 (off)"))
     # Stop training once this much training time is spent (validation not counted), at a
     # chunk boundary, then validate: batch sizes compared at equal wall time.
-    max_time_s: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    max_time_s: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
                                                                     "use a positive number of seconds, or null"))
     # Stop at the first validation whose val_loss is at or below this; the run logs the
     # training time and real tokens it took (one that never gets there says so).
-    target_val_loss: Optional[float] = field(default=None, metadata=rule(_number, "use a number, or null"))
+    target_val_loss: float | None = field(default=None, metadata=rule(_number, "use a number, or null"))
 
     def __post_init__(self) -> None:
         check_fields(self, "trainer.")
@@ -495,21 +496,21 @@ class TrainerConfig:
     def warnings(self) -> list[str]:
         """Settings that work but usually train badly, a line each."""
         if self.lr_scaling == LrScaling.linear and self.optimizer != Optimizer.sgd:
-            return [f"trainer.lr_scaling=linear with trainer.optimizer={self.optimizer}: linear scaling is the rule "
+            return [(f"trainer.lr_scaling=linear with trainer.optimizer={self.optimizer}: linear scaling is the rule "
                     "for SGD; adaptive optimizers follow the square root (trainer.lr_scaling=sqrt), and a large "
-                    "batch at a linearly scaled rate can diverge"]
+                    "batch at a linearly scaled rate can diverge")]
         return []
 
 
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
     experiment: str = field(default="tbptt-exp", metadata=rule(bool, "use a non-empty name"))
-    run_name: Optional[str] = None
+    run_name: str | None = None
     # CPU, memory, disk, network (and GPU with nvidia-ml-py) sampled by MLflow's own system
     # metrics monitor every this many seconds during a training run; null: off.
-    system_metrics_interval_s: Optional[float] = field(
+    system_metrics_interval_s: float | None = field(
         default=5.0, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number of seconds, or null (off)"))
 
     def __post_init__(self) -> None:
@@ -522,14 +523,14 @@ class DeviceConfig:
 
     preset: str = "auto"
     # cap the GPU, e.g. 4096 to emulate a 4 GB card
-    memory_limit_mb: Optional[int] = field(default=None, metadata=POSITIVE)
+    memory_limit_mb: int | None = field(default=None, metadata=POSITIVE)
     memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
     # peak memory above this makes a run infeasible
-    memory_budget_mb: Optional[float] = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    memory_budget_mb: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
                                                                           "use a positive number of MiB or null"))
     # Each worker process claims this many of the host's GPUs for itself (a slot of its own,
     # set as CUDA_VISIBLE_DEVICES before TensorFlow starts); null: every visible GPU.
-    gpus_per_job: Optional[int] = field(default=None, metadata=POSITIVE)
+    gpus_per_job: int | None = field(default=None, metadata=POSITIVE)
 
     def __post_init__(self) -> None:
         check_fields(self, "device.")
@@ -551,7 +552,7 @@ class BatchFinderConfig:
     probe_seconds: float = field(default=3.0, metadata=SECONDS)  # steady-state seconds a probe trains
     probe_timeout_s: float = field(default=300.0, metadata=SECONDS)  # a probe that takes longer counts as too big
     cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
-    cache_dir: Optional[str] = None  # None: mlruns/batch_cache
+    cache_dir: str | None = None  # None: mlruns/batch_cache
     # The useful batch needs the gradient noise scale, which grows as the loss falls: it is
     # measured by a short training at the recommended size after the probes, for this many
     # seconds of training, in their second half (0: no warm-up and no useful batch, unless
@@ -560,7 +561,7 @@ class BatchFinderConfig:
                                                               "use a number of seconds, or 0 (no warm-up)"))
     # ... or taken from a longer training run of yours: its MLflow run id (its last
     # optim/gradient_noise_scale, converted by tokens when its k differs).
-    noise_from: Optional[str] = field(default=None, metadata=rule(
+    noise_from: str | None = field(default=None, metadata=rule(
         lambda v: isinstance(v, str) and v.strip() != "", "use an MLflow run id, or null"))
 
     def __post_init__(self) -> None:
@@ -579,12 +580,12 @@ class NightlyConfig:
     # the whole matrix runs this often, round after round, so drift hits every entry alike
     rounds: int = field(default=5, metadata=rule(lambda v: _whole(v) and v >= 2,
                                                  "use 2 or more: a verdict needs the spread of repeated samples"))
-    baseline: Optional[str] = None  # a pinned nightly_results.json; None: the last good night on this device
+    baseline: str | None = None  # a pinned nightly_results.json; None: the last good night on this device
     accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
     advance: bool = False  # a good night rewrites the baseline file, which then holds the last good night
     history_runs: int = field(default=7, metadata=POSITIVE)  # previous nights drawn in the trend plots
     # the figures judged, and the relative change beyond which each regresses
-    thresholds: Dict[str, float] = field(default_factory=lambda: dict(NIGHTLY_THRESHOLDS))
+    thresholds: dict[str, float] = field(default_factory=lambda: dict(NIGHTLY_THRESHOLDS))
     # The interval already carries the noise; a threshold may also widen to this many robust
     # sigmas of the samples' spread (0: never), to at most max_widening times itself.
     noise_sigmas: float = field(default=0.0, metadata=rule(lambda v: _number(v) and v >= 0,

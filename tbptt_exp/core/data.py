@@ -188,7 +188,7 @@ def cut_text(documents: list[str], cfg: CharsDataConfig, side: str) -> list[str]
     return pieces
 
 
-def chars(cfg: CharsDataConfig, seed: int) -> Dataset:  # noqa: ARG001 - the split is by position, not random
+def chars(cfg: CharsDataConfig, seed: int) -> Dataset:
     """Character-level language modelling: predict character t+1 from characters ≤ t.
 
     Validation is the last ``val_fraction`` of the text, cut the same way as training.

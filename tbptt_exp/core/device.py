@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from filelock import FileLock, Timeout
 
@@ -110,7 +110,7 @@ def visible_gpus() -> list[str]:
     except Exception:  # no NVML library or no driver
         pass
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["nvidia-smi", "-L"], check=False, capture_output=True, text=True, timeout=10)
         return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
     except (OSError, subprocess.TimeoutExpired):
         return []

@@ -27,8 +27,8 @@ import hashlib
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tbptt_exp.core.config import ConfigError
 

@@ -44,8 +44,8 @@ Reset policies (when a row's state is zeroed; every row starts the epoch from ze
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -26,6 +26,7 @@ registry without loading it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import platform
 import resource
@@ -393,7 +394,7 @@ def throughput(timing: EpochTiming, real_per_batch: np.ndarray, total_per_batch:
 
     marks = timing.marks if len(timing.marks) > 1 else [(timing.start, 0), *timing.marks]
     real_rates, all_rates = [], []
-    for (t0, b0), (t1, b1) in zip(marks, marks[1:]):
+    for (t0, b0), (t1, b1) in itertools.pairwise(marks):
         dt = t1 - t0
         if dt > 0:
             real_rates.append((done(b1) - done(b0)) / dt)

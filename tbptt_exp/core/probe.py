@@ -40,9 +40,9 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ConfigError, EngineConfig, EngineName, ExperimentConfig, from_dict

@@ -10,5 +10,5 @@ from tbptt_exp.core.device import load_tensorflow, prepare_tensorflow
 prepare_tensorflow()
 load_tensorflow(find_devices=False)
 
-import tbptt_exp.core.engines  # noqa: E402, F401  (the engines, Keras's layers with them)
-import tbptt_exp.core.probe  # noqa: E402, F401  (the code every probe runs)
+import tbptt_exp.core.engines
+import tbptt_exp.core.probe  # noqa: F401  (the code every probe runs)

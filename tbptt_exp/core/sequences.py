@@ -43,7 +43,7 @@ class Sequences:
     def fail(self, what: str) -> ConfigError:
         return ConfigError(self.setting, self.source, what)
 
-    def select(self, idx) -> "Sequences":
+    def select(self, idx) -> Sequences:
         idx = list(idx)
         rows = None if self.rows is None else [self.rows[i] for i in idx]
         return replace(self, inputs=[self.inputs[i] for i in idx], targets=[self.targets[i] for i in idx], rows=rows)
@@ -100,7 +100,7 @@ def read_arrays(path: str, setting: str = "data.path", arrays: dict | None = Non
     for N sequences of T steps; ``lengths``: steps per sequence (for (N, T, F), at most T
     each); ``y``: one target per step or one per sequence, told apart by its count."""
     arrays = arrays if arrays is not None else read_npz(path, setting)
-    fail = lambda what: ConfigError(setting, path, what)  # noqa: E731
+    fail = lambda what: ConfigError(setting, path, what)
     x, y = _numeric(arrays["x"], "x", fail), _numeric(arrays["y"], "y", fail)
     if x.size == 0:
         raise fail("its 'x' array is empty")
@@ -149,7 +149,7 @@ class Columns:
     level: TargetLevel = TargetLevel.step
 
     @classmethod
-    def of(cls, cfg: TableDataConfig) -> "Columns":
+    def of(cls, cfg: TableDataConfig) -> Columns:
         return cls(cfg.target_columns, cfg.sequence_column, cfg.time_column, cfg.feature_columns, cfg.target_level)
 
 

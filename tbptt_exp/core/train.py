@@ -11,8 +11,8 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 import psutil
 
@@ -34,17 +34,17 @@ class EpochMetrics:
     val_loss: float
     tokens_per_s: float  # real tokens per second: median of steady-state windows
     padded_tokens_per_s: float  # all timesteps computed per second (real + padding), median
-    tokens_per_s_spread: Optional[float]  # interquartile range of the windows' real-token rates
-    peak_memory_mb: Optional[float]  # allocator peak on the training device since the run started; None: unknown
+    tokens_per_s_spread: float | None  # interquartile range of the windows' real-token rates
+    peak_memory_mb: float | None  # allocator peak on the training device since the run started; None: unknown
     peak_rss_mb: float  # process resident-set high-water mark since the run started
     epoch_time_s: float  # wall time of the epoch's training (layout and validation excluded)
     first_execution_s: float  # the first execution, timed on its own
     validation_time_s: float  # wall time of the epoch's validation pass
-    val_bits_per_char: Optional[float] = None  # text
-    val_accuracy: Optional[float] = None  # classification
-    val_rmse: Optional[float] = None  # regression, in the targets' units
-    val_mae: Optional[float] = None  # regression, in the targets' units
-    gradient_noise_scale: Optional[float] = None  # streams, the run's average so far; None: not measured
+    val_bits_per_char: float | None = None  # text
+    val_accuracy: float | None = None  # classification
+    val_rmse: float | None = None  # regression, in the targets' units
+    val_mae: float | None = None  # regression, in the targets' units
+    gradient_noise_scale: float | None = None  # streams, the run's average so far; None: not measured
     tokens_trained: int = 0  # real tokens of the batches this epoch trained (fewer where max_time_s cut it)
     steps: int = 0  # optimizer steps (batches) this epoch trained
 
@@ -81,7 +81,7 @@ class RunResult:
     dropped_sequences: int
     dummy_rows: int
     n_batches: int
-    vocab_size: Optional[int]  # token ids in: the embedding's size; None: float features
+    vocab_size: int | None  # token ids in: the embedding's size; None: float features
     num_params: int
     device: dict[str, str] = field(default_factory=dict)
     jit_compile: bool = False
@@ -89,16 +89,16 @@ class RunResult:
     step_name: str = "tokens"  # what a step is called: tokens of text and token ids, else timesteps
     # What a model that learned nothing scores on the same validation steps (``data.baselines``).
     baseline: str = ""  # which naive guess: majority class, training mean, previous step
-    baseline_accuracy: Optional[float] = None
-    baseline_rmse: Optional[float] = None
-    baseline_mae: Optional[float] = None
+    baseline_accuracy: float | None = None
+    baseline_rmse: float | None = None
+    baseline_mae: float | None = None
     batch_size: int = 0
     learning_rate: float = 0.0  # as trained: trainer.learning_rate scaled to the batch size (lr_scaling)
     training_time_s: float = 0.0  # every epoch's training wall time
     tokens_trained: int = 0  # real tokens trained, every epoch
-    target_val_loss: Optional[float] = None  # trainer.target_val_loss
-    time_to_target_s: Optional[float] = None  # training time to the first validation at or below it; None: not reached
-    tokens_to_target: Optional[int] = None
+    target_val_loss: float | None = None  # trainer.target_val_loss
+    time_to_target_s: float | None = None  # training time to the first validation at or below it; None: not reached
+    tokens_to_target: int | None = None
     stopped: str = ""  # why training ended before trainer.epochs: "max_time_s" or "target_val_loss"
 
     @property
@@ -122,13 +122,13 @@ class RunResult:
         return [
             f"{final.validation_text}  train_loss {FIGURES['train_loss'].show(final.train_loss)}",
             *([self.baseline_text] if self.baseline else []),
-            f"real {self.step_name}/s {rate_text(final.tokens_per_s, final.tokens_per_s_spread)} (all timesteps incl. padding "
+            (f"real {self.step_name}/s {rate_text(final.tokens_per_s, final.tokens_per_s_spread)} (all timesteps incl. padding "
             f"{FIGURES['padded_tokens_per_s'].show(final.padded_tokens_per_s)}/s), first execution (tracing+compile) "
-            f"{FIGURES['compile_time_s'].show(self.compile_time_s, unit=True)}",
-            f"peak memory {PEAK_MEMORY.show(final.peak_memory_mb, unit=True)} on {self.device.get('device')} "
-            f"(TensorFlow allocator, this run), process RSS {FIGURES['peak_rss_mb'].show(final.peak_rss_mb, unit=True)}",
-            f"padding waste {FIGURES['padding_waste'].show(self.padding_waste)} ({self.dummy_rows} dummy rows, "
-            f"{self.dropped_sequences} sequences dropped, {self.n_batches} batches/epoch)",
+            f"{FIGURES['compile_time_s'].show(self.compile_time_s, unit=True)}"),
+            (f"peak memory {PEAK_MEMORY.show(final.peak_memory_mb, unit=True)} on {self.device.get('device')} "
+            f"(TensorFlow allocator, this run), process RSS {FIGURES['peak_rss_mb'].show(final.peak_rss_mb, unit=True)}"),
+            (f"padding waste {FIGURES['padding_waste'].show(self.padding_waste)} ({self.dummy_rows} dummy rows, "
+            f"{self.dropped_sequences} sequences dropped, {self.n_batches} batches/epoch)"),
             *([self.target_text] if self.target_val_loss is not None else []),
             *([self.noise_text] if final.gradient_noise_scale is not None else []),
         ]
