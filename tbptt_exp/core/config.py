@@ -166,23 +166,25 @@ BOOL = rule(lambda v: isinstance(v, bool), "use true or false")
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def field_hints(cls: type) -> dict[str, Any]:
+    """A settings class's field types, resolved (its annotations are strings here)."""
     return typing.get_type_hints(cls)
 
 
-def _enum_of(hint: Any) -> type[Enum] | None:
+def enum_of(hint: Any) -> type[Enum] | None:
+    """The enum a field takes its choices from (``Padding``, or ``Padding | None``), if any."""
     return next((t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and issubclass(t, Enum)), None)
 
 
 def check_fields(obj: Any, prefix: str) -> None:
     """Each field of the dataclass ``obj`` against its type's choices (an enum: the value
     becomes its member) and its metadata rule; None passes where the field is Optional."""
-    hints = _hints(type(obj))
+    hints = field_hints(type(obj))
     for f in dataclasses.fields(obj):
         value, setting, hint = getattr(obj, f.name), prefix + f.name, hints[f.name]
         if value is None and type(None) in typing.get_args(hint):
             continue
-        choices = _enum_of(hint)
+        choices = enum_of(hint)
         if choices is not None:
             if value not in list(choices):
                 raise ConfigError(setting, value, f"use one of {', '.join(choices)}")
@@ -732,7 +734,7 @@ def from_dict(values: dict, kind: type = ExperimentConfig, prefix: str = "") -> 
     every class checks itself as it is built."""
     if not isinstance(values, dict):
         raise ConfigError(prefix.rstrip(".") or "config", values, "use a mapping of settings")
-    hints = _hints(kind)
+    hints = field_hints(kind)
     unknown = [key for key in values if key not in hints]
     if unknown:
         raise ConfigError(prefix + unknown[0], values[unknown[0]], f"use one of {', '.join(hints)}")
