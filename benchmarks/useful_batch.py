@@ -21,7 +21,7 @@ from tbptt_exp.core.config import BatchFinderConfig, DeviceConfig, ExperimentCon
 
 
 def check(k: int, budget_mb: float, seconds: float, extra: list[int], say=print) -> tuple[dict, list[str]]:
-    from tbptt_exp.app.batch_finder import find_max_batch
+    from tbptt_exp.app.batch.finder import find_max_batch
     from tbptt_exp.core.train import train
 
     cfg = ExperimentConfig(k=k, device=DeviceConfig(memory_budget_mb=budget_mb),

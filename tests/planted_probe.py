@@ -9,7 +9,7 @@ production code carries no fault hooks.
 import functools
 import time
 
-from tbptt_exp.core import probe
+from tbptt_exp.core.probes import probe
 
 
 def planted(spec: str):

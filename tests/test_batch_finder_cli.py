@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from planted_probe import planted
 
-from tbptt_exp.app.batch_finder import GOODPUT_TIE, ProbeError, find_max_batch, max_probes
+from tbptt_exp.app.batch.finder import GOODPUT_TIE, ProbeError, find_max_batch, max_probes
 from tbptt_exp.app.jobs import EXIT_PROBE_ERROR, JobContext, max_batch_job
 from tbptt_exp.core.config import (
     BatchFinderConfig,
@@ -170,7 +170,7 @@ def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
 
 
 def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monkeypatch, capsys):
-    from tbptt_exp.app import batch_finder
+    from tbptt_exp.app.batch import finder as batch_finder
 
     monkeypatch.setattr(batch_finder, "PROBE_ENTRY", planted("error:16"))
     with pytest.raises(SystemExit) as stopped:

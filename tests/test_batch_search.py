@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import pytest
 
-from tbptt_exp.app.batch_finder import Probe, ProbeError, max_probes, search
+from tbptt_exp.app.batch.finder import Probe, ProbeError, max_probes, search
 from tbptt_exp.core.config import BatchFinderConfig, ConfigError
-from tbptt_exp.core.probe import classify_error
+from tbptt_exp.core.probes.probe import classify_error
 
 CFG = BatchFinderConfig(granularity=8, min_batch_size=8, max_batch_size=4096)
 
@@ -143,7 +143,7 @@ def test_non_monotone_memory_still_gives_a_verified_answer_and_says_so():
 
 
 def test_a_probe_line_gives_its_phases_and_an_answer_what_it_took():
-    from tbptt_exp.app.batch_finder import Frontier
+    from tbptt_exp.app.batch.finder import Frontier
 
     probe = Probe(64, "ok", peak_memory_mb=40.0, seconds=5.5,
                   phases={"start": 0.1, "build": 0.6, "compile": 1.2, "training": 3.2, "validation": 0.4})

@@ -7,8 +7,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tbptt_exp.app.hydra_app import to_experiment
-from tbptt_exp.app.preflight import GROUPS, group_options, preflight
-from tbptt_exp.app.stores import mask_credentials
+from tbptt_exp.app.preflight.combinations import GROUPS, group_options
+from tbptt_exp.app.preflight.preflight import preflight
+from tbptt_exp.app.tracking.stores import mask_credentials
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, ModelConfig, flatten, seed_model
 from tbptt_exp.paths import conf_dir
 

@@ -18,7 +18,7 @@ import pytest
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ArraysDataConfig, DeviceConfig, ExperimentConfig, ModelConfig, to_dict
 from tbptt_exp.core.engines import per_token_loss
-from tbptt_exp.core.probe import launch, run_probe
+from tbptt_exp.core.probes.probe import launch, run_probe
 
 RNG = np.random.default_rng(11)
 SMALL = ModelConfig(units=32)

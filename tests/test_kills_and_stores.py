@@ -23,11 +23,11 @@ from test_cli import TINY, cli, runs
 from test_optuna_cli import postgres_available, start_mlflow_server
 
 from tbptt_exp.app import signals
-from tbptt_exp.app.liveness import STALE_AFTER_S, Holder, dead_reason, this_process
-from tbptt_exp.app.run import Tracker
-from tbptt_exp.app.stores import mask_credentials, take_secrets
-from tbptt_exp.app.study import sampler_seed
-from tbptt_exp.app.trials import TrialLocks, fail_orphaned_trials, study_lock
+from tbptt_exp.app.study.study import sampler_seed
+from tbptt_exp.app.study.trials import TrialLocks, fail_orphaned_trials, study_lock
+from tbptt_exp.app.tracking.liveness import STALE_AFTER_S, Holder, dead_reason, this_process
+from tbptt_exp.app.tracking.run import Tracker
+from tbptt_exp.app.tracking.stores import mask_credentials, take_secrets
 from tbptt_exp.core.config import ConfigError, TrackingConfig
 
 
@@ -58,7 +58,7 @@ def test_kill_9_leaves_a_running_run_that_the_next_start_closes(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = textwrap.dedent(f"""
         import os, signal
-        from tbptt_exp.app.run import Tracker
+        from tbptt_exp.app.tracking.run import Tracker
         from tbptt_exp.core.config import TrackingConfig
         with Tracker(TrackingConfig(uri={uri!r})).run("doomed") as run:
             print(run.run_id, flush=True)
@@ -83,7 +83,7 @@ def trial_lock_worker(storage_url: str, study: str) -> subprocess.Popen:
     """A worker that asks for a trial, holds its lock and waits to be killed."""
     script = textwrap.dedent(f"""
         import sys, time, optuna
-        from tbptt_exp.app.trials import TrialLocks, make_storage, study_lock
+        from tbptt_exp.app.study.trials import TrialLocks, make_storage, study_lock
         storage = make_storage({storage_url!r})
         study = optuna.load_study(study_name={study!r}, storage=storage)
         locks = TrialLocks(storage, {study!r})
@@ -176,7 +176,7 @@ def test_a_password_with_raw_special_characters_is_refused_masked_with_how_to_en
 
 
 def test_a_password_in_the_environments_tracking_uri_moves_to_mlflows_password_variable():
-    from tbptt_exp.app.preflight import take_environment_secrets
+    from tbptt_exp.app.preflight.passwords import take_environment_secrets
 
     environ = {"MLFLOW_TRACKING_URI": "http://alice:S3cret@mlflow.example:5000"}
     take_environment_secrets(environ)
@@ -447,7 +447,7 @@ def test_a_refusal_caused_by_an_interrupt_is_reported_as_the_interrupt(interrupt
 
 
 def test_any_error_after_an_interrupt_ends_the_run_killed(interrupt_handlers):
-    from tbptt_exp.app.run import KILLED, ending_of
+    from tbptt_exp.app.tracking.run import KILLED, ending_of
 
     assert ending_of(AttributeError("x")).status != KILLED
     swallowed_sigterm()
@@ -518,8 +518,8 @@ def test_a_killed_joblib_worker_ends_the_sweep_in_one_line(tmp_path):
 def test_a_store_url_names_its_sqlite_file_one_way_everywhere(tmp_path):
     """One reading of ``sqlite:///PATH`` for every store check, lock and artifact folder:
     one database reached by two spellings of its path is still one database."""
-    from tbptt_exp.app.run import artifact_location
-    from tbptt_exp.app.stores import same_database, sqlite_path
+    from tbptt_exp.app.tracking.run import artifact_location
+    from tbptt_exp.app.tracking.stores import same_database, sqlite_path
 
     assert sqlite_path(f"sqlite:///{tmp_path}/a.db") == tmp_path / "a.db"
     assert sqlite_path("postgresql+psycopg://host/db") is None and sqlite_path("sqlite://a.db") is None
@@ -559,7 +559,7 @@ def test_mlflow_and_optuna_never_share_a_database_and_the_store_still_works(tmp_
 
 
 def test_a_locked_sqlite_store_is_told_apart_from_a_damaged_one_and_names_its_holder(tmp_path):
-    from tbptt_exp.app.stores import check_tracking_uri
+    from tbptt_exp.app.tracking.stores import check_tracking_uri
 
     path = tmp_path / "mlflow.db"
     db = sqlite3.connect(path)
@@ -625,7 +625,7 @@ def test_a_web_server_that_is_not_mlflow_is_one_line_before_tensorflow_loads(tmp
     ("admin", "right", None),
 ])
 def test_a_tracking_server_is_checked_with_the_credentials_the_client_will_send(monkeypatch, user, password, says):
-    from tbptt_exp.app.stores import check_tracking_uri
+    from tbptt_exp.app.tracking.stores import check_tracking_uri
 
     for variable, value in (("MLFLOW_TRACKING_USERNAME", user), ("MLFLOW_TRACKING_PASSWORD", password)):
         monkeypatch.delenv(variable, raising=False)
@@ -669,7 +669,7 @@ def test_a_disk_that_fills_while_the_store_is_made_leaves_nothing_half_made(tmp_
 
     from mlflow import MlflowClient
 
-    from tbptt_exp.app.stores import create_store
+    from tbptt_exp.app.tracking.stores import create_store
 
     store = tmp_path / "mlflow.db"
     out = cli([f"tracking.uri=sqlite:///{store}", "trainer.epochs=1"], cwd=tmp_path, timeout=120,
@@ -687,8 +687,8 @@ FIRST_START = """
 import sys, time
 url, storage, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 import optuna
-from tbptt_exp.app.preflight import create_store
-from tbptt_exp.app.run import Tracker
+from tbptt_exp.app.tracking.stores import create_store
+from tbptt_exp.app.tracking.run import Tracker
 from tbptt_exp.core.config import TrackingConfig
 time.sleep(max(at - time.time(), 0))  # all at once, imports done
 create_store(storage, "hydra.sweeper.storage", "optuna")
@@ -740,7 +740,7 @@ def test_a_read_only_store_is_one_line():
     so the check runs as user nobody)."""
     import tempfile
 
-    from tbptt_exp.app.stores import check_tracking_uri
+    from tbptt_exp.app.tracking.stores import check_tracking_uri
 
     shared = Path(tempfile.mkdtemp(prefix="tbptt-read-only-"))
     shared.chmod(0o777)
@@ -770,7 +770,7 @@ def test_a_store_that_fails_mid_run_keeps_every_figure_in_the_job_folder(tmp_pat
 
     from mlflow import MlflowClient
 
-    from tbptt_exp.app.run import StoreFailed
+    from tbptt_exp.app.tracking.run import StoreFailed
 
     db = tmp_path / "mlflow.db"
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{db}", experiment="full-disk"))
@@ -834,8 +834,8 @@ def test_no_interrupt_leaves_a_trial_running(tmp_path, interrupt_handlers, monke
     wherever the interrupt lands (a real SIGINT to this process, from inside the study's calls)."""
     from omegaconf import OmegaConf
 
-    from tbptt_exp.app.search_space import StudySettings
-    from tbptt_exp.app.study import run_study
+    from tbptt_exp.app.study.search_space import StudySettings
+    from tbptt_exp.app.study.study import run_study
 
     def interrupting(method):
         sent = []
@@ -951,7 +951,7 @@ def test_a_store_write_in_another_thread_neither_defers_nor_swallows_a_ctrl_c(in
 def test_a_disk_full_at_the_first_write_is_one_line_that_says_nothing_was_measured(tmp_path):
     import resource
 
-    from tbptt_exp.app.run import StoreFailed
+    from tbptt_exp.app.tracking.run import StoreFailed
 
     db = tmp_path / "mlflow.db"
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{db}", experiment="full-at-once"))

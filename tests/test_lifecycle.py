@@ -9,9 +9,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tbptt_exp.app.run import FAILED, FINISHED, KILLED, Tracker, ending_of
 from tbptt_exp.app.signals import Terminated
-from tbptt_exp.app.sweep import JobResult, SweepLink
+from tbptt_exp.app.sweep.sweep import JobResult, SweepLink
+from tbptt_exp.app.tracking.run import FAILED, FINISHED, KILLED, Tracker, ending_of
 from tbptt_exp.core.config import TrackingConfig
 
 
@@ -120,7 +120,7 @@ def test_each_experiment_gets_the_answer_view_once_and_opens_in_the_training_vie
     import json
     import zlib
 
-    from tbptt_exp.app.ui import VIEW_TAG
+    from tbptt_exp.app.tracking.ui import VIEW_TAG
 
     experiment = tracker.client.get_experiment(tracker.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI view

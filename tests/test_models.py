@@ -151,7 +151,7 @@ def test_a_model_the_harness_cannot_train_is_refused_in_one_line(name, says):
 
 
 def test_the_cache_tells_factories_and_their_arguments_apart(tmp_path):
-    from tbptt_exp.app.batch_finder import fingerprint
+    from tbptt_exp.app.batch.finder import fingerprint
 
     device = {"device": "CPU:0", "device_name": "CPU", "device_memory_mb": "1"}
 

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from tbptt_exp.app.nightly import EXIT_REGRESSED, compare, entry_name, night_verdict
-from tbptt_exp.app.nightly_baseline import BaselineError, baseline_from_file, last_good, samples_of
+from tbptt_exp.app.nightly.baseline import BaselineError, baseline_from_file, last_good, samples_of
+from tbptt_exp.app.nightly.nightly import EXIT_REGRESSED, compare, entry_name, night_verdict
 from tbptt_exp.core.config import NightlyConfig
 
 
@@ -80,8 +80,8 @@ def entries_of(tokens_per_s: list[float], fingerprint="CPU | 1 MB | TensorFlow 2
 
 
 def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
-    from tbptt_exp.app.nightly_report import report
-    from tbptt_exp.app.run import _NoRun
+    from tbptt_exp.app.nightly.report import report
+    from tbptt_exp.app.tracking.run import _NoRun
 
     pinned = tmp_path / "baseline.json"
     cfg = NightlyConfig(record=True, baseline=str(pinned), accept=True)
@@ -106,8 +106,8 @@ def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):
 
 
 def test_an_entry_that_failed_is_a_gap_even_on_a_first_night(tmp_path):
-    from tbptt_exp.app.nightly_report import report
-    from tbptt_exp.app.run import _NoRun
+    from tbptt_exp.app.nightly.report import report
+    from tbptt_exp.app.tracking.run import _NoRun
 
     pinned = tmp_path / "baseline.json"
     cfg = NightlyConfig(record=True, baseline=str(pinned), advance=True)  # written by the first good night

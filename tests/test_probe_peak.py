@@ -81,7 +81,7 @@ def test_a_probes_shortcuts_keep_its_peak(case):
 def test_a_probe_over_the_budget_stops_at_its_first_sync_and_one_that_fits_trains_its_time():
     """Through the fork server, as the finder runs them, with the finder's data handed over."""
     from tbptt_exp.core.config import DeviceConfig, to_dict
-    from tbptt_exp.core.probe import PHASES, launch
+    from tbptt_exp.core.probes.probe import PHASES, launch
 
     cfg = replace(BASE, trainer=TrainerConfig(epochs=1))
     dataset = prepare(cfg)

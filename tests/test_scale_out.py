@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from test_cli import TINY, cli, free_port, runs
 from test_kills_and_stores import postgres_url
 
-from tbptt_exp.app.preflight import check_gpus
+from tbptt_exp.app.preflight.gpus import check_gpus
 from tbptt_exp.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -75,6 +75,62 @@ def test_the_core_imports_neither_hydra_nor_mlflow_nor_the_app():
         assert not bad, f"{path.name} imports {bad}"
 
 
+# The rooms, lowest first: a module imports only from its own room and the rooms below it,
+# so the core knows nothing of the app, tracking nothing of sweeps, and only the wiring
+# at the top (the job, Hydra's app, the CLI) knows every room.
+LAYERS = (
+    ("tbptt_exp.core", "tbptt_exp.paths"),
+    ("tbptt_exp.app.signals", "tbptt_exp.app.console", "tbptt_exp.app.tables", "tbptt_exp.app.settings_reference"),
+    ("tbptt_exp.app.tracking",),
+    ("tbptt_exp.app.batch", "tbptt_exp.app.nightly"),
+    ("tbptt_exp.app.sweep",),
+    ("tbptt_exp.app.study",),
+    ("tbptt_exp.app.preflight",),
+    ("hydra_plugins",),
+    ("tbptt_exp.app.jobs", "tbptt_exp.app.hydra_app", "tbptt_exp.app.cli", "tbptt_exp.__main__"),
+)
+PACKAGE_DOORS = ("tbptt_exp", "tbptt_exp.app")  # docstring-only __init__ files, in no room
+
+
+def room(module: str) -> tuple[int, str] | None:
+    """(layer, room) of a module: the longest room name it sits in."""
+    found = [(len(name), layer, name) for layer, names in enumerate(LAYERS) for name in names
+             if module == name or module.startswith(name + ".")]
+    return max(found)[1:] if found else None
+
+
+def test_every_module_imports_only_its_own_room_and_the_rooms_below():
+    graph = import_graph()
+    homeless = sorted(m for m in graph if m not in PACKAGE_DOORS and room(m) is None)
+    assert homeless == [], "a module in no room: give it one in LAYERS"
+    upward = sorted(f"{m} -> {d}" for m, deps in graph.items() if m not in PACKAGE_DOORS
+                    for d in deps if d not in PACKAGE_DOORS and room(d)[0] > room(m)[0])
+    assert upward == []
+    sideways = sorted(f"{m} -> {d}" for m, deps in graph.items() if m not in PACKAGE_DOORS
+                      for d in deps if d not in PACKAGE_DOORS and room(d)[0] == room(m)[0] and room(d)[1] != room(m)[1]
+                      and room(m)[0] < len(LAYERS) - 1)  # only the wiring joins rooms of one layer
+    assert sideways == []
+    assert room("tbptt_exp.app.batch.finder") == (3, "tbptt_exp.app.batch") and graph["tbptt_exp.app.sweep.summary"]
+
+
+def test_the_layering_test_sees_an_upward_import():
+    assert room("tbptt_exp.app.tracking.run")[0] < room("tbptt_exp.app.study.study")[0]
+    assert room("tbptt_exp.core.train")[0] < room("tbptt_exp.app.signals")[0]
+    assert room("tbptt_exp.elsewhere") is None
+
+
+def test_no_package_folder_holds_more_than_thirteen_modules_and_every_one_is_installed():
+    import tomllib
+
+    folders = {p.parent for package in PACKAGES for p in (ROOT / package).rglob("*.py")}
+    crowded = {str(f.relative_to(ROOT)): n for f in folders if (n := len([*f.glob("*.py")]) - (f / "__init__.py").exists()) > 13}
+    assert crowded == {}
+    installed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {module_name(f / "__init__.py") for f in folders if (f / "__init__.py").exists()}
+    assert packages - installed == set(), "a package pyproject.toml's [tool.setuptools] packages does not list"
+    assert len(packages) >= 9
+
+
 def test_importing_any_module_has_no_side_effects_on_hydra():
     """Nothing registers with Hydra (or masks logs) merely by being imported."""
     code = (
@@ -91,7 +147,7 @@ def test_importing_any_module_has_no_side_effects_on_hydra():
 
 def modules_loaded(request: dict) -> dict:
     """A probe entry: the probe's answer and every module its process holds."""
-    from tbptt_exp.core.probe import answer
+    from tbptt_exp.core.probes.probe import answer
 
     return answer(request) | {"modules": sorted(sys.modules)}
 
@@ -100,7 +156,7 @@ def test_a_probe_process_imports_neither_mlflow_nor_hydra():
     """A real probe (train, evaluate, measure) on a tiny model, forked as the finder forks
     them, with its loaded modules listed (its fork server's included)."""
     from tbptt_exp.core.config import ExperimentConfig, KeyRecallDataConfig, ModelConfig, to_dict
-    from tbptt_exp.core.probe import launch
+    from tbptt_exp.core.probes.probe import launch
 
     config = to_dict(ExperimentConfig(k=5, batch_size=8, data=KeyRecallDataConfig(num_sequences=32),
                                       model=ModelConfig(units=8, embedding_dim=4)))
@@ -133,8 +189,9 @@ def test_one_run_composes_validates_and_checks_its_data_once(tmp_path):
         "from hydra._internal.config_loader_impl import ConfigLoaderImpl\n"
         "count(ConfigLoaderImpl, 'load_configuration', 'hydra loads')\n"
         "count(hydra, 'compose', 'compose api')\n"
-        "import tbptt_exp.app.preflight as preflight\n"
-        "count(preflight, 'compose', 'compose api')\n"
+        "import importlib\n"
+        "for checks in ('preflight', 'combinations', 'search_space'):  # every preflight module that composes\n"
+        "    count(importlib.import_module(f'tbptt_exp.app.preflight.{checks}'), 'compose', 'compose api')\n"
         "import tbptt_exp.core.config as config\n"
         "count(config.ExperimentConfig, '__post_init__', 'validated')\n"
         "import tbptt_exp.core.train as train\n"
@@ -204,12 +261,12 @@ PRIVATE_REACHES = {
         "Hydra ships its basic launcher only here; no public flag says a launcher runs jobs one by one",
     ("hydra_plugins/tbptt_exp_plugins/tracked_sweeper.py", "hydra._internal.core_plugins.basic_sweeper"):
         "Hydra ships its basic (grid) sweeper only here; extending it keeps Hydra's own grid expansion",
-    ("tbptt_exp/app/stores.py", "mlflow.store.db.utils._all_tables_exist"):
+    ("tbptt_exp/app/tracking/stores.py", "mlflow.store.db.utils._all_tables_exist"):
         "what MLflow's SqlAlchemyStore runs on a new database; no public call makes a store at another path",
-    ("tbptt_exp/app/stores.py", "mlflow.store.db.utils._initialize_tables"):
+    ("tbptt_exp/app/tracking/stores.py", "mlflow.store.db.utils._initialize_tables"):
         "the same: MLflow's schema on a database it is not yet connected to",
-    ("tbptt_exp/app/stores.py", "parts._replace"): "public: a named tuple's documented method (urllib's SplitResult)",
-    ("tbptt_exp/core/probe.py", "os._exit"): "public: the documented exit without clean-up, for a forked probe",
+    ("tbptt_exp/app/tracking/stores.py", "parts._replace"): "public: a named tuple's documented method (urllib's SplitResult)",
+    ("tbptt_exp/core/probes/probe.py", "os._exit"): "public: the documented exit without clean-up, for a forked probe",
 }
 
 

@@ -4,7 +4,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from tbptt_exp.app.search_space import distribution, make_pruner, make_sampler, search_space
+from tbptt_exp.app.study.search_space import distribution, make_pruner, make_sampler, search_space
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,12 @@ import io
 
 import pytest
 
-from tbptt_exp.app import sweep_summary
 from tbptt_exp.app.console import Progress, verbose_requested
 from tbptt_exp.app.jobs import run_params
-from tbptt_exp.app.sweep import JobResult
-from tbptt_exp.app.sweep_summary import results_table
-from tbptt_exp.app.ui import run_url, ui_base
+from tbptt_exp.app.sweep import summary as sweep_summary
+from tbptt_exp.app.sweep.summary import results_table
+from tbptt_exp.app.sweep.sweep import JobResult
+from tbptt_exp.app.tracking.ui import run_url, ui_base
 from tbptt_exp.core.config import ExperimentConfig, NightlyConfig
 from tbptt_exp.core.measure import FIGURES, mlflow_names
 from tbptt_exp.core.train import EpochMetrics, RunResult
@@ -123,7 +123,7 @@ def test_verbose_is_read_from_the_command_line_before_anything_loads():
 
 
 def test_the_frontier_tells_precisions_apart():
-    from tbptt_exp.app.frontier import line_label, table
+    from tbptt_exp.app.batch.frontier import line_label, table
 
     rows = [{"k": 25, "precision": p, "unroll": "auto", "job": str(i), "max_batch_size": b}
             for i, (p, b) in enumerate((("float32", 256), ("mixed_bfloat16", 384)))]
@@ -133,7 +133,7 @@ def test_the_frontier_tells_precisions_apart():
 
 
 def test_a_frontier_parent_states_the_answer_per_k_and_flags_a_ceiling():
-    from tbptt_exp.app.frontier import note
+    from tbptt_exp.app.batch.frontier import note
 
     rows = [{"k": 25, "max_batch_size": 48, "recommended_batch_size": 40, "peak_memory_mb": 42.25,
              "tokens_per_s": 23456.0, "tokens_per_s_spread": 100.0, "probes": 6, "budget_mb": 50.0,

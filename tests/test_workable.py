@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from tbptt_exp.app.batch_finder import Frontier, NoiseScale, Probe, useful_batch
+from tbptt_exp.app.batch.finder import Frontier, NoiseScale, Probe, useful_batch
 from tbptt_exp.core.config import ConfigError, ExperimentConfig, KeyRecallDataConfig, ModelConfig, TrainerConfig
 from tbptt_exp.core.noise import goodput
 
@@ -72,7 +72,7 @@ def test_a_target_reached_stops_the_run_and_one_never_reached_is_said_not_failed
 
 
 def test_the_warm_up_measures_the_noise_scale_after_real_training():
-    from tbptt_exp.core.probe import warm_up
+    from tbptt_exp.core.probes.probe import warm_up
     from tbptt_exp.core.train import prepare
 
     found = warm_up(replace(QUICK, trainer=TrainerConfig(reference_batch_size=16)), 2.0, prepare(QUICK))

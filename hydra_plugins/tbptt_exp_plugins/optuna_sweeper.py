@@ -1,8 +1,8 @@
 """Hydra adapter for tbptt-exp's Optuna 5 sweeper (``hydra/sweeper=optuna``).
 
 Hydra only instantiates sweepers from the ``hydra_plugins`` package, hence this module's
-home; the study itself is run by ``tbptt_exp.app.study.run_study``, its settings are
-``tbptt_exp.app.search_space.StudySettings``.
+home; the study itself is run by ``tbptt_exp.app.study.study.run_study``, its settings are
+``tbptt_exp.app.study.search_space.StudySettings``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-from tbptt_exp.app.search_space import StudySettings
+from tbptt_exp.app.study.search_space import StudySettings
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=StudySettings, provider="tbptt_exp")
 
@@ -37,7 +37,7 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from tbptt_exp.app.study import run_study  # the study's storage and tracking load when a study runs
+        from tbptt_exp.app.study.study import run_study  # the study's storage and tracking load when a study runs
 
         if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
             print("tbptt-exp: hydra-optuna-sweeper is installed too and also registers hydra/sweeper=optuna; "

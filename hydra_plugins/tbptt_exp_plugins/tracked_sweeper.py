@@ -2,7 +2,7 @@
 
 It takes the place of Hydra's basic sweeper (``hydra/sweeper=basic``, the default): the
 same sweeper with the same settings, whose jobs run under one MLflow parent run and hand
-their results to ``tbptt_exp.app.sweep_summary.tracked_sweep``. It is stored under Hydra's name
+their results to ``tbptt_exp.app.sweep.summary.tracked_sweep``. It is stored under Hydra's name
 rather than selected by an ``override`` in conf/config.yaml because a primary config's
 override would win over the sweep presets' ``override /hydra/sweeper: optuna``; and it is
 stored by ``store_config()`` after Hydra's plugin scan, since that scan re-executes
@@ -24,8 +24,8 @@ from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
-from tbptt_exp.app.sweep import KeepFailures
-from tbptt_exp.app.sweep_summary import tracked_sweep
+from tbptt_exp.app.sweep.summary import tracked_sweep
+from tbptt_exp.app.sweep.sweep import KeepFailures
 
 
 @dataclass

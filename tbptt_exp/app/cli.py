@@ -20,8 +20,9 @@ from tbptt_exp.app import signals
 from tbptt_exp.app.console import Stopped, error, quiet_libraries, verbose_requested
 from tbptt_exp.app.hydra_app import main as hydra_main
 from tbptt_exp.app.hydra_app import register_configs
-from tbptt_exp.app.preflight import composition_error, take_command_line_secrets, take_environment_secrets
-from tbptt_exp.app.run import StoreFailed
+from tbptt_exp.app.preflight.hydra_errors import composition_error
+from tbptt_exp.app.preflight.passwords import take_command_line_secrets, take_environment_secrets
+from tbptt_exp.app.tracking.run import StoreFailed
 from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.device import prepare_tensorflow
 from tbptt_exp.core.measure import Diverged

@@ -20,12 +20,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tbptt_exp.app import preflight, signals
+from tbptt_exp.app import signals
 from tbptt_exp.app.console import error, quiet_libraries
-from tbptt_exp.app.preflight import to_experiment
-from tbptt_exp.app.run import StoreFailed
-from tbptt_exp.app.stores import mask_credentials_in_logs
-from tbptt_exp.app.sweep import JobContext, SweepLink
+from tbptt_exp.app.preflight import preflight
+from tbptt_exp.app.preflight.did_you_mean import to_experiment
+from tbptt_exp.app.sweep.sweep import JobContext, SweepLink
+from tbptt_exp.app.tracking.run import StoreFailed
+from tbptt_exp.app.tracking.stores import mask_credentials_in_logs
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
 from tbptt_exp.core.measure import Diverged
 from tbptt_exp.paths import conf_dir

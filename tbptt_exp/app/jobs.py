@@ -14,8 +14,9 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tbptt_exp.app import frontier, signals
-from tbptt_exp.app.batch_finder import (
+from tbptt_exp.app import signals
+from tbptt_exp.app.batch import frontier
+from tbptt_exp.app.batch.finder import (
     Frontier,
     NoiseScale,
     Probe,
@@ -25,18 +26,18 @@ from tbptt_exp.app.batch_finder import (
     max_probes,
 )
 from tbptt_exp.app.console import TrainingConsole, error, say
-from tbptt_exp.app.provenance import environment_tags
-from tbptt_exp.app.run import StoreFailed, TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.signals import deferred
-from tbptt_exp.app.stores import default_storage_url, sqlite_path
-from tbptt_exp.app.study import job_trial
-from tbptt_exp.app.sweep import JobContext, JobResult
-from tbptt_exp.app.trials import fail_orphans_in_storage
+from tbptt_exp.app.study.study import job_trial
+from tbptt_exp.app.study.trials import fail_orphans_in_storage
+from tbptt_exp.app.sweep.sweep import JobContext, JobResult
+from tbptt_exp.app.tracking.provenance import environment_tags
+from tbptt_exp.app.tracking.run import StoreFailed, TrackedRun, Tracker, make_tracker
+from tbptt_exp.app.tracking.stores import default_storage_url, sqlite_path
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ConfigError, ExperimentConfig, Task, objective_names, settings_read, to_dict
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
 from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, Diverged, over_budget_mb
-from tbptt_exp.core.probe import classify_error
+from tbptt_exp.core.probes.probe import classify_error
 from tbptt_exp.core.train import RunResult, build, model_size, prepare, train
 
 EXIT_PROBE_ERROR = 3
@@ -165,7 +166,7 @@ def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
 
 
 def nightly_entry(result: RunResult, ctx: JobContext) -> dict:
-    from tbptt_exp.app import nightly  # its statistics (SciPy) load for a nightly only
+    from tbptt_exp.app.nightly import nightly  # its statistics (SciPy) load for a nightly only
 
     return nightly.entry(result, ctx.overrides)
 

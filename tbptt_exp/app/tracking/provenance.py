@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tbptt_exp.app.stores import mask_credentials
+from tbptt_exp.app.tracking.stores import mask_credentials
 from tbptt_exp.paths import REPO_DIR, in_clone
 
 

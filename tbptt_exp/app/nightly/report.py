@@ -11,9 +11,17 @@ from pathlib import Path
 
 from tbptt_exp.app import tables
 from tbptt_exp.app.console import error, say
-from tbptt_exp.app.nightly import EXIT_REGRESSED, GOOD_NIGHTS, RED, Comparison, compare, group_samples, night_verdict
-from tbptt_exp.app.nightly_baseline import RESULTS_FILE, BaselineError, choose_baseline, samples_of
-from tbptt_exp.app.provenance import git_commit
+from tbptt_exp.app.nightly.baseline import RESULTS_FILE, BaselineError, choose_baseline, samples_of
+from tbptt_exp.app.nightly.nightly import (
+    EXIT_REGRESSED,
+    GOOD_NIGHTS,
+    RED,
+    Comparison,
+    compare,
+    group_samples,
+    night_verdict,
+)
+from tbptt_exp.app.tracking.provenance import git_commit
 from tbptt_exp.core.config import NightlyConfig
 from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS
 

@@ -11,4 +11,4 @@ prepare_tensorflow()
 load_tensorflow(find_devices=False)
 
 import tbptt_exp.core.engines
-import tbptt_exp.core.probe  # noqa: F401  (the code every probe runs)
+import tbptt_exp.core.probes.probe  # noqa: F401  (the code every probe runs)

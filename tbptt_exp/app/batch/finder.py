@@ -1,6 +1,6 @@
 """The largest and the useful batch size for a model and chunk length k, verified by probes.
 
-Each probe runs in a fresh process (``tbptt_exp.core.probe``) with a time-out, because
+Each probe runs in a fresh process (``tbptt_exp.core.probes.probe``) with a time-out, because
 TensorFlow does not give device memory back after running out of it. A probe is a real
 training run of the user's config at one batch size, shortened to a few seconds of steady
 state plus the validation pass, so the peak it measures is the peak a real run reaches.
@@ -49,7 +49,7 @@ from tbptt_exp.core.measure import (
     rate_text,
 )
 from tbptt_exp.core.noise import goodput
-from tbptt_exp.core.probe import PHASES, answer, launch
+from tbptt_exp.core.probes.probe import PHASES, answer, launch
 from tbptt_exp.paths import default_store_dir
 
 PROBE_ENTRY = answer  # what a probe process runs

@@ -7,7 +7,7 @@ import json
 import time
 import zlib
 
-from tbptt_exp.app.stores import mask_credentials
+from tbptt_exp.app.tracking.stores import mask_credentials
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
 # MLflow 3's UI opens an experiment in its GenAI view ("Evaluations", runs typed "Eval") unless

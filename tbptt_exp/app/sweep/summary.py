@@ -19,11 +19,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
 
-from tbptt_exp.app import frontier, tables
+from tbptt_exp.app import tables
+from tbptt_exp.app.batch import frontier
 from tbptt_exp.app.console import error, say
-from tbptt_exp.app.provenance import environment_tags
-from tbptt_exp.app.run import make_tracker
-from tbptt_exp.app.sweep import JobResult, SweepLink, section
+from tbptt_exp.app.sweep.sweep import JobResult, SweepLink, section
+from tbptt_exp.app.tracking.provenance import environment_tags
+from tbptt_exp.app.tracking.run import make_tracker
 from tbptt_exp.core.config import DeviceConfig, NightlyConfig, TrackingConfig, objective_names
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, REAL_TOKENS, SWEEP_TABLE
 
@@ -240,7 +241,7 @@ def report(returns: list, swept: dict[str, str], objective: str, sweep_dir: Path
     entries = [result.nightly_entry for result in done if result.nightly_entry is not None]
     if nightly.record:
         # The nightly's statistics (SciPy) load for a nightly only; a failed entry is a gap.
-        from tbptt_exp.app import nightly_report
+        from tbptt_exp.app.nightly import report as nightly_report
 
         failures = [label(list(r.overrides), swept) for r, result in zip(returns, results) if result is None]
         return nightly_report.report(entries, sweep_dir, nightly, tracker, parent, list(dict.fromkeys(failures)))

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 from sqlalchemy import text
 
 from tbptt_exp.app.signals import deferred
-from tbptt_exp.app.stores import sqlite_path
+from tbptt_exp.app.tracking.stores import sqlite_path
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # toward n_trials; failed ones are retried
 

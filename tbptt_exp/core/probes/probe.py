@@ -3,7 +3,7 @@ process of its own.
 
 TensorFlow keeps GPU memory after an out-of-memory error until its process exits, so
 every probe gets a process of its own. ``launch`` forks it from a server (multiprocessing's
-``forkserver``) that imported TensorFlow once and touched no device (``probe_server``):
+``forkserver``) that imported TensorFlow once and touched no device (``probes.server``):
 the probe starts in a fraction of a second, not the ~5 s a fresh interpreter takes to
 import TensorFlow, and still initialises its device itself. The finder hands over the data
 it already loaded and checked, so a probe does not read the corpus again.
@@ -243,13 +243,13 @@ _server: multiprocessing.context.BaseContext | None = None
 
 
 def probe_processes() -> multiprocessing.context.BaseContext:
-    """Where probes start: the fork server with TensorFlow imported (``probe_server``); a fresh
+    """Where probes start: the fork server with TensorFlow imported (``probes.server``); a fresh
     interpreter per probe on a platform without one."""
     global _server
     if _server is None:
         if "forkserver" in multiprocessing.get_all_start_methods():
             _server = multiprocessing.get_context("forkserver")
-            _server.set_forkserver_preload(["tbptt_exp.core.probe_server"])
+            _server.set_forkserver_preload(["tbptt_exp.core.probes.server"])
         else:
             _server = multiprocessing.get_context("spawn")
     return _server
@@ -289,7 +289,7 @@ def launch(request: dict, timeout_s: float, entry: Callable[[dict], dict] = answ
 
 
 def main() -> None:
-    """``python -m tbptt_exp.core.probe < request.json``: one probe in this process, by hand."""
+    """``python -m tbptt_exp.core.probes.probe < request.json``: one probe in this process, by hand."""
     print(MARKER + json.dumps(answer(json.loads(sys.stdin.read()))), flush=True)
     os._exit(0)  # as a forked probe ends: a training thread stopped over the budget goes with it
 

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from tbptt_exp.app.nightly import GOOD_NIGHTS
+from tbptt_exp.app.nightly.nightly import GOOD_NIGHTS
 
 RESULTS_FILE = "nightly_results.json"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tbptt_exp.app import tables
-from tbptt_exp.app.batch_finder import Frontier
+from tbptt_exp.app.batch.finder import Frontier
 from tbptt_exp.app.console import say
 from tbptt_exp.core.measure import GOODPUT, PEAK_MEMORY, REAL_TOKENS, REAL_TOKENS_SPREAD
 

@@ -1,0 +1,1 @@
+"""The batch finder: the largest workable batch per k, and the frontier across k."""

@@ -1,0 +1,1 @@
+"""The nightly benchmark: entries, the baseline and the regression report."""

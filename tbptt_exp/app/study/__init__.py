@@ -1,0 +1,1 @@
+"""Optuna studies: the search space, trials over a shared storage, the study's report."""

@@ -1,0 +1,1 @@
+"""Hydra sweeps: the link from a job to its parent run, and the sweep's summary."""
