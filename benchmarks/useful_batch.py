@@ -46,11 +46,11 @@ def check(k: int, budget_mb: float, seconds: float, extra: list[int], say=print)
          "probe tokens/s | probe goodput | noise scale at the end |"),
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    probes = {p["batch_size"]: p for p in frontier.probe_log}
+    probes = {p.batch_size: p for p in frontier.probe_log}
     for size, result in trained.items():
         steps = sum(e.steps for e in result.epochs)
-        probe = probes.get(size, {})
-        rate, good = probe.get("tokens_per_s"), probe.get("goodput")
+        probe = probes.get(size)
+        rate, good = (probe.tokens_per_s, probe.goodput) if probe else (None, None)
         noise = result.final.gradient_noise_scale
         lines.append(f"| {size} | {sizes[size]} | {result.learning_rate:.4g} | {result.final.val_loss:.4f} | "
                      f"{steps:,} | {result.tokens_trained:,} | {'' if rate is None else f'{rate:,.0f}'} | "

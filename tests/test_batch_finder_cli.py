@@ -166,7 +166,7 @@ def test_keras_fit_probes_train_with_its_own_layout(tmp_path):
     """The classic recipe's engine: probes use its dummy-row layout and callback resets."""
     frontier = find_max_batch(replace(small(25, tmp_path, max_batch_size=48), engine=EngineConfig("keras_fit")))
     assert 8 <= frontier.max_batch_size <= 48 and frontier.probes <= max_probes(BatchFinderConfig(max_batch_size=48))
-    assert {p["outcome"] for p in frontier.probe_log} <= {"ok", "budget"}
+    assert {p.outcome for p in frontier.probe_log} <= {"ok", "budget"}
 
 
 def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monkeypatch, capsys):
@@ -190,13 +190,13 @@ def test_a_planted_non_memory_error_stops_the_search_and_is_shown(tmp_path, monk
 def test_a_hanging_probe_is_timed_out_and_counts_as_too_big(tmp_path):
     cfg = small(10, tmp_path, max_batch_size=40, probe_timeout_s=45)
     frontier = find_max_batch(cfg, probe_entry=planted("hang:32"))
-    assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[32] == "timeout"
+    assert {p.batch_size: p.outcome for p in frontier.probe_log}[32] == "timeout"
     assert frontier.max_batch_size == 24
 
 
 def test_a_planted_out_of_memory_is_classified_as_too_big(tmp_path):
     frontier = find_max_batch(small(10, tmp_path, max_batch_size=64), probe_entry=planted("oom:40"))
-    assert {p["batch_size"]: p["outcome"] for p in frontier.probe_log}[40] == "oom"
+    assert {p.batch_size: p.outcome for p in frontier.probe_log}[40] == "oom"
     assert frontier.max_batch_size == 32
     with pytest.raises(ProbeError, match="planted failure"):
         find_max_batch(small(10, tmp_path, cache=False), probe_entry=planted("error:8"))

@@ -80,6 +80,37 @@ def test_the_sweep_link_survives_the_trip_through_hydra_overrides():
     assert JobResult(values=[1.0, 2.0]).objective == [1.0, 2.0] and JobResult(values=[0.5]).objective == 0.5
 
 
+def test_a_launcher_tells_its_events_of_each_start_and_failure_and_keeps_the_failed_job():
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from tbptt_exp.app.sweep.sweep import KeepFailures
+
+    class Launcher:
+        def launch(self, job_overrides, initial_job_idx):
+            returns = []
+            for overrides in job_overrides:
+                ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=JobResult([1.0]))
+                if overrides == ["k=25"]:
+                    ret.status, ret._return_value = JobStatus.FAILED, ValueError("boom")
+                returns.append(ret)
+            return returns
+
+    class Events:
+        def __init__(self):
+            self.said = []
+
+        def started(self, index, total, overrides):
+            self.said.append(("started", index, total, overrides))
+
+        def failed(self, overrides, error):
+            self.said.append(("failed", overrides, str(error)))
+
+    events = Events()
+    returns = KeepFailures(Launcher(), events, total=lambda: 4, sequential=True).launch([["k=10"], ["k=25"]], initial_job_idx=2)
+    assert events.said == [("started", 2, 4, ["k=10"]), ("started", 3, 4, ["k=25"]), ("failed", ["k=25"], "boom")]
+    assert [r.status for r in returns] == [JobStatus.COMPLETED] * 2 and returns[1].return_value is None
+
+
 def test_a_grid_sweep_in_process_tracks_a_parent_and_its_children(tmp_path, monkeypatch, capfd):
     from hydra.core.global_hydra import GlobalHydra
     from mlflow import MlflowClient

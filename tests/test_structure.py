@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,42 @@ def test_each_figure_is_written_where_it_is_registered_measured_and_carried_only
     where = {figure: sorted(m for m, names in modules.items() if figure in names) for figure in sorted(figures)}
     assert where["tokens_per_s"]  # the search is real
     assert {figure: ms for figure, ms in where.items() if len(ms) > 3} == {}
+
+
+def mlflow_metric_literals(tree: ast.AST) -> set[str]:
+    """The MLflow metric names (or their prefixes: ``best/``, ``frontier/``...) a module writes
+    as string constants, docstrings aside."""
+    from tbptt_exp.app.tracking import metrics
+    from tbptt_exp.core.measure import FIGURES, PROBE_SECTION
+
+    names = {f.mlflow for f in FIGURES.values()} | {f.probe_metric for f in FIGURES.values()}
+    names |= {v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)}
+    prefixes = {PROBE_SECTION, metrics.best(""), metrics.frontier(""), metrics.trials(""), metrics.by_value("", "")[:3]}
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and ast.get_docstring(node, clean=False) is not None}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            found |= {n for n in names if re.search(rf"(?<![\w/]){re.escape(n)}(?![\w/])", node.value)}
+            found |= {p for p in prefixes if node.value == p or node.value.startswith(p)}
+    return found
+
+
+def test_mlflow_metric_names_are_written_in_two_modules_only():
+    """A run's figures are named in ``core.measure``'s registry, what the app logs besides them
+    in ``app.tracking.metrics``; every other module (the logging, the UI's saved views, run
+    descriptions) takes the names from there, so a renamed metric cannot leave a view behind."""
+    written = {module_name(p): found for p in package_files() if (found := mlflow_metric_literals(ast.parse(p.read_text())))}
+    assert "memory/allocator_peak_mb" in written["tbptt_exp.core.measure"]  # the search is real
+    assert set(written) == {"tbptt_exp.core.measure", "tbptt_exp.app.tracking.metrics"}, written
+
+
+def test_the_metric_literal_finder_sees_names_in_prose_keys_and_prefixes():
+    planted = ast.parse('"""Docs may say `loss/val`."""\nx = {"loss/val": 1, f"best/{n}": 2}\n'
+                        'y = "the `speed/real_tokens_per_s` chart"\nz = "loss/value"\n')
+    assert mlflow_metric_literals(planted) == {"loss/val", "best/", "speed/real_tokens_per_s"}
+    assert mlflow_metric_literals(ast.parse('z = "loss/value, xloss/val"')) == set()
 
 
 def package_files() -> list[Path]:

@@ -122,10 +122,19 @@ def test_verbose_is_read_from_the_command_line_before_anything_loads():
     assert not verbose_requested(["verbose=true", "verbose=false"])
 
 
+def frontier_row(**given):
+    """A frontier row with what a test sets apart, the rest as an answer with nothing measured."""
+    from tbptt_exp.app.batch.frontier import FrontierRow
+
+    unset = {"max_batch_size": 0, "recommended_batch_size": 0, "peak_memory_mb": None, "tokens_per_s": None,
+             "tokens_per_s_spread": None, "probes": 0, "budget_mb": None}
+    return FrontierRow(**unset | given)
+
+
 def test_the_frontier_tells_precisions_apart():
     from tbptt_exp.app.batch.frontier import line_label, table
 
-    rows = [{"k": 25, "precision": p, "unroll": "auto", "job": str(i), "max_batch_size": b}
+    rows = [frontier_row(k=25, precision=p, unroll="auto", job=str(i), max_batch_size=b)
             for i, (p, b) in enumerate((("float32", 256), ("mixed_bfloat16", 384)))]
     assert [line_label(r, rows) for r in rows] == ["k=25 precision=float32", "k=25 precision=mixed_bfloat16"]
     assert "| 25 | mixed_bfloat16 | auto | 384 |" in table(rows)
@@ -135,13 +144,13 @@ def test_the_frontier_tells_precisions_apart():
 def test_a_frontier_parent_states_the_answer_per_k_and_flags_a_ceiling():
     from tbptt_exp.app.batch.frontier import note
 
-    rows = [{"k": 25, "max_batch_size": 48, "recommended_batch_size": 40, "peak_memory_mb": 42.25,
-             "tokens_per_s": 23456.0, "tokens_per_s_spread": 100.0, "probes": 6, "budget_mb": 50.0,
-             "max_is_ceiling": False, "job": "1", "useful_batch_size": 24, "critical_batch_size": 41,
-             "noise_measured": "after 20 s of training at batch 40", "goodput": 20000.0},
-            {"k": 10, "max_batch_size": 224, "recommended_batch_size": 200, "peak_memory_mb": 30.0,
-             "tokens_per_s": 51000.0, "tokens_per_s_spread": None, "probes": 4, "budget_mb": 50.0,
-             "max_is_ceiling": True, "job": "0"}]
+    rows = [frontier_row(k=25, max_batch_size=48, recommended_batch_size=40, peak_memory_mb=42.25,
+                         tokens_per_s=23456.0, tokens_per_s_spread=100.0, probes=6, budget_mb=50.0,
+                         max_is_ceiling=False, job="1", useful_batch_size=24, critical_batch_size=41,
+                         noise_measured="after 20 s of training at batch 40", goodput=20000.0),
+            frontier_row(k=10, max_batch_size=224, recommended_batch_size=200, peak_memory_mb=30.0,
+                         tokens_per_s=51000.0, tokens_per_s_spread=None, probes=4, budget_mb=50.0,
+                         max_is_ceiling=True, job="0")]
     text = note(rows)
     assert text.startswith("**Largest and useful batch per k, within a budget of 50 MB:**")
     k10, k25 = [line for line in text.splitlines() if line.startswith("- k=")]
@@ -149,6 +158,17 @@ def test_a_frontier_parent_states_the_answer_per_k_and_flags_a_ceiling():
     assert "useful unknown (no gradient noise scale)" in k10
     assert k25 == ("- k=25: largest 48, recommended 40, useful 24 (goodput 20,000 tokens/s; critical batch ≈ 41 "
                    "streams, its noise scale after 20 s of training at batch 40), 23,456 tokens/s, 42.2 MB")
+
+
+def test_a_frontier_round_trips_through_its_cache_file_with_its_probes_typed():
+    import json
+
+    from tbptt_exp.app.batch.finder import Frontier, Probe
+
+    found = Frontier(25, 48, 40, 42.25, 23456.0, 100.0, probes=2, budget_mb=50.0,
+                     probe_log=[Probe(32, "ok", peak_memory_mb=30.0, phases={"training": 1.5}), Probe(64, "budget")])
+    again = Frontier.from_dict(json.loads(json.dumps(found.to_dict())))
+    assert again == found and isinstance(again.probe_log[1], Probe) and again.probe_log[1].fits is False
 
 
 def test_a_grid_parent_states_the_best_job_with_its_cost():

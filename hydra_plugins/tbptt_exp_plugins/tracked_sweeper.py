@@ -25,7 +25,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweepe
 from hydra.core.config_store import ConfigStore
 
 from tbptt_exp.app.sweep.summary import tracked_sweep
-from tbptt_exp.app.sweep.sweep import KeepFailures
+from tbptt_exp.app.sweep.sweep import JobEvents, KeepFailures
 
 
 @dataclass
@@ -55,14 +55,10 @@ class TrackedSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         basic_sweep = super().sweep
 
-        def launch(link, rounds: int, on_failure, on_start) -> list:
+        def launch(link, rounds: int, events: JobEvents) -> list:
             self.link_overrides, self.rounds = link.overrides(), rounds
-
-            def started(index: int, overrides: list[str]) -> None:
-                on_start(index, sum(len(batch) for batch in self.overrides) * rounds, overrides)
-
             # A failed job ends in the report, not the sweep.
-            self.launcher = KeepFailures(self.launcher, on_failure, started,
+            self.launcher = KeepFailures(self.launcher, events, total=lambda: sum(map(len, self.overrides)) * rounds,
                                          sequential=isinstance(self.launcher, BasicLauncher))
             return [ret for batch in basic_sweep(arguments) for ret in batch]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from typing import Any
 
 from tbptt_exp.app import signals
@@ -25,18 +26,33 @@ from tbptt_exp.app.batch.finder import (
     find_max_batch,
     max_probes,
 )
+from tbptt_exp.app.batch.frontier import FrontierRow
 from tbptt_exp.app.console import TrainingConsole, error, say
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.study.study import job_trial
 from tbptt_exp.app.study.trials import fail_orphans_in_storage
 from tbptt_exp.app.sweep.sweep import JobContext, JobResult
+from tbptt_exp.app.tracking import metrics
 from tbptt_exp.app.tracking.provenance import environment_tags
 from tbptt_exp.app.tracking.run import StoreFailed, TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.tracking.stores import default_storage_url, sqlite_path
 from tbptt_exp.core import measure
 from tbptt_exp.core.config import ConfigError, ExperimentConfig, Task, objective_names, settings_read, to_dict
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
-from tbptt_exp.core.measure import FIGURES, SWEEP_TABLE, Diverged, over_budget_mb
+from tbptt_exp.core.measure import (
+    CRITICAL_BATCH,
+    FIGURES,
+    GOODPUT,
+    MAX_BATCH,
+    PEAK_MEMORY,
+    PEAK_RSS,
+    REAL_TOKENS,
+    RECOMMENDED_BATCH,
+    SWEEP_TABLE,
+    USEFUL_BATCH,
+    Diverged,
+    over_budget_mb,
+)
 from tbptt_exp.core.probes.probe import classify_error
 from tbptt_exp.core.train import RunResult, build, model_size, prepare, train
 
@@ -190,9 +206,9 @@ def run_note(experiment: ExperimentConfig, dataset) -> str:
             f"({dataset.io.describe()}) with TBPTT: chunks of k={experiment.k}, "
             f"{experiment.batch_size} streams per batch, padding={experiment.padding}, reset={experiment.reset}, "
             f"engine={experiment.engine.name}, {trainer.precision}, {trainer.epochs} epochs. "
-            "`memory/allocator_peak_mb` is TensorFlow's "
+            f"`{PEAK_MEMORY.mlflow}` is TensorFlow's "
             "allocator peak on the training device (the tensors: what decides the largest batch); "
-            f"`memory/process_rss_peak_mb` is the whole process (runtime, libraries, data), far larger on a CPU.{steps}")
+            f"`{PEAK_RSS.mlflow}` is the whole process (runtime, libraries, data), far larger on a CPU.{steps}")
     return what + "\n\n" + "\n".join(f"- `{f.mlflow}`: {f.definition}" for f in FIGURES.values())
 
 
@@ -247,20 +263,20 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
             raise SystemExit(EXIT_PROBE_ERROR) from None
         if found.cached:  # answered from the cache: its probes, as if just run
             for probe in found.probe_log:
-                on_probe(Probe(**probe))
+                on_probe(probe)
         else:  # goodput is known once the noise scale is, after the probes
             for probe in found.probe_log:
-                run.log_metrics({measure.GOODPUT.probe_metric: probe["goodput"]}, step=probe["batch_size"])
+                run.log_metrics({GOODPUT.probe_metric: probe.goodput}, step=probe.batch_size)
         row = frontier_row(found, experiment, ctx)
         say(f"{found.answer()} ({found.cost()})")
         if not ctx.multirun:
             say("\n" + frontier.table([row]))
             say(f"written to {frontier.write_files([row], ctx.output_dir)[0]}")
         run.log_figures(found.figures())
-        run.set_tags({"probes": " ".join(f"B={p['batch_size']}:{p['outcome']}" for p in found.probe_log)[:5000],
+        run.set_tags({"probes": " ".join(f"B={p.batch_size}:{p.outcome}" for p in found.probe_log)[:5000],
                       "max_is_ceiling": str(found.max_is_ceiling).lower(),
                       "mlflow.note.content": f"**{found.answer()}**\n\n{search_note(experiment)}"})
-        run.log_dict(row, "batch_frontier.json")
+        run.log_dict(asdict(row), "batch_frontier.json")
     if not ctx.multirun:
         run.announce(say)
     return JobResult(values=[float(found.max_batch_size)], run_id=run.run_id, frontier_row=row)
@@ -316,22 +332,22 @@ def search_note(experiment: ExperimentConfig) -> str:
     return (f"The largest batch that trains k={experiment.k} chunks of {experiment.model.preset} with "
             f"{experiment.engine.name} ({experiment.trainer.precision}) within the device's memory{budget}. "
             "Each probe is a short real training run "
-            "in its own process, logged here with step = its batch size: `probe/allocator_peak_mb` (TensorFlow's "
-            "allocator peak; a probe stops once it passes the budget), `probe/real_tokens_per_s` (probes that fit), "
-            "`probe/fits` (1: fits, 0: too big), `probe/goodput_tokens_per_s` (tokens/s times the statistical "
+            f"in its own process, logged here with step = its batch size: `{PEAK_MEMORY.probe_metric}` (TensorFlow's "
+            f"allocator peak; a probe stops once it passes the budget), `{REAL_TOKENS.probe_metric}` (probes that fit), "
+            f"`{metrics.PROBE_FITS}` (1: fits, 0: too big), `{GOODPUT.probe_metric}` (tokens/s times the statistical "
             "efficiency the gradient noise scale gives). Their charts draw "
-            "every probe against the batch size; the single value beside a `probe/` name is the largest size "
-            "probed, not the answer, which is `batch/max`, `batch/recommended` and `batch/useful` (the size of "
-            "highest goodput; `batch/critical` is the noise scale). The `probes` tag lists each "
+            f"every probe against the batch size; the single value beside a `{measure.PROBE_SECTION}` "
+            "name is the largest size probed, not the answer, which is "
+            f"`{MAX_BATCH.mlflow}`, `{RECOMMENDED_BATCH.mlflow}` and `{USEFUL_BATCH.mlflow}` (the size of "
+            f"highest goodput; `{CRITICAL_BATCH.mlflow}` is the noise scale). The `probes` tag lists each "
             "size and its outcome.")
 
 
-def frontier_row(found: Frontier, experiment: ExperimentConfig, ctx: JobContext) -> dict:
+def frontier_row(found: Frontier, experiment: ExperimentConfig, ctx: JobContext) -> FrontierRow:
     """The search's answer as a row of the sweep's frontier table."""
-    return found.to_dict() | {"job": ctx.output_dir.name, "model": f"{experiment.model.preset} ({experiment.model.shape})",
-                              "precision": str(experiment.trainer.precision),
-                              "unroll": str(experiment.model.unroll).lower(),
-                              "headroom": experiment.batch_finder.headroom}
+    return FrontierRow.of(found, job=ctx.output_dir.name, model=f"{experiment.model.preset} ({experiment.model.shape})",
+                          precision=str(experiment.trainer.precision), unroll=str(experiment.model.unroll).lower(),
+                          headroom=experiment.batch_finder.headroom)
 
 
 def cleanup_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:

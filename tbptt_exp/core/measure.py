@@ -39,6 +39,7 @@ import numpy as np
 import psutil
 
 MB = 1024 * 1024
+PROBE_SECTION = "probe/"  # MLflow's section of a batch-size probe's metrics, logged at step = its batch size
 WINDOW_S = 0.5  # a throughput window closes at the first execution this long after the last
 
 
@@ -68,7 +69,7 @@ class Figure:
     @property
     def probe_metric(self) -> str:
         """MLflow's name for this figure of a batch-size probe (``probe/allocator_peak_mb``)."""
-        return "probe/" + self.mlflow.rsplit("/", 1)[-1]
+        return PROBE_SECTION + self.mlflow.rsplit("/", 1)[-1]
 
     @property
     def axis(self) -> str:
@@ -114,14 +115,37 @@ OVER_BUDGET = Figure(
     "peak_memory_over_budget_mb", "memory/over_budget_mb",
     "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
 
+VAL_ACCURACY = Figure(
+    "val_accuracy", "loss/val_accuracy",
+    "the share of weighted validation steps whose most likely class is the target (classification)",
+    fmt=".4f", higher_is_better=True, objective=True, sweep_table=True)
+PEAK_RSS = Figure(
+    "peak_rss_mb", "memory/process_rss_peak_mb",
+    "the process's resident-set high-water mark since the run started", fmt=",.0f", unit="MB")
+MAX_BATCH = Figure(
+    "max_batch_size", "batch/max",
+    "the largest batch size that fits, verified: the next size up was probed and is too big "
+    "(0: not even the smallest fits)", fmt="d", higher_is_better=True)
+RECOMMENDED_BATCH = Figure(
+    "recommended_batch_size", "batch/recommended",
+    "the largest probed batch size whose peak leaves batch_finder.headroom of the budget free",
+    fmt="d", higher_is_better=True)
+CRITICAL_BATCH = Figure(
+    "critical_batch_size", "batch/critical",
+    "the gradient noise scale, rounded: about the critical batch in streams, past which a larger batch "
+    "buys tokens/s but hardly fewer steps", fmt="d")
+USEFUL_BATCH = Figure(
+    "useful_batch_size", "batch/useful",
+    "the probed batch size of highest goodput, never above the largest that fits: the largest batch that "
+    "trains well (0: unknown, no noise scale)", fmt="d", higher_is_better=True)
+
 FIGURES: dict[str, Figure] = {f.name: f for f in (
     VAL_LOSS,
     Figure("train_loss", "loss/train", "the loss per weighted step of the epoch's training batches",
            fmt=".4f", objective=True, sweep_table=True),
     Figure("val_bits_per_char", "loss/val_bits_per_char", "the validation loss in bits per character (text)",
            fmt=".3f", unit="bits/char"),
-    Figure("val_accuracy", "loss/val_accuracy", "the share of weighted validation steps whose most likely class is "
-           "the target (classification)", fmt=".4f", higher_is_better=True, objective=True, sweep_table=True),
+    VAL_ACCURACY,
     Figure("val_rmse", "loss/val_rmse", "root mean squared error of the validation targets, in their own units "
            "(regression)", fmt=".4g", objective=True, sweep_table=True),
     Figure("val_mae", "loss/val_mae", "mean absolute error of the validation targets, in their own units "
@@ -137,8 +161,7 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            "all timesteps computed per second, real and padding (never below tokens_per_s)",
            fmt=",.0f", unit="tokens/s", higher_is_better=True, probe=True),
     PEAK_MEMORY,
-    Figure("peak_rss_mb", "memory/process_rss_peak_mb",
-           "the process's resident-set high-water mark since the run started", fmt=",.0f", unit="MB"),
+    PEAK_RSS,
     Figure("epoch_time_s", "speed/epoch_time_s", "the epoch's training wall time (layout and validation left out)",
            fmt=".1f", unit="s", objective=True, nightly_threshold=0.20),
     Figure("first_execution_s", "speed/first_execution_s", "the epoch's first execution, timed on its own",
@@ -162,15 +185,10 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
     Figure("tracking_overhead_s", "tracking/overhead_s", "seconds spent recording metrics to MLflow", fmt=".2f",
            unit="s"),
     OVER_BUDGET,
-    Figure("max_batch_size", "batch/max", "the largest batch size that fits, verified: the next size up was "
-           "probed and is too big (0: not even the smallest fits)", fmt="d", higher_is_better=True),
-    Figure("recommended_batch_size", "batch/recommended", "the largest probed batch size whose peak leaves "
-           "batch_finder.headroom of the budget free", fmt="d", higher_is_better=True),
-    Figure("critical_batch_size", "batch/critical", "the gradient noise scale, rounded: about the critical batch "
-           "in streams, past which a larger batch buys tokens/s but hardly fewer steps", fmt="d"),
-    Figure("useful_batch_size", "batch/useful", "the probed batch size of highest goodput, never above the largest "
-           "that fits: the largest batch that trains well (0: unknown, no noise scale)", fmt="d",
-           higher_is_better=True),
+    MAX_BATCH,
+    RECOMMENDED_BATCH,
+    CRITICAL_BATCH,
+    USEFUL_BATCH,
     GOODPUT,
     Figure("probes", "batch/probes", "the probe runs the search took", fmt="d"),
 )}

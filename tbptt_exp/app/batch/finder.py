@@ -29,11 +29,12 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from scipy.optimize import isotonic_regression
 
+from tbptt_exp.app.tracking import metrics
 from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
 from tbptt_exp.core.factories import factory_source
 from tbptt_exp.core.measure import (
@@ -99,7 +100,8 @@ class Probe:
     def metrics(self) -> dict[str, float | None]:
         """MLflow's metrics of the probe (``probe/...``), logged with step = its batch size."""
         figures = {f.probe_metric: getattr(self, f.name) for f in PROBE_FIGURES}
-        return figures | {GOODPUT.probe_metric: self.goodput, "probe/fits": float(self.fits), "probe/seconds": self.seconds}
+        return figures | {GOODPUT.probe_metric: self.goodput, metrics.PROBE_FITS: float(self.fits),
+                           metrics.PROBE_SECONDS: self.seconds}
 
     def describe(self, k: int, budget_mb: float | None = None) -> str:
         """``k=25 batch_size=56: over the budget of 50 MB at a peak of 56.2 MB [2.1 s, start 0.1, ...]``:
@@ -159,7 +161,7 @@ class Frontier:
     noise_tokens_per_s: float | None = None  # the warm-up's tokens/s there: one more goodput candidate
     reference_batch_size: int = 32  # statistical efficiency 1 here (trainer.reference_batch_size)
     goodput: float | None = None  # at useful_batch_size
-    probe_log: list[dict] = field(default_factory=list)
+    probe_log: list[Probe] = field(default_factory=list)  # every probe, in the order it ran
     fingerprint: str = ""
     cached: bool = False
     search_s: float = 0.0  # the search's wall time
@@ -194,11 +196,19 @@ class Frontier:
                 f"validating{warmup} (the rest: starting probes, handing them the data, building the model)")
 
     def to_dict(self) -> dict:
+        """As plain data, its probes too: the cache file, the frontier's JSON."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Frontier:
+        """``to_dict``'s data (a cache file) as the record again, its probes as ``Probe``s."""
+        known = {f.name for f in fields(cls)}
+        probes = [Probe(**p) for p in record.get("probe_log", [])]
+        return cls(**{k: v for k, v in record.items() if k in known} | {"probe_log": probes})
 
     def figures(self) -> dict[str, float | None]:
         """The answer's figures by name (``measure.FIGURES``): the sizes and the figures at the largest."""
-        return {name: value for name, value in self.to_dict().items() if name in FIGURES}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name in FIGURES}
 
 
 def max_probes(cfg: BatchFinderConfig) -> int:
@@ -445,7 +455,7 @@ def find_max_batch(
     cached = cache_dir(finder) / f"{key}.json"
     if finder.cache and cached.is_file():
         say(f"k={cfg.k}: cached result {cached.name} (device {device['device']['device_name']})")
-        found = Frontier(**json.loads(cached.read_text()) | {"cached": True})
+        found = Frontier.from_dict(json.loads(cached.read_text()) | {"cached": True})
         return replace(found, max_is_ceiling=found.max_batch_size == size_range(finder)[1])
     if budget is None:
         say(f"k={cfg.k}: no memory budget known (set device.memory_budget_mb): searching by real out-of-memory only")
@@ -474,7 +484,7 @@ def find_max_batch(
         tokens_per_s=at_best.tokens_per_s if at_best else None,
         tokens_per_s_spread=at_best.tokens_per_s_spread if at_best else None,
         probes=len(found.probes), budget_mb=budget, memory_monotone=found.memory_monotone,
-        max_is_ceiling=found.max_batch_size == size_range(finder)[1], probe_log=[asdict(p) for p in found.probes], fingerprint=key,
+        max_is_ceiling=found.max_batch_size == size_range(finder)[1], probe_log=list(found.probes), fingerprint=key,
         search_s=search_s, measuring_s=sum(p.measuring_s for p in found.probes),
         reference_batch_size=reference, warmup_s=warmup_s, **noise_fields(found, noise, reference),
     )

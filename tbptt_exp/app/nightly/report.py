@@ -21,6 +21,7 @@ from tbptt_exp.app.nightly.nightly import (
     group_samples,
     night_verdict,
 )
+from tbptt_exp.app.tracking import metrics
 from tbptt_exp.app.tracking.provenance import git_commit
 from tbptt_exp.core.config import NightlyConfig
 from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS
@@ -181,8 +182,8 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
                          + (f": {', '.join(red)}" if red else "") + f"\n\nBaseline: {note}. "
                          f"{len(results['entries'])} entries, {cfg.rounds} round(s) each; the whole report is "
                          "`nightly_report.html`.")})
-    parent.log_metrics({"nightly/entries": len(results["entries"]), "nightly/red_figures": len(red),
-                        "nightly/green": float(verdict not in ("regressed", "gap"))})
+    parent.log_metrics({metrics.NIGHTLY_ENTRIES: len(results["entries"]), metrics.NIGHTLY_RED_FIGURES: len(red),
+                        metrics.NIGHTLY_GREEN: float(verdict not in ("regressed", "gap"))})
     for path in [sweep_dir / RESULTS_FILE, *(sweep_dir / name for name in files), *plots]:
         parent.log_file(path)
     return EXIT_REGRESSED if verdict in ("regressed", "gap") else 0

@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tbptt_exp.app import tables
+from tbptt_exp.app.tracking import metrics
 from tbptt_exp.core.measure import PEAK_MEMORY, REAL_TOKENS
 
 # What each trial carries as user attributes, for trials.md and optuna-dashboard: its run,
@@ -83,7 +84,7 @@ def _log_study_summary(run, study: optuna.Study) -> None:
     run.log_text(trials_table(study), "trials.md")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     counts = {state.name.lower(): len(study.get_trials(deepcopy=False, states=(state,))) for state in TrialState}
-    run.log_metrics({f"trials_{k}": v for k, v in counts.items()})
+    run.log_metrics({metrics.trials(k): v for k, v in counts.items()})
     best = None
     if complete and len(study.directions) == 1:
         try:
@@ -97,8 +98,8 @@ def _log_study_summary(run, study: optuna.Study) -> None:
     if len(study.directions) == 1:
         if best is not None:
             run.set_tags({"best.trial": best.number, **{f"best.{k}": _param(v) for k, v in best.params.items()}})
-            run.log_metrics({"best_value": best.value} | {
-                f"best/{f.name}": best.user_attrs.get(f.name) for f in COST_FIGURES})
+            run.log_metrics({metrics.STUDY_BEST_VALUE: best.value} | {
+                metrics.best(f.name): best.user_attrs.get(f.name) for f in COST_FIGURES})
         plots.append(("optimization_history.png", lambda: vis.plot_optimization_history(study)))
         if len(complete) >= MIN_TRIALS_FOR_IMPORTANCES and len({tuple(sorted(t.params.items())) for t in complete}) >= 2:
             plots.append(("param_importances.png", lambda: importances(study, len(complete))))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -22,7 +23,8 @@ from omegaconf import OmegaConf
 from tbptt_exp.app import tables
 from tbptt_exp.app.batch import frontier
 from tbptt_exp.app.console import error, say
-from tbptt_exp.app.sweep.sweep import JobResult, SweepLink, section
+from tbptt_exp.app.sweep.sweep import JobEvents, JobResult, SweepLink, section
+from tbptt_exp.app.tracking import metrics as names
 from tbptt_exp.app.tracking.provenance import environment_tags
 from tbptt_exp.app.tracking.run import make_tracker
 from tbptt_exp.core.config import DeviceConfig, NightlyConfig, TrackingConfig, objective_names
@@ -87,11 +89,11 @@ def summary_metrics(jobs: list[tuple[list[str], JobResult | None]], objective: s
     if top is None:
         return {}, {}
     overrides, result = top
-    metrics = {f"best/{objective}": result.values[0]}
-    metrics |= {f"best/{k}": v for k, v in result.summary.items() if v is not None and k != objective}
-    metrics["sweep/jobs"] = len(jobs)
-    metrics["sweep/failed_jobs"] = sum(result is None for _, result in jobs)
-    return metrics, {"best.settings": label(overrides, swept), "best.run_id": result.run_id}
+    found = {names.best(objective): result.values[0]}
+    found |= {names.best(k): v for k, v in result.summary.items() if v is not None and k != objective}
+    found[names.SWEEP_JOBS] = len(jobs)
+    found[names.SWEEP_FAILED_JOBS] = sum(result is None for _, result in jobs)
+    return found, {"best.settings": label(overrides, swept), "best.run_id": result.run_id}
 
 
 def grid_report(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str], objective: str,
@@ -106,7 +108,7 @@ def grid_report(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str,
     for step, values in by_swept_value(jobs, swept).items():  # the chart view draws them against the value
         parent.log_metrics(values, step=step)
     if tags:
-        say(f"best {objective}: {FIGURES[objective].show(metrics[f'best/{objective}'])} with {tags['best.settings']}")
+        say(f"best {objective}: {FIGURES[objective].show(metrics[names.best(objective)])} with {tags['best.settings']}")
     for path in plots(jobs, swept, objective, folder):
         parent.log_file(path)
 
@@ -117,9 +119,9 @@ def grid_note(jobs, swept: dict[str, str], objective: str, metrics: dict, tags: 
     count = f"{len(jobs)} jobs" + (f", {failed} failed" if failed else "")
     if not tags:
         return f"No job of this sweep finished ({count})."
-    cost = ", ".join(f"{f.show(metrics[f'best/{f.name}'], unit=True)}" for f in (REAL_TOKENS, PEAK_MEMORY)
-                     if metrics.get(f"best/{f.name}") is not None)
-    return (f"**Best {objective} {FIGURES[objective].show(metrics[f'best/{objective}'])} with {tags['best.settings']}**"
+    cost = ", ".join(f.show(metrics[names.best(f.name)], unit=True) for f in (REAL_TOKENS, PEAK_MEMORY)
+                     if metrics.get(names.best(f.name)) is not None)
+    return (f"**Best {objective} {FIGURES[objective].show(metrics[names.best(objective)])} with {tags['best.settings']}**"
             + (f" ({cost})" if cost else "") + f" of {count}, sweeping {' '.join(f'{k}={v}' for k, v in swept.items())}."
             "\n\nEach job is a run beneath this one; `sweep_results.md` compares them all and "
             "`sweep_<setting>.png` draws every job against each swept setting.")
@@ -137,7 +139,7 @@ def by_swept_value(jobs, swept: dict[str, str]) -> dict[int, dict[str, float]]:
         value = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), "")
         if result is None or not value.lstrip("-").isdigit():
             continue
-        points[int(value)] = {f"by_{key}/{name}": v for name, v in result.summary.items() if v is not None}
+        points[int(value)] = {names.by_value(key, name): v for name, v in result.summary.items() if v is not None}
     return points
 
 
@@ -187,15 +189,28 @@ def plots(jobs: list[tuple[list[str], JobResult | None]], swept: dict[str, str],
     return paths
 
 
-def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
+@dataclass
+class SaidJobEvents:
+    """A grid sweep's ``JobEvents``: one line as each job starts, one as each fails."""
+
+    swept: dict[str, str]
+
+    def started(self, index: int, total: int, overrides: list[str]) -> None:
+        say(f"job {index + 1}/{total}: {label(overrides, self.swept)}")
+
+    def failed(self, overrides: list[str], why: BaseException) -> None:
+        error(f"job {label(overrides, self.swept)} failed: {why}")
+
+
+def tracked_sweep(config, launch: Callable[[SweepLink, int, JobEvents], list]) -> list:
     """Run a grid sweep under one MLflow parent run and report on its jobs.
 
     ``config`` is the sweep's composed config (with its ``hydra`` node); ``launch(link,
-    rounds, on_failure, on_start)`` starts every job with the given link, the whole grid
-    ``rounds`` times (a nightly's repeats; else once), tells ``on_start(index, total,
-    overrides)`` of each job it starts and ``on_failure(overrides, error)`` of each
-    job that failed and returns Hydra's ``JobReturn``s, a failed job's with the value None. Raises ``SystemExit`` with the nightly verdict's code when that is
-    not 0, else 1 when a job failed.
+    rounds, events)`` starts every job with the given link, the whole grid ``rounds`` times
+    (a nightly's repeats; else once), tells ``events`` (``JobEvents``) of each job it starts
+    and each that failed, and returns Hydra's ``JobReturn``s, a failed job's with the value
+    None. Raises ``SystemExit`` with the nightly verdict's code when that is not 0, else 1
+    when a job failed.
     """
     tracking = section(config, "tracking", TrackingConfig)
     tracker = make_tracker(tracking)
@@ -216,13 +231,7 @@ def tracked_sweep(config, launch: Callable[[SweepLink, int], list]) -> list:
         rounds = nightly.rounds if nightly.record else 1
         if rounds > 1:
             say(f"nightly: the matrix runs {rounds} times, round after round")
-        def failed(overrides: list[str], why: BaseException) -> None:
-            error(f"job {label(overrides, swept)} failed: {why}")
-
-        def started(index: int, total: int, overrides: list[str]) -> None:
-            say(f"job {index + 1}/{total}: {label(overrides, swept)}")
-
-        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds, failed, started)
+        returns = launch(SweepLink(parent_run_id=parent.run_id, returns_result=True), rounds, SaidJobEvents(swept))
         exit_code = report(returns, swept, str(config.objective), sweep_dir, parent, tracker, nightly)
     parent.announce(say, "the sweep (its runs are beneath it)")
     if exit_code:

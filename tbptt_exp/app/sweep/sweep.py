@@ -20,10 +20,13 @@ import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from hydra.core.utils import JobStatus
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:  # the finder loads the core: a sweeper that never finds a batch does without it
+    from tbptt_exp.app.batch.frontier import FrontierRow
 
 T = TypeVar("T")
 
@@ -66,7 +69,7 @@ class JobResult:
     values: list[float]  # the objective(s), in the order of ``objective``
     run_id: str | None = None
     summary: dict[str, float | None] = field(default_factory=dict)  # final figures, for the sweep's table
-    frontier_row: dict | None = None  # task=max_batch: the batch frontier for this job's k
+    frontier_row: FrontierRow | None = None  # task=max_batch: the batch frontier for this job's k
     nightly_entry: dict | None = None  # nightly.record: a matrix entry and its figures
 
     @property
@@ -101,16 +104,25 @@ def job_error(job) -> BaseException | None:
     return None
 
 
+class JobEvents(Protocol):
+    """What a sweep is told as its jobs run, the one way every launcher tells it."""
+
+    def started(self, index: int, total: int, overrides: list[str]) -> None:
+        """Job ``index`` (from 0) of the sweep's ``total`` is launched."""
+
+    def failed(self, overrides: list[str], error: BaseException) -> None:
+        """The job ``overrides`` ran ended with ``error``."""
+
+
 class KeepFailures:
     """A launcher whose failed jobs stay in the sweep. Hydra's basic sweeper raises the first
     failed job's error once its batch is done, which ends the sweep before its report; here
-    ``on_start(index, overrides)`` is told of each job as it is launched and
-    ``on_failure(overrides, error)`` of each failed job, which is handed on as a
-    ``JobReturn`` whose value is None, so the report shows it FAILED (a nightly: a gap)."""
+    ``events`` is told of each job as it is launched and of each failed job, which is handed
+    on as a ``JobReturn`` whose value is None, so the report shows it FAILED (a nightly: a gap)."""
 
-    def __init__(self, launcher, on_failure: Callable[[list[str], BaseException], None],
-                 on_start: Callable[[int, list[str]], None] | None = None, sequential: bool = False):
-        self.launcher, self.on_failure, self.on_start = launcher, on_failure, on_start
+    def __init__(self, launcher, events: JobEvents, total: Callable[[], int], sequential: bool = False):
+        self.launcher, self.events = launcher, events
+        self.total = total  # the sweep's job count, known once the sweeper has expanded its grid
         self.sequential = sequential  # the launcher runs one job after another: each is said as it starts
 
     def launch(self, job_overrides, initial_job_idx):
@@ -118,13 +130,12 @@ class KeepFailures:
             return [ret for index, overrides in enumerate(job_overrides, start=initial_job_idx)
                     for ret in self.launch([overrides], index)]
         for index, overrides in enumerate(job_overrides, start=initial_job_idx):
-            if self.on_start:
-                self.on_start(index, list(overrides))
+            self.events.started(index, self.total(), list(overrides))
         returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         for job in returns:
             error = job_error(job)
             if error is not None:
-                self.on_failure(list(job.overrides), error)
+                self.events.failed(list(job.overrides), error)
                 job.status, job.return_value = JobStatus.COMPLETED, None  # Hydra raises only on FAILED
         return returns
 

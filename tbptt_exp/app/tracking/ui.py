@@ -7,7 +7,9 @@ import json
 import time
 import zlib
 
+from tbptt_exp.app.tracking.metrics import best, column
 from tbptt_exp.app.tracking.stores import mask_credentials
+from tbptt_exp.core.measure import MAX_BATCH, PEAK_MEMORY, REAL_TOKENS, RECOMMENDED_BATCH, VAL_ACCURACY, VAL_LOSS
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves a local store by default
 # MLflow 3's UI opens an experiment in its GenAI view ("Evaluations", runs typed "Eval") unless
@@ -44,12 +46,11 @@ VIEW_ID = "tbptt-exp-answer"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_ID}"
 VIEW_NAME = "tbptt-exp: the answer"
 VIEW_COLUMNS = {
-    "experiment": ("metrics.`loss/val`", "metrics.`best/val_loss`", "metrics.`loss/val_accuracy`",
-                   "metrics.`speed/real_tokens_per_s`", "metrics.`best/tokens_per_s`",
-                   "metrics.`memory/allocator_peak_mb`", "metrics.`best/peak_memory_mb`", "params.`k`",
-                   "params.`batch_size`"),
-    "max_batch": ("metrics.`batch/max`", "metrics.`batch/recommended`", "metrics.`speed/real_tokens_per_s`",
-                  "metrics.`memory/allocator_peak_mb`", "params.`k`"),
+    "experiment": (*map(column, (VAL_LOSS.mlflow, best(VAL_LOSS.name), VAL_ACCURACY.mlflow, REAL_TOKENS.mlflow,
+                                 best(REAL_TOKENS.name), PEAK_MEMORY.mlflow, best(PEAK_MEMORY.name))),
+                   "params.`k`", "params.`batch_size`"),
+    "max_batch": (*map(column, (MAX_BATCH.mlflow, RECOMMENDED_BATCH.mlflow, REAL_TOKENS.mlflow, PEAK_MEMORY.mlflow)),
+                  "params.`k`"),
 }
 
 
