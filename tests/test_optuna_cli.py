@@ -178,6 +178,13 @@ def postgres_available():
         return False
 
 
+def postgres_url():
+    """The shared PostgreSQL database; skips the test where there is none, unless CI requires it."""
+    if not postgres_available() and not os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"):
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)")
+    return "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
 needs_postgres = pytest.mark.skipif(
     not postgres_available() and not os.environ.get("TBPTT_EXP_REQUIRE_POSTGRES"),
     reason="PostgreSQL is not reachable on 127.0.0.1:5432 (database test, user root)",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 from test_cli import TINY, cli, free_port, runs
-from test_kills_and_stores import postgres_url
+from test_optuna_cli import postgres_url
 
 from tbptt_exp.app.preflight.gpus import check_gpus
 from tbptt_exp.core.config import ConfigError

@@ -1,3 +1,5 @@
+"""Settings check themselves as they are built: a bad value names the setting and what is allowed."""
+
 import dataclasses
 
 import pytest

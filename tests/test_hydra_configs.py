@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 from tbptt_exp.app.hydra_app import to_experiment
 from tbptt_exp.app.preflight.combinations import GROUPS, group_options
 from tbptt_exp.app.preflight.preflight import preflight
-from tbptt_exp.app.tracking.stores import mask_credentials
 from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, ModelConfig, flatten, seed_model
 from tbptt_exp.paths import conf_dir
 
@@ -108,15 +107,3 @@ def test_every_config_leaf_becomes_a_dotted_param(hydra_conf):
     params = flatten(OmegaConf.to_container(compose("config"), resolve=True))
     for name in ("k", "batch_size", "padding", "reset", "seed", "model.units", "data.name", "trainer.epochs"):
         assert name in params
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("postgresql://user:s3cret@db:5432/optuna", "postgresql://user:***@db:5432/optuna"),
-        ("http://alice:pw@127.0.0.1:5000", "http://alice:***@127.0.0.1:5000"),
-        ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
-    ],
-)
-def test_credentials_are_masked(text, expected):
-    assert mask_credentials(text) == expected
