@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tbptt_exp.app.nightly.baseline import samples_of
 from tbptt_exp.app.nightly.nightly import compare, night_verdict
-from tbptt_exp.core.config import NightlyConfig
+from tbptt_exp.app.settings import NightlyConfig
 
 SLOWDOWNS = (0.05, 0.10, 0.15, 0.175, 0.20, 0.25, 0.30, 0.40)
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from tbptt_exp.core.config import BatchFinderConfig, DeviceConfig, ExperimentConfig
+from tbptt_exp.app.settings import BatchFinderConfig, RunConfig
+from tbptt_exp.core.config import DeviceConfig
 
 
 def check(k: int, budget_mb: float, seconds: float, extra: list[int], say=print) -> tuple[dict, list[str]]:
     from tbptt_exp.app.batch.finder import find_max_batch
     from tbptt_exp.core.train import train
 
-    cfg = ExperimentConfig(k=k, device=DeviceConfig(memory_budget_mb=budget_mb),
+    cfg = RunConfig(k=k, device=DeviceConfig(memory_budget_mb=budget_mb),
                            batch_finder=BatchFinderConfig(cache=False))
     frontier = find_max_batch(cfg, say=say)
     say(frontier.answer())

@@ -14,15 +14,8 @@ from planted_probe import planted
 
 from tbptt_exp.app.batch.finder import GOODPUT_TIE, ProbeError, find_max_batch, max_probes
 from tbptt_exp.app.jobs import EXIT_PROBE_ERROR, JobContext, max_batch_job
-from tbptt_exp.core.config import (
-    BatchFinderConfig,
-    DeviceConfig,
-    EngineConfig,
-    ExperimentConfig,
-    KeyRecallDataConfig,
-    ModelConfig,
-    TrackingConfig,
-)
+from tbptt_exp.app.settings import BatchFinderConfig, RunConfig, TrackingConfig
+from tbptt_exp.core.config import DeviceConfig, EngineConfig, KeyRecallDataConfig, ModelConfig
 from tbptt_exp.core.noise import goodput
 
 pytestmark = pytest.mark.slow
@@ -54,9 +47,9 @@ def sweep_dir(cwd: Path) -> Path:
     return frontier.parent
 
 
-def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> ExperimentConfig:
+def small(k: int, tmp_path: Path, max_batch_size: int = 224, **finder) -> RunConfig:
     """``SMALL`` as a config object."""
-    return ExperimentConfig(
+    return RunConfig(
         k=k, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40, num_noise_tokens=2000), model=ModelConfig(units=64, embedding_dim=16),
         batch_finder=BatchFinderConfig(max_batch_size=max_batch_size, probe_seconds=1.5,
                                        cache_dir=str(tmp_path / "cache"), **({"noise_warmup_s": 3.0} | finder)),

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 
 from tbptt_exp.app.batch.finder import Probe, ProbeError, max_probes, search
-from tbptt_exp.core.config import BatchFinderConfig, ConfigError
+from tbptt_exp.app.settings import BatchFinderConfig
+from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.probes.probe import classify_error
 
 CFG = BatchFinderConfig(granularity=8, min_batch_size=8, max_batch_size=4096)

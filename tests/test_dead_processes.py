@@ -15,11 +15,11 @@ from optuna.trial import TrialState
 from test_cli import cli
 from test_optuna_cli import postgres_url
 
+from tbptt_exp.app.settings import TrackingConfig
 from tbptt_exp.app.study.study import sampler_seed
 from tbptt_exp.app.study.trials import TrialLocks, fail_orphaned_trials, study_lock
 from tbptt_exp.app.tracking.liveness import STALE_AFTER_S, Holder, dead_reason, this_process
 from tbptt_exp.app.tracking.run import Tracker
-from tbptt_exp.core.config import TrackingConfig
 
 
 def dead_holder() -> Holder:
@@ -50,7 +50,7 @@ def test_kill_9_leaves_a_running_run_that_the_next_start_closes(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         from tbptt_exp.app.tracking.run import Tracker
-        from tbptt_exp.core.config import TrackingConfig
+        from tbptt_exp.app.settings import TrackingConfig
         with Tracker(TrackingConfig(uri={uri!r})).run("doomed") as run:
             print(run.run_id, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -9,7 +9,8 @@ from omegaconf import OmegaConf
 from tbptt_exp.app.hydra_app import to_experiment
 from tbptt_exp.app.preflight.combinations import GROUPS, group_options
 from tbptt_exp.app.preflight.preflight import preflight
-from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig, ModelConfig, flatten, seed_model
+from tbptt_exp.app.settings import PRESETS, RunConfig
+from tbptt_exp.core.config import ConfigError, ModelConfig, flatten, seed_model
 from tbptt_exp.paths import conf_dir
 
 
@@ -21,8 +22,8 @@ def hydra_conf():
 
 def test_default_config_is_the_schema_defaults(hydra_conf):
     experiment = to_experiment(compose("config"))
-    defaults = ExperimentConfig()
-    for f in dataclasses.fields(ExperimentConfig):
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
         assert getattr(experiment, f.name) == getattr(defaults, f.name), f.name
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tbptt_exp.app.settings import TrackingConfig
 from tbptt_exp.app.signals import Terminated
 from tbptt_exp.app.sweep.sweep import JobResult, SweepLink
 from tbptt_exp.app.tracking.run import FAILED, FINISHED, KILLED, Tracker, ending_of
-from tbptt_exp.core.config import TrackingConfig
 
 
 @pytest.mark.parametrize(

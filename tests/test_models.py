@@ -13,7 +13,8 @@ import tensorflow as tf
 from test_cli import cli, runs
 from test_tbptt import assert_chunked_equals_full
 
-from tbptt_exp.core.config import Cell, ConfigError, DataTask, ExperimentConfig, ModelConfig, TrainerConfig
+from tbptt_exp.app.settings import RunConfig
+from tbptt_exp.core.config import Cell, ConfigError, DataTask, ModelConfig, TrainerConfig
 from tbptt_exp.core.dataset import ModelIO
 from tbptt_exp.core.engines import ENGINES
 from tbptt_exp.core.layout import Corpus, build_layout
@@ -156,7 +157,7 @@ def test_the_cache_tells_factories_and_their_arguments_apart(tmp_path):
     device = {"device": "CPU:0", "device_name": "CPU", "device_memory_mb": "1"}
 
     def key(model):
-        return fingerprint(ExperimentConfig(model=model), device, "2.21.0")
+        return fingerprint(RunConfig(model=model), device, "2.21.0")
 
     keys = {key(ModelConfig()), key(custom("stack")), key(custom("stack", units=32)), key(custom("conv_lstm")),
             key(custom("stack", cells="gru"))}
@@ -230,7 +231,7 @@ def test_keras_fit_and_mixed_precision_train_a_model_of_your_own():
     from tbptt_exp.core.config import EngineConfig, KeyRecallDataConfig
     from tbptt_exp.core.train import train
 
-    base = ExperimentConfig(k=5, batch_size=8, data=KeyRecallDataConfig(num_sequences=32, sequence_length=20),
+    base = RunConfig(k=5, batch_size=8, data=KeyRecallDataConfig(num_sequences=32, sequence_length=20),
                             model=custom("stack", cells="gru+lstm"), trainer=TrainerConfig(epochs=1))
     for cfg in (dataclasses.replace(base, engine=EngineConfig("keras_fit")),
                 dataclasses.replace(base, trainer=TrainerConfig(epochs=1, precision="mixed_bfloat16"))):

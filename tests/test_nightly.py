@@ -11,7 +11,7 @@ import pytest
 
 from tbptt_exp.app.nightly.baseline import BaselineError, baseline_from_file, last_good, samples_of
 from tbptt_exp.app.nightly.nightly import EXIT_REGRESSED, compare, entry_name, night_verdict
-from tbptt_exp.core.config import NightlyConfig
+from tbptt_exp.app.settings import NightlyConfig
 
 
 def test_entry_names_are_stable_and_leave_out_tracking_and_hydra():

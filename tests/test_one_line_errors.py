@@ -86,9 +86,9 @@ def test_out_of_memory_while_training_names_the_batch_and_how_to_find_one_that_f
     import tensorflow as tf
 
     from tbptt_exp.app.jobs import out_of_memory_is_one_line
-    from tbptt_exp.core.config import ExperimentConfig
+    from tbptt_exp.app.settings import RunConfig
 
-    experiment = ExperimentConfig(k=50, batch_size=4096)
+    experiment = RunConfig(k=50, batch_size=4096)
     with pytest.raises(ConfigError) as refused, out_of_memory_is_one_line(experiment, None, "training", built=1_000_000):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096,50,256]")
     assert str(refused.value).startswith("batch_size=4096 is not allowed: out of memory on ")

@@ -12,15 +12,9 @@ from dataclasses import replace
 
 import pytest
 
+from tbptt_exp.app.settings import BatchFinderConfig
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import (
-    BatchFinderConfig,
-    EngineConfig,
-    ExperimentConfig,
-    KeyRecallDataConfig,
-    TrainerConfig,
-    seed_model,
-)
+from tbptt_exp.core.config import EngineConfig, ExperimentConfig, KeyRecallDataConfig, TrainerConfig, seed_model
 from tbptt_exp.core.layout import build_layout
 from tbptt_exp.core.train import build, prepare
 

@@ -31,8 +31,9 @@ def test_the_readme_is_a_front_page_whose_links_open_and_every_page_is_on_the_si
 def test_the_settings_reference_lists_every_setting_with_its_rule_and_comment():
     import dataclasses
 
+    from tbptt_exp.app.settings import RunConfig
     from tbptt_exp.app.settings_reference import reference_markdown
-    from tbptt_exp.core.config import DATA_KINDS, ExperimentConfig
+    from tbptt_exp.core.config import DATA_KINDS
 
     reference = reference_markdown()
 
@@ -45,7 +46,7 @@ def test_the_settings_reference_lists_every_setting_with_its_rule_and_comment():
             else:
                 yield prefix + f.name
 
-    names = list(settings(ExperimentConfig, "")) + [f"data.{f.name}" for c in DATA_KINDS.values()
+    names = list(settings(RunConfig, "")) + [f"data.{f.name}" for c in DATA_KINDS.values()
                                                      for f in dataclasses.fields(c)]
     assert len(names) > 80
     missing = [n for n in names if f"| `{n}` |" not in reference]

@@ -20,8 +20,9 @@ import pytest
 from test_cli import TINY, cli
 from test_optuna_cli import postgres_url, start_mlflow_server
 
+from tbptt_exp.app.settings import TrackingConfig
 from tbptt_exp.app.tracking.run import Tracker
-from tbptt_exp.core.config import ConfigError, TrackingConfig
+from tbptt_exp.core.config import ConfigError
 
 
 def truncated_sqlite(path):
@@ -231,7 +232,7 @@ url, storage, at = sys.argv[1], sys.argv[2], float(sys.argv[3])
 import optuna
 from tbptt_exp.app.tracking.stores import create_store
 from tbptt_exp.app.tracking.run import Tracker
-from tbptt_exp.core.config import TrackingConfig
+from tbptt_exp.app.settings import TrackingConfig
 time.sleep(max(at - time.time(), 0))  # all at once, imports done
 create_store(storage, "hydra.sweeper.storage", "optuna")
 create_store(url, "tracking.uri", "mlflow")

@@ -8,11 +8,11 @@ import pytest
 
 from tbptt_exp.app.console import Progress, verbose_requested
 from tbptt_exp.app.jobs import run_params
+from tbptt_exp.app.settings import NightlyConfig, RunConfig
 from tbptt_exp.app.sweep import summary as sweep_summary
 from tbptt_exp.app.sweep.summary import results_table
 from tbptt_exp.app.sweep.sweep import JobResult
 from tbptt_exp.app.tracking.ui import run_url, ui_base
-from tbptt_exp.core.config import ExperimentConfig, NightlyConfig
 from tbptt_exp.core.measure import FIGURES, mlflow_names
 from tbptt_exp.core.train import EpochMetrics, RunResult
 
@@ -39,13 +39,13 @@ def test_a_training_runs_chart_view_opens_on_its_loss_curves():
 
 
 def test_a_training_run_records_the_settings_training_reads_and_a_batch_finder_run_its_own():
-    train = run_params(ExperimentConfig())
+    train = run_params(RunConfig())
     assert "model.units" in train and "trainer.precision" in train and "batch_size" in train
     assert not [k for k in train if k.startswith(("tracking.", "batch_finder.", "nightly.", "task", "verbose"))]
-    finder = run_params(ExperimentConfig(task="max_batch"))
+    finder = run_params(RunConfig(task="max_batch"))
     assert "batch_finder.headroom" in finder and "k" in finder
     assert "batch_size" not in finder and "trainer.epochs" not in finder and "objective" not in finder
-    nightly = run_params(ExperimentConfig(nightly=NightlyConfig(record=True)))
+    nightly = run_params(RunConfig(nightly=NightlyConfig(record=True)))
     assert "nightly.rounds" in nightly  # a nightly entry is judged by these
 
 

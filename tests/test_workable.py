@@ -7,10 +7,11 @@ from dataclasses import replace
 import pytest
 
 from tbptt_exp.app.batch.finder import Frontier, NoiseScale, Probe, useful_batch
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, KeyRecallDataConfig, ModelConfig, TrainerConfig
+from tbptt_exp.app.settings import RunConfig
+from tbptt_exp.core.config import ConfigError, KeyRecallDataConfig, ModelConfig, TrainerConfig
 from tbptt_exp.core.noise import goodput
 
-QUICK = ExperimentConfig(k=10, batch_size=16, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40),
+QUICK = RunConfig(k=10, batch_size=16, data=KeyRecallDataConfig(num_sequences=256, sequence_length=40),
                          model=ModelConfig(units=32, embedding_dim=8))
 
 
@@ -124,13 +125,13 @@ def test_the_noise_scale_comes_from_a_run_of_yours_converted_by_tokens_at_anothe
     from mlflow import MlflowClient
 
     from tbptt_exp.app.jobs import noise_from_run
-    from tbptt_exp.core.config import BatchFinderConfig, TrackingConfig
+    from tbptt_exp.app.settings import BatchFinderConfig, TrackingConfig
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = TrackingConfig(uri=uri)
-    experiment = lambda run_id, k=50: ExperimentConfig(
+    experiment = lambda run_id, k=50: RunConfig(
         k=k, tracking=tracking, batch_finder=BatchFinderConfig(noise_from=run_id))
-    assert noise_from_run(ExperimentConfig()) is None
+    assert noise_from_run(RunConfig()) is None
     with pytest.raises(ConfigError, match="^batch_finder.noise_from='nope' is not allowed: no such run"):
         noise_from_run(experiment("nope"))
     client = MlflowClient(uri)

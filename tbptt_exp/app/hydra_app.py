@@ -24,16 +24,17 @@ from tbptt_exp.app import signals
 from tbptt_exp.app.console import error, quiet_libraries
 from tbptt_exp.app.preflight import preflight
 from tbptt_exp.app.preflight.did_you_mean import to_experiment
+from tbptt_exp.app.settings import PRESETS, RunConfig
 from tbptt_exp.app.sweep.sweep import JobContext, SweepLink
 from tbptt_exp.app.tracking.run import StoreFailed
 from tbptt_exp.app.tracking.stores import mask_credentials_in_logs
-from tbptt_exp.core.config import PRESETS, ConfigError, ExperimentConfig
+from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.measure import Diverged
 from tbptt_exp.paths import conf_dir
 
 
 @dataclass
-class ExperimentSchema(ExperimentConfig):
+class ExperimentSchema(RunConfig):
     """The Hydra root schema: ``data`` is filled by the data group (chars or key_recall)."""
 
     data: Any = MISSING

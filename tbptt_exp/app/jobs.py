@@ -1,7 +1,7 @@
 """The tasks a Hydra job runs: train one experiment, find the largest and the useful batch, or
 close what dead processes left open.
 
-Each task gets one validated ``ExperimentConfig`` and a ``JobContext`` (everything it
+Each task gets one validated ``RunConfig`` and a ``JobContext`` (everything it
 needs from Hydra and its sweep, as values), builds, runs the core inside one tracked run
 (``tracked_run``: the lifecycle, opened the same way for every task) and returns a
 ``JobResult`` for its sweep. Console lines come from reporter objects handed to the core;
@@ -28,6 +28,7 @@ from tbptt_exp.app.batch.finder import (
 )
 from tbptt_exp.app.batch.frontier import FrontierRow
 from tbptt_exp.app.console import TrainingConsole, error, say
+from tbptt_exp.app.settings import RunConfig, Task, settings_read
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.study.study import job_trial
 from tbptt_exp.app.study.trials import fail_orphans_in_storage
@@ -37,7 +38,7 @@ from tbptt_exp.app.tracking.provenance import environment_tags
 from tbptt_exp.app.tracking.run import StoreFailed, TrackedRun, Tracker, make_tracker
 from tbptt_exp.app.tracking.stores import default_storage_url, sqlite_path
 from tbptt_exp.core import measure
-from tbptt_exp.core.config import ConfigError, ExperimentConfig, Task, objective_names, settings_read, to_dict
+from tbptt_exp.core.config import ConfigError, experiment_dict, objective_names
 from tbptt_exp.core.device import claim_gpus, configure_device, default_slots_dir, visible_gpus
 from tbptt_exp.core.measure import (
     CRITICAL_BATCH,
@@ -59,7 +60,7 @@ from tbptt_exp.core.train import RunResult, build, model_size, prepare, train
 EXIT_PROBE_ERROR = 3
 
 
-def run_params(experiment: ExperimentConfig) -> dict:
+def run_params(experiment: RunConfig) -> dict:
     """A run's params: the settings its task reads (``config.settings_read``); a training run's
     also the learning rate it trains at (``trainer.lr_scaling`` applied to its batch size)."""
     params = settings_read(experiment)
@@ -69,7 +70,7 @@ def run_params(experiment: ExperimentConfig) -> dict:
 
 
 @contextlib.contextmanager
-def tracked_run(experiment: ExperimentConfig, ctx: JobContext, kind: str, name: str, tags: dict[str, Any],
+def tracked_run(experiment: RunConfig, ctx: JobContext, kind: str, name: str, tags: dict[str, Any],
                 system_metrics: float | None = None) -> Iterator[TrackedRun]:
     """The task's one MLflow run, opened the same way for every task: its params are the
     settings the task reads, its tags say what ran where, its parent is the sweep's."""
@@ -86,7 +87,7 @@ def tracked_run(experiment: ExperimentConfig, ctx: JobContext, kind: str, name: 
         yield run
 
 
-def claim_devices(experiment: ExperimentConfig) -> str | None:
+def claim_devices(experiment: RunConfig) -> str | None:
     """``device.gpus_per_job``: this worker's own GPUs, claimed before TensorFlow starts."""
     if experiment.device.gpus_per_job is None:
         return None
@@ -116,7 +117,7 @@ def checked(progress: Callable[[int, int, int], None]) -> Callable[[int, int, in
     return report
 
 
-def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
+def train_job(experiment: RunConfig, ctx: JobContext) -> JobResult:
     """Train one experiment and track it; each epoch goes to the console, the run and the job's trial."""
     objectives = objective_names(experiment.objective)
     budget = experiment.device.memory_budget_mb
@@ -158,7 +159,7 @@ def train_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
 
 
 @contextlib.contextmanager
-def out_of_memory_is_one_line(experiment: ExperimentConfig, dataset, doing: str,
+def out_of_memory_is_one_line(experiment: RunConfig, dataset, doing: str,
                               built: int | None = None) -> Iterator[None]:
     """Out of device memory while ``doing`` (a model that fits the host but not the GPU, a
     batch too large): a ``ConfigError`` naming what to lower and the model's size, instead of
@@ -192,13 +193,13 @@ def model_name(model) -> str:
     return f"{'the model of ' if model.factory else 'a '}{model.shape} ({model.preset})"
 
 
-def run_name(experiment: ExperimentConfig) -> str:
+def run_name(experiment: RunConfig) -> str:
     model = experiment.model
     return (f"k={experiment.k} B={experiment.batch_size} {experiment.padding}/{experiment.reset} "
             f"{experiment.engine.name} {model.preset}")
 
 
-def run_note(experiment: ExperimentConfig, dataset) -> str:
+def run_note(experiment: RunConfig, dataset) -> str:
     """A training run's MLflow description: what ran, then what each figure means."""
     model, trainer = experiment.model, experiment.trainer
     steps = "" if dataset.is_text else f" A {dataset.step_name[:-1]} here is one timestep of the data."
@@ -240,13 +241,13 @@ def log_result(run: TrackedRun, result: RunResult, over_budget: float | None) ->
                      if result.target_val_loss is not None else {})})
 
 
-def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
+def max_batch_job(experiment: RunConfig, ctx: JobContext) -> JobResult:
     """Find the largest and the useful batch for this k; the job's value is that size (0: none)."""
     dataset = prepare(experiment)  # data errors as one line here, not in every probe
     gpus = claim_devices(experiment)  # probes inherit this worker's CUDA_VISIBLE_DEVICES
     # The probes' device, from a first probe process, which also refuses a model of your own
     # that cannot be trained: in one line, before a run is recorded.
-    device = describe_device(to_dict(experiment), experiment.batch_finder.probe_timeout_s, dataset=dataset)
+    device = describe_device(experiment_dict(experiment), experiment.batch_finder.probe_timeout_s, dataset=dataset)
     noise = noise_from_run(experiment)  # a run that is not there is one line, before this one is recorded
     say(search_line(experiment))
     tags = {"device.gpus": gpus, "mlflow.note.content": search_note(experiment)}
@@ -282,7 +283,7 @@ def max_batch_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     return JobResult(values=[float(found.max_batch_size)], run_id=run.run_id, frontier_row=row)
 
 
-def noise_from_run(experiment: ExperimentConfig) -> NoiseScale | None:
+def noise_from_run(experiment: RunConfig) -> NoiseScale | None:
     """``batch_finder.noise_from``: the last ``optim/gradient_noise_scale`` of a training run
     in the tracking store. Measured at another k, it is converted by tokens: a stream of k
     steps carries k/k_run times the run's tokens, so B_noise in streams scales by k_run/k."""
@@ -311,13 +312,13 @@ def noise_from_run(experiment: ExperimentConfig) -> NoiseScale | None:
     return NoiseScale(value, where, int(batch_size) if batch_size.isdigit() else 0)
 
 
-def search_name(experiment: ExperimentConfig) -> str:
+def search_name(experiment: RunConfig) -> str:
     budget = experiment.device.memory_budget_mb
     return (f"max_batch k={experiment.k} {experiment.model.preset} {experiment.engine.name} "
             f"{experiment.trainer.precision}" + (f" budget {budget:g} MB" if budget else ""))
 
 
-def search_line(experiment: ExperimentConfig) -> str:
+def search_line(experiment: RunConfig) -> str:
     model, finder = experiment.model, experiment.batch_finder
     return (f"largest and useful batch for k={experiment.k}, model={model.preset} ({model.shape}), "
             f"engine={experiment.engine.name}: sizes {finder.min_batch_size}..{finder.max_batch_size} in steps of "
@@ -326,7 +327,7 @@ def search_line(experiment: ExperimentConfig) -> str:
             "of steady state (in brackets: its wall time and each phase's)")
 
 
-def search_note(experiment: ExperimentConfig) -> str:
+def search_note(experiment: RunConfig) -> str:
     budget_mb = experiment.device.memory_budget_mb
     budget = f" and a budget of {budget_mb:g} MB" if budget_mb else ""
     return (f"The largest batch that trains k={experiment.k} chunks of {experiment.model.preset} with "
@@ -343,14 +344,14 @@ def search_note(experiment: ExperimentConfig) -> str:
             "size and its outcome.")
 
 
-def frontier_row(found: Frontier, experiment: ExperimentConfig, ctx: JobContext) -> FrontierRow:
+def frontier_row(found: Frontier, experiment: RunConfig, ctx: JobContext) -> FrontierRow:
     """The search's answer as a row of the sweep's frontier table."""
     return FrontierRow.of(found, job=ctx.output_dir.name, model=f"{experiment.model.preset} ({experiment.model.shape})",
                           precision=str(experiment.trainer.precision), unroll=str(experiment.model.unroll).lower(),
                           headroom=experiment.batch_finder.headroom)
 
 
-def cleanup_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
+def cleanup_job(experiment: RunConfig, ctx: JobContext) -> JobResult:
     """Close what dead processes left open: MLflow runs (KILLED) and Optuna trials (FAIL).
 
     Every start of the harness does this for the tracking store it opens; this task does
@@ -374,6 +375,6 @@ def cleanup_job(experiment: ExperimentConfig, ctx: JobContext) -> JobResult:
     return JobResult(values=[float(len(closed))])
 
 
-TASKS: dict[Task, Callable[[ExperimentConfig, JobContext], JobResult]] = {
+TASKS: dict[Task, Callable[[RunConfig, JobContext], JobResult]] = {
     Task.train: train_job, Task.max_batch: max_batch_job, Task.cleanup: cleanup_job,
 }

@@ -1,4 +1,4 @@
-"""The settings reference, generated from the config dataclasses (``core.config``): every
+"""The settings reference, generated from the config dataclasses (``core.config``, ``app.settings``): every
 setting with its default, what it accepts (its rule's words, or its enum's values) and the
 comments written beside it. The docs site builds it (``docs/hooks.py``), so it cannot go
 stale: a new field is documented the moment it has a comment."""
@@ -14,11 +14,21 @@ import tokenize
 from enum import Enum
 from typing import Any
 
-from tbptt_exp.core.config import DATA_KINDS, ExperimentConfig, enum_of, field_hints
+from tbptt_exp.app.settings import RunConfig
+from tbptt_exp.core.config import DATA_KINDS, enum_of, field_hints
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """Each field's comment: the comment lines right above it and the one at its end."""
+    """Each field's comment: the comment lines right above it and the one at its end, in the
+    class that declares it (``RunConfig``'s experiment settings are ``ExperimentConfig``'s)."""
+    found = {}
+    for owner in reversed(cls.__mro__[:-1]):
+        if dataclasses.is_dataclass(owner):
+            found |= own_field_comments(owner)
+    return found
+
+
+def own_field_comments(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     comments: dict[int, str] = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -91,9 +101,9 @@ def _doc(cls: type) -> str:
 
 def reference_markdown() -> str:
     """Every setting of one experiment, a table per group."""
-    top = ExperimentConfig()
-    parts = [table("Top level", "", rows(ExperimentConfig, ""))]
-    for f in dataclasses.fields(ExperimentConfig):
+    top = RunConfig()
+    parts = [table("Top level", "", rows(RunConfig, ""))]
+    for f in dataclasses.fields(RunConfig):
         group = getattr(top, f.name)
         if not dataclasses.is_dataclass(group) or f.name == "data":
             continue

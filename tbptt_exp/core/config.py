@@ -1,4 +1,6 @@
-"""The configuration schema: the single source of truth for every setting.
+"""The experiment's settings: chunks, streams, padding, resets, data, model, engine, trainer
+and device, the single source of truth for each (what the app does with an experiment,
+its task, tracking, batch finder and nightly, is ``app.settings``).
 
 Plain dataclasses, so the core can be driven from Python and the same classes serve as
 Hydra structured configs (the app registers them and the presets below). Each class
@@ -22,7 +24,7 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
-from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS, OBJECTIVES
+from tbptt_exp.core.measure import OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -124,14 +126,6 @@ class TargetLevel(StrEnum):
     sequence = "sequence"
 
 
-class Task(StrEnum):
-    """train: one experiment; max_batch: the largest and the useful batch; cleanup: close dead runs."""
-
-    train = "train"
-    max_batch = "max_batch"
-    cleanup = "cleanup"
-
-
 # --- field rules ---------------------------------------------------------------------------
 
 
@@ -148,20 +142,20 @@ def rule(accepts: Callable[[Any], bool], allowed: str) -> dict:
     return {"rule": Rule(accepts, allowed)}
 
 
-def _whole(value: Any) -> bool:
+def is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite number: NaN and infinity pass no comparison a rule could make sense of."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-POSITIVE = rule(lambda v: _whole(v) and v > 0, "use a positive whole number")
-FRACTION = rule(lambda v: _number(v) and 0 <= v < 1, "use a number from 0 up to (not including) 1")
-VAL_FRACTION = rule(lambda v: _number(v) and 0 < v < 1,
+POSITIVE = rule(lambda v: is_whole(v) and v > 0, "use a positive whole number")
+FRACTION = rule(lambda v: is_number(v) and 0 <= v < 1, "use a number from 0 up to (not including) 1")
+VAL_FRACTION = rule(lambda v: is_number(v) and 0 < v < 1,
                     "use a fraction above 0 and below 1: the figures are measured on held-out sequences")
-SECONDS = rule(lambda v: _number(v) and v > 0, "use a positive number of seconds")
+SECONDS = rule(lambda v: is_number(v) and v > 0, "use a positive number of seconds")
 BOOL = rule(lambda v: isinstance(v, bool), "use true or false")
 
 
@@ -235,7 +229,7 @@ class KeyRecallDataConfig:
     name: str = "key_recall"
     # Sized to show the point in about 30 s per run on 2 CPU cores with the default model:
     # after 3 epochs val_loss is ~0.001 with reset=sequence and ~1.05 with reset=chunk.
-    num_sequences: int = field(default=2048, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_sequences: int = field(default=2048, metadata=rule(lambda v: is_whole(v) and v >= 2,
                                                            "use 2 or more (one at least for validation)"))
     sequence_length: int = field(default=100, metadata=POSITIVE)
     num_keys: int = field(default=4, metadata=POSITIVE)
@@ -261,13 +255,13 @@ class SeriesDataConfig:
     # Sized to show the point in about 15 s per run on 2 CPU cores with the default model:
     # after 3 epochs val_accuracy is ~0.87 with reset=sequence and ~0.71 with reset=chunk
     # (k=25; the majority class scores ~0.35).
-    num_sequences: int = field(default=256, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_sequences: int = field(default=256, metadata=rule(lambda v: is_whole(v) and v >= 2,
                                                           "use 2 or more (one at least for validation)"))
     sequence_length: int = field(default=400, metadata=POSITIVE)
     num_features: int = field(default=4, metadata=POSITIVE)
-    num_regimes: int = field(default=3, metadata=rule(lambda v: _whole(v) and v >= 2, "use 2 or more"))
+    num_regimes: int = field(default=3, metadata=rule(lambda v: is_whole(v) and v >= 2, "use 2 or more"))
     switch_probability: float = field(default=0.005, metadata=FRACTION)  # per step
-    noise: float = field(default=4.0, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number"))
+    noise: float = field(default=4.0, metadata=rule(lambda v: is_number(v) and v > 0, "use a positive number"))
     val_fraction: float = field(default=0.25, metadata=VAL_FRACTION)
 
     def __post_init__(self) -> None:
@@ -295,7 +289,7 @@ class ArraysDataConfig:
     path: str | None = None  # a .npz, or a folder holding x.npy, y.npy and optionally lengths.npy
     val_path: str | None = None  # validation in the same format; None: the last val_fraction of sequences
     task: DataTask = DataTask.auto
-    num_classes: int | None = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_classes: int | None = field(default=None, metadata=rule(lambda v: is_whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)  # float features and regression targets, by training steps
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
@@ -324,7 +318,7 @@ class TableDataConfig:
     feature_columns: list[str] | None = None  # None: every other numeric column
     target_level: TargetLevel = TargetLevel.step  # sequence: each sequence's last row holds its target
     task: DataTask = DataTask.auto
-    num_classes: int | None = field(default=None, metadata=rule(lambda v: _whole(v) and v >= 2,
+    num_classes: int | None = field(default=None, metadata=rule(lambda v: is_whole(v) and v >= 2,
                                                                    "use 2 or more, or null"))
     normalize: bool = field(default=True, metadata=BOOL)
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
@@ -460,8 +454,8 @@ class EngineConfig:
 class TrainerConfig:
     epochs: int = field(default=3, metadata=POSITIVE)
     optimizer: Optimizer = Optimizer.adam
-    learning_rate: float = field(default=0.003, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number"))
-    clipnorm: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    learning_rate: float = field(default=0.003, metadata=rule(lambda v: is_number(v) and v > 0, "use a positive number"))
+    clipnorm: float | None = field(default=None, metadata=rule(lambda v: is_number(v) and v > 0,
                                                                   "use a positive number or null"))
     steps_per_execution: int = field(default=1, metadata=POSITIVE)
     jit_compile: bool | None = None  # None = Keras's "auto" (XLA on GPU where it can)
@@ -476,15 +470,15 @@ class TrainerConfig:
     reference_batch_size: int = field(default=32, metadata=POSITIVE)
     # Every this many optimizer steps, the gradient noise scale (the critical batch, in
     # streams) is measured from the two halves of the batch's rows (engine=graph); 0: off.
-    noise_scale_every: int = field(default=50, metadata=rule(lambda v: _whole(v) and v >= 0,
+    noise_scale_every: int = field(default=50, metadata=rule(lambda v: is_whole(v) and v >= 0,
                                                              "use a whole number of steps, or 0 (off)"))
     # Stop training once this much training time is spent (validation not counted), at a
     # chunk boundary, then validate: batch sizes compared at equal wall time.
-    max_time_s: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    max_time_s: float | None = field(default=None, metadata=rule(lambda v: is_number(v) and v > 0,
                                                                     "use a positive number of seconds, or null"))
     # Stop at the first validation whose val_loss is at or below this; the run logs the
     # training time and real tokens it took (one that never gets there says so).
-    target_val_loss: float | None = field(default=None, metadata=rule(_number, "use a number, or null"))
+    target_val_loss: float | None = field(default=None, metadata=rule(is_number, "use a number, or null"))
 
     def __post_init__(self) -> None:
         check_fields(self, "trainer.")
@@ -505,21 +499,6 @@ class TrainerConfig:
 
 
 @dataclass
-class TrackingConfig:
-    enabled: bool = True
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else SQLite under mlruns/
-    experiment: str = field(default="tbptt-exp", metadata=rule(bool, "use a non-empty name"))
-    run_name: str | None = None
-    # CPU, memory, disk, network (and GPU with nvidia-ml-py) sampled by MLflow's own system
-    # metrics monitor every this many seconds during a training run; null: off.
-    system_metrics_interval_s: float | None = field(
-        default=5.0, metadata=rule(lambda v: _number(v) and v > 0, "use a positive number of seconds, or null (off)"))
-
-    def __post_init__(self) -> None:
-        check_fields(self, "tracking.")
-
-
-@dataclass
 class DeviceConfig:
     """GPU memory settings; applied before TensorFlow initialises the device."""
 
@@ -528,7 +507,7 @@ class DeviceConfig:
     memory_limit_mb: int | None = field(default=None, metadata=POSITIVE)
     memory_growth: bool = True  # allocate GPU memory as needed instead of all at start
     # peak memory above this makes a run infeasible
-    memory_budget_mb: float | None = field(default=None, metadata=rule(lambda v: _number(v) and v > 0,
+    memory_budget_mb: float | None = field(default=None, metadata=rule(lambda v: is_number(v) and v > 0,
                                                                           "use a positive number of MiB or null"))
     # Each worker process claims this many of the host's GPUs for itself (a slot of its own,
     # set as CUDA_VISIBLE_DEVICES before TensorFlow starts); null: every visible GPU.
@@ -544,93 +523,19 @@ def gpu_card(preset: str, memory_limit_mb: int) -> Callable[[], DeviceConfig]:
 
 
 @dataclass
-class BatchFinderConfig:
-    """``task=max_batch``: how the largest and the useful batch size are searched."""
-
-    granularity: int = field(default=8, metadata=POSITIVE)  # batch sizes are multiples of this
-    min_batch_size: int = field(default=8, metadata=POSITIVE)
-    max_batch_size: int = field(default=4096, metadata=POSITIVE)
-    headroom: float = field(default=0.1, metadata=FRACTION)  # the recommended size leaves this share of the budget free
-    probe_seconds: float = field(default=3.0, metadata=SECONDS)  # steady-state seconds a probe trains
-    probe_timeout_s: float = field(default=300.0, metadata=SECONDS)  # a probe that takes longer counts as too big
-    cache: bool = True  # remember results by fingerprint (model, k, device, TF version)
-    cache_dir: str | None = None  # None: mlruns/batch_cache
-    # The useful batch needs the gradient noise scale, which grows as the loss falls: it is
-    # measured by a short training at the recommended size after the probes, for this many
-    # seconds of training, in their second half (0: no warm-up and no useful batch, unless
-    # noise_from) ...
-    noise_warmup_s: float = field(default=20.0, metadata=rule(lambda v: _number(v) and v >= 0,
-                                                              "use a number of seconds, or 0 (no warm-up)"))
-    # ... or taken from a longer training run of yours: its MLflow run id (its last
-    # optim/gradient_noise_scale, converted by tokens when its k differs).
-    noise_from: str | None = field(default=None, metadata=rule(
-        lambda v: isinstance(v, str) and v.strip() != "", "use an MLflow run id, or null"))
-
-    def __post_init__(self) -> None:
-        check_fields(self, "batch_finder.")
-        if self.max_batch_size < max(self.granularity, self.min_batch_size):
-            raise ConfigError("batch_finder.max_batch_size", self.max_batch_size,
-                              f"use at least batch_finder.granularity={self.granularity} "
-                              f"and min_batch_size={self.min_batch_size}")
-
-
-@dataclass
-class NightlyConfig:
-    """``sweep=nightly``: repeats, the baseline a night is judged against, and the verdict's rules."""
-
-    record: bool = False  # set by sweep=nightly: each job records its figures for the report
-    # the whole matrix runs this often, round after round, so drift hits every entry alike
-    rounds: int = field(default=5, metadata=rule(lambda v: _whole(v) and v >= 2,
-                                                 "use 2 or more: a verdict needs the spread of repeated samples"))
-    baseline: str | None = None  # a pinned nightly_results.json; None: the last good night on this device
-    accept: bool = False  # tonight becomes the baseline: a regression or a matrix change accepted on purpose
-    advance: bool = False  # a good night rewrites the baseline file, which then holds the last good night
-    history_runs: int = field(default=7, metadata=POSITIVE)  # previous nights drawn in the trend plots
-    # the figures judged, and the relative change beyond which each regresses
-    thresholds: dict[str, float] = field(default_factory=lambda: dict(NIGHTLY_THRESHOLDS))
-    # The interval already carries the noise; a threshold may also widen to this many robust
-    # sigmas of the samples' spread (0: never), to at most max_widening times itself.
-    noise_sigmas: float = field(default=0.0, metadata=rule(lambda v: _number(v) and v >= 0,
-                                                           "use 0 (no widening) or a positive number"))
-    max_widening: float = field(default=2.0, metadata=rule(lambda v: _number(v) and v >= 1, "use 1 (never widen) or more"))
-    # a regression's bootstrap interval on the change, at this level, excludes no change
-    confidence: float = field(default=0.9, metadata=rule(lambda v: _number(v) and 0.5 <= v < 1,
-                                                         "use a level from 0.5 up to (not including) 1, e.g. 0.9"))
-    allow_other_device: bool = False  # compare with a baseline file from another device
-
-    def __post_init__(self) -> None:
-        check_fields(self, "nightly.")
-        if self.baseline is not None and not Path(self.baseline).expanduser().is_file() and not (
-                self.accept or self.advance):
-            raise ConfigError("nightly.baseline", self.baseline, "use the path of a nightly_results.json, or null "
-                                                                 "(with nightly.accept or nightly.advance it is written)")
-        for figure, threshold in self.thresholds.items():
-            if figure not in NIGHTLY_THRESHOLDS:
-                raise ConfigError("nightly.thresholds", figure, f"use one of {', '.join(NIGHTLY_THRESHOLDS)}")
-            if not _number(threshold) or threshold < 0:
-                raise ConfigError(f"nightly.thresholds.{figure}", threshold, "use a relative change such as 0.1 (10%)")
-
-
-@dataclass
 class ExperimentConfig:
     k: int = field(default=25, metadata=POSITIVE)  # chunk length: timesteps per TBPTT chunk
     batch_size: int = field(default=32, metadata=POSITIVE)  # streams trained side by side
     padding: Padding = Padding.dummy
     reset: Reset = Reset.sequence
-    seed: int = field(default=0, metadata=rule(lambda v: _whole(v) and 0 <= v < 2**32,
+    seed: int = field(default=0, metadata=rule(lambda v: is_whole(v) and 0 <= v < 2**32,
                                                "use a whole number from 0 to 4294967295 (NumPy's seed range)"))
     objective: str = "val_loss"  # returned to a sweeper (last epoch); "a,b" for several
-    task: Task = Task.train
-    # true: TensorFlow's C++ logs and MLflow's INFO lines on the console too
-    verbose: bool = field(default=False, metadata=BOOL)
     data: DataConfig = field(default_factory=CharsDataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    batch_finder: BatchFinderConfig = field(default_factory=BatchFinderConfig)
-    nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -669,32 +574,12 @@ PRESETS: dict[str, dict[str, Callable[[], Any]]] = {
     "model": {"lstm": ModelConfig, "seed": seed_model, "custom": custom_model},
     "engine": {"graph": EngineConfig, "keras_fit": lambda: EngineConfig(EngineName.keras_fit)},
     "trainer": {"default": TrainerConfig, "quick": lambda: TrainerConfig(epochs=1)},  # quick: one short epoch
-    "tracking": {"mlflow": TrackingConfig, "none": lambda: TrackingConfig(enabled=False)},
     # auto: the first GPU if there is one, else the CPU; GPU memory grows as needed. The others
     # cap the GPU to emulate a smaller card: NVIDIA Quadro K2200 (4 GB, the classic question's
     # card), 16 GB (V100 16GB, T4), 24 GB (RTX 3090/4090, A10, L4), 80 GB (A100/H100 80GB).
     "device": {"auto": DeviceConfig, "k2200": gpu_card("k2200", 4096), "gpu16": gpu_card("gpu16", 16384),
                "gpu24": gpu_card("gpu24", 24576), "gpu80": gpu_card("gpu80", 81920)},
 }
-
-
-# Settings a task does not read, left out of its run's params and its fingerprint (MLflow's
-# columns and comparisons are then about what made runs differ). Tracking settings say where
-# a run is recorded, not what ran.
-NOT_READ_BY = {
-    Task.train: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
-    Task.max_batch: ("task", "verbose", "tracking.", "nightly.", "batch_size", "trainer.epochs", "objective",
-                     "trainer.max_time_s", "trainer.target_val_loss"),
-    Task.cleanup: ("task", "verbose", "tracking.", "batch_finder.", "nightly."),
-}
-
-
-def settings_read(cfg: ExperimentConfig, task: Task | None = None) -> dict[str, Any]:
-    """The settings ``task`` (default ``cfg.task``) reads, flattened (``model.units``...); a
-    nightly entry keeps ``nightly.*``, which decide how it is judged."""
-    skip = tuple(s for s in NOT_READ_BY[task or cfg.task] if not (cfg.nightly.record and s == "nightly."))
-    unread = tuple(f"model.{name}" for name in BUILT_IN_MODEL) if cfg.model.factory else ("model.factory", "model.params")
-    return {k: v for k, v in flatten(to_dict(cfg)).items() if not k.startswith(skip + unread)}
 
 
 def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
@@ -726,6 +611,13 @@ def to_dict(cfg: ExperimentConfig) -> dict:
     """The config as plain JSON-able data (what crosses a process boundary); choices as their names."""
     return dataclasses.asdict(cfg, dict_factory=lambda items: {k: v.value if isinstance(v, Enum) else v
                                                                for k, v in items})
+
+
+def experiment_dict(cfg: ExperimentConfig) -> dict:
+    """``to_dict`` of the experiment alone, a subclass's own settings (the app's: tracking, the
+    batch finder...) left out: what a probe process builds its ``ExperimentConfig`` from."""
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    return {name: value for name, value in to_dict(cfg).items() if name in names}
 
 
 def from_dict(values: dict, kind: type = ExperimentConfig, prefix: str = "") -> Any:

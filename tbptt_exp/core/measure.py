@@ -55,7 +55,6 @@ class Figure:
     label: str = ""  # a plot's axis title; the name and unit when empty
     higher_is_better: bool = False
     objective: bool = False  # a sweep or a study may optimise it
-    nightly_threshold: float | None = None  # judged by the nightly benchmark, with this default threshold
     sweep_table: bool = False  # a column of a sweep's results table and a ``best/`` metric of its parent
     probe: bool = False  # a batch-size probe reports it
 
@@ -79,13 +78,13 @@ class Figure:
 PEAK_MEMORY = Figure(
     "peak_memory_mb", "memory/allocator_peak_mb",
     "TensorFlow's allocator peak on the training device since the run started, training and validation included",
-    fmt=",.1f", unit="MB", label="allocator peak (MB)", objective=True, nightly_threshold=0.10, sweep_table=True, probe=True)
+    fmt=",.1f", unit="MB", label="allocator peak (MB)", objective=True, sweep_table=True, probe=True)
 REAL_TOKENS = Figure(
     "tokens_per_s", "speed/real_tokens_per_s",
     f"real tokens per second: the median over steady-state windows of at least {WINDOW_S} s, each closed by one "
     "host sync, the first execution (compilation) left out",
     fmt=",.0f", unit="tokens/s", label="real tokens/s", higher_is_better=True, objective=True,
-    nightly_threshold=0.15, sweep_table=True, probe=True)
+    sweep_table=True, probe=True)
 REAL_TOKENS_SPREAD = Figure(
     "tokens_per_s_spread", "speed/real_tokens_per_s_iqr",
     "the interquartile range of those windows' real-token rates (absent with a single window)",
@@ -104,7 +103,7 @@ NOISE_SCALE = Figure(
 VAL_LOSS = Figure(
     "val_loss", "loss/val", "the loss per weighted validation step, state carried as in training: "
     "cross-entropy (nats) for classes, squared error of standardised targets for regression",
-    fmt=".4f", objective=True, nightly_threshold=0.05, sweep_table=True)
+    fmt=".4f", objective=True, sweep_table=True)
 TRAINING_TIME = Figure(
     "training_time_s", "time/training_s", "the run's training wall time, every epoch's (validation left out)",
     fmt=".1f", unit="s")
@@ -115,6 +114,11 @@ OVER_BUDGET = Figure(
     "peak_memory_over_budget_mb", "memory/over_budget_mb",
     "the allocator peak less device.memory_budget_mb (negative: within the budget)", fmt=",.1f", unit="MB")
 
+EPOCH_TIME = Figure(
+    "epoch_time_s", "speed/epoch_time_s", "the epoch's training wall time (layout and validation left out)",
+    fmt=".1f", unit="s", objective=True)
+COMPILE_TIME = Figure(
+    "compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation", fmt=".1f", unit="s")
 VAL_ACCURACY = Figure(
     "val_accuracy", "loss/val_accuracy",
     "the share of weighted validation steps whose most likely class is the target (classification)",
@@ -162,8 +166,7 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            fmt=",.0f", unit="tokens/s", higher_is_better=True, probe=True),
     PEAK_MEMORY,
     PEAK_RSS,
-    Figure("epoch_time_s", "speed/epoch_time_s", "the epoch's training wall time (layout and validation left out)",
-           fmt=".1f", unit="s", objective=True, nightly_threshold=0.20),
+    EPOCH_TIME,
     Figure("first_execution_s", "speed/first_execution_s", "the epoch's first execution, timed on its own",
            fmt=".1f", unit="s"),
     Figure("validation_time_s", "speed/validation_time_s", "the epoch's validation pass, timed on its own",
@@ -177,8 +180,7 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
            "trainer.target_val_loss (absent: not reached)", fmt=".1f", unit="s"),
     Figure("tokens_to_target", "time/real_tokens_to_target", "real tokens trained until that validation",
            fmt=",.0f", unit="tokens"),
-    Figure("compile_time_s", "speed/compile_time_s", "the run's first execution: tracing and compilation",
-           fmt=".1f", unit="s", nightly_threshold=0.50),
+    COMPILE_TIME,
     Figure("padding_waste", "padding/waste", "the padded share of all timesteps computed",
            fmt=".1%", sweep_table=True),
     Figure("num_params", "model/num_params", "the model's parameter count", fmt=",.0f"),
@@ -193,7 +195,6 @@ FIGURES: dict[str, Figure] = {f.name: f for f in (
     Figure("probes", "batch/probes", "the probe runs the search took", fmt="d"),
 )}
 OBJECTIVES = tuple(f.name for f in FIGURES.values() if f.objective)
-NIGHTLY_THRESHOLDS = {f.name: f.nightly_threshold for f in FIGURES.values() if f.nightly_threshold is not None}
 PROBE_FIGURES = tuple(f for f in FIGURES.values() if f.probe)
 SWEEP_TABLE = tuple(f for f in FIGURES.values() if f.sweep_table)
 # What the noise scale's warm-up reports: the scale and the point of training it was measured at.

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from scipy.optimize import isotonic_regression
 
+from tbptt_exp.app.settings import BatchFinderConfig, RunConfig, Task, settings_read
 from tbptt_exp.app.tracking import metrics
-from tbptt_exp.core.config import BatchFinderConfig, ConfigError, ExperimentConfig, Task, settings_read, to_dict
+from tbptt_exp.core.config import ConfigError, experiment_dict
 from tbptt_exp.core.factories import factory_source
 from tbptt_exp.core.measure import (
     FIGURES,
@@ -316,7 +317,7 @@ def describe_device(config: dict, timeout_s: float, entry: Callable[[dict], dict
     return result
 
 
-def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
+def budget_for(device: dict, cfg: RunConfig) -> float | None:
     """The memory a batch may use: the budget setting, else the GPU's cap or total memory."""
     if cfg.device.memory_budget_mb is not None:
         return float(cfg.device.memory_budget_mb)
@@ -332,7 +333,7 @@ def budget_for(device: dict, cfg: ExperimentConfig) -> float | None:
 NOT_DECISIVE = ("batch_finder.cache", "batch_finder.cache_dir", "batch_finder.probe_timeout_s")
 
 
-def fingerprint(cfg: ExperimentConfig, device: dict, tensorflow: str, data: str = "") -> str:
+def fingerprint(cfg: RunConfig, device: dict, tensorflow: str, data: str = "") -> str:
     """Everything that decides a probe's answer: the settings the search reads, the data they
     name (its content: a file that changed is searched again), the device, TensorFlow."""
     config = {k: v for k, v in settings_read(cfg, Task.max_batch).items() if k not in NOT_DECISIVE}
@@ -384,7 +385,7 @@ def cache_dir(cfg: BatchFinderConfig) -> Path:
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_store_dir() / "batch_cache"
 
 
-def measure_noise(cfg: ExperimentConfig, batch_size: int, probe_entry: Callable[[dict], dict],
+def measure_noise(cfg: RunConfig, batch_size: int, probe_entry: Callable[[dict], dict],
                   dataset=None) -> NoiseScale | None:
     """The gradient noise scale from a warm-up training of ``batch_finder.noise_warmup_s`` at
     ``batch_size``, in a process of its own like a probe (``probe.warm_up``); None where the
@@ -395,7 +396,7 @@ def measure_noise(cfg: ExperimentConfig, batch_size: int, probe_entry: Callable[
     finder = cfg.batch_finder
     if not finder.noise_warmup_s:
         return None
-    request = {"config": to_dict(cfg), "warmup": True, "seconds": finder.noise_warmup_s, "dataset": dataset,
+    request = {"config": experiment_dict(cfg), "warmup": True, "seconds": finder.noise_warmup_s, "dataset": dataset,
                "batch_size": batch_size}
     found = launch(request, finder.probe_timeout_s + finder.noise_warmup_s, probe_entry)
     if found.get("outcome") != "warmup":
@@ -421,7 +422,7 @@ def useful_batch(probes: list[Probe], best: int, noise: NoiseScale | None,
     return size, scored[size]
 
 
-def noise_for(cfg: ExperimentConfig, found: SearchResult, noise: NoiseScale | None, probe_entry: Callable[[dict], dict],
+def noise_for(cfg: RunConfig, found: SearchResult, noise: NoiseScale | None, probe_entry: Callable[[dict], dict],
               dataset, say: Callable[[str], None]) -> tuple[NoiseScale | None, float]:
     """The noise scale given (``batch_finder.noise_from``) or measured by a warm-up at the
     recommended size, said and scored against the probes; with the warm-up's seconds."""
@@ -437,7 +438,7 @@ def noise_for(cfg: ExperimentConfig, found: SearchResult, noise: NoiseScale | No
 
 
 def find_max_batch(
-    cfg: ExperimentConfig,
+    cfg: RunConfig,
     on_probe: Callable[[Probe], None] | None = None, say: Callable[[str], None] = print,
     probe_entry: Callable[[dict], dict] | None = None, dataset=None, device: dict | None = None,
     noise: NoiseScale | None = None,
@@ -449,7 +450,7 @@ def find_max_batch(
     else it is asked here; ``noise``: the noise scale taken from elsewhere
     (``batch_finder.noise_from``), else measured by a warm-up (``measure_noise``)."""
     finder, probe_entry = cfg.batch_finder, probe_entry or PROBE_ENTRY
-    device = device or describe_device(to_dict(cfg), finder.probe_timeout_s, probe_entry, dataset)
+    device = device or describe_device(experiment_dict(cfg), finder.probe_timeout_s, probe_entry, dataset)
     budget = budget_for(device["device"], cfg)
     key = fingerprint(cfg, device["device"], device["tensorflow"], dataset.fingerprint if dataset else "")
     cached = cache_dir(finder) / f"{key}.json"
@@ -464,7 +465,7 @@ def find_max_batch(
 
     def probe(batch_size: int) -> Probe:
         one_epoch = replace(cfg, batch_size=batch_size, trainer=replace(cfg.trainer, epochs=1))
-        request = {"config": to_dict(one_epoch), "seconds": finder.probe_seconds, "dataset": dataset}
+        request = {"config": experiment_dict(one_epoch), "seconds": finder.probe_seconds, "dataset": dataset}
         found = Probe.from_answer(batch_size, launch(request, finder.probe_timeout_s, probe_entry))
         say(found.describe(cfg.k, budget))
         return found

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from tbptt_exp.core.config import NightlyConfig
-from tbptt_exp.core.measure import FIGURES, NIGHTLY_THRESHOLDS
+from tbptt_exp.app.settings import NIGHTLY_THRESHOLDS, NightlyConfig
+from tbptt_exp.core.measure import FIGURES
 
 EXIT_REGRESSED = 4  # a figure regressed, or the matrix has a gap
 RED = ("regressed", "missing", "added", "invalid")

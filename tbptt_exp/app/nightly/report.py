@@ -21,10 +21,9 @@ from tbptt_exp.app.nightly.nightly import (
     group_samples,
     night_verdict,
 )
+from tbptt_exp.app.settings import NIGHTLY_THRESHOLDS, NightlyConfig
 from tbptt_exp.app.tracking import metrics
 from tbptt_exp.app.tracking.provenance import git_commit
-from tbptt_exp.core.config import NightlyConfig
-from tbptt_exp.core.measure import NIGHTLY_THRESHOLDS
 
 EXIT_NO_BASELINE = 2
 COLOURS = {"regressed": "#fdd", "missing": "#fdd", "added": "#fdd", "invalid": "#fdd", "improved": "#dfd",

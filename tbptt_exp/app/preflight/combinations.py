@@ -15,7 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tbptt_exp.app.preflight.did_you_mean import to_experiment
 from tbptt_exp.app.preflight.hydra_errors import composition_error
-from tbptt_exp.core.config import PRESETS, ConfigError
+from tbptt_exp.app.settings import PRESETS
+from tbptt_exp.core.config import ConfigError
 from tbptt_exp.core.data import load_dataset
 from tbptt_exp.paths import sweeps_dir
 

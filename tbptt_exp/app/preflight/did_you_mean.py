@@ -10,10 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tbptt_exp.core.config import ConfigError, ExperimentConfig
+from tbptt_exp.app.settings import RunConfig
+from tbptt_exp.core.config import ConfigError
 
 
-def to_experiment(config: DictConfig) -> ExperimentConfig:
+def to_experiment(config: DictConfig) -> RunConfig:
     """A composed config (its ``hydra`` node aside) -> the one config object, which checks
     itself as it is built (``OmegaConf.to_object`` runs each class's ``__post_init__``).
     A key that no settings class has (``+trainer.lr=0.5``) would be dropped without a word,

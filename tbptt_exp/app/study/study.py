@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tbptt_exp.app.console import Stopped, say
+from tbptt_exp.app.settings import TrackingConfig
 from tbptt_exp.app.signals import deferred
 from tbptt_exp.app.study.report import COST_FIGURES, EPOCHS_ATTR, RUN_ATTR, log_study_summary
 from tbptt_exp.app.study.search_space import StudySettings, make_pruner, make_sampler, search_space
@@ -39,7 +40,6 @@ from tbptt_exp.app.sweep.sweep import SweepLink, job_error, section
 from tbptt_exp.app.tracking.provenance import environment_tags
 from tbptt_exp.app.tracking.run import KILLED, Ending, TrackedRun, ending_of, make_tracker
 from tbptt_exp.app.tracking.stores import default_storage_url, mask_credentials
-from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import OVER_BUDGET
 
 

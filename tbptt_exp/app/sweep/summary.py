@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 from tbptt_exp.app import tables
 from tbptt_exp.app.batch import frontier
 from tbptt_exp.app.console import error, say
+from tbptt_exp.app.settings import NightlyConfig, TrackingConfig
 from tbptt_exp.app.sweep.sweep import JobEvents, JobResult, SweepLink, section
 from tbptt_exp.app.tracking import metrics as names
 from tbptt_exp.app.tracking.provenance import environment_tags
 from tbptt_exp.app.tracking.run import make_tracker
-from tbptt_exp.core.config import DeviceConfig, NightlyConfig, TrackingConfig, objective_names
+from tbptt_exp.core.config import DeviceConfig, objective_names
 from tbptt_exp.core.measure import FIGURES, PEAK_MEMORY, REAL_TOKENS, SWEEP_TABLE
 
 

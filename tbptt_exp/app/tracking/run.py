@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from tbptt_exp.app import signals
+from tbptt_exp.app.settings import TrackingConfig
 from tbptt_exp.app.signals import Deferring, deferred
 from tbptt_exp.app.tracking.liveness import HEARTBEATS, close_dead_runs, this_process
 from tbptt_exp.app.tracking.stores import creation_lock, holders, mask_credentials, resolve_uri, sqlite_path
 from tbptt_exp.app.tracking.ui import EXPERIMENT_KIND, VIEW_COLUMNS, VIEW_TAG, run_url, saved_view, ui_command
-from tbptt_exp.core.config import TrackingConfig
 from tbptt_exp.core.measure import mlflow_names
 
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
