@@ -66,6 +66,7 @@ def test_files_that_cannot_be_read_are_reported_not_dropped(tmp_path):
     assert "first 50 characters of about" in capped  # a cap says so
 
 
+@pytest.mark.slow  # a whole command under a resource limit: 20-45 s here
 def test_a_model_that_fits_the_host_but_not_the_device_is_one_line(tmp_path):
     """The host-memory check passes (9 GB of 24), the device runs out while building: here the
     CPU allocator under a 4 GB address-space limit stands in for a GPU's memory."""

@@ -194,19 +194,49 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", BAD, ids=list(BAD))
-def test_bad_data_is_one_line_exit_2_and_no_run(tmp_path, case):
-    make, args, says = BAD[case]
+def bad_data_args(tmp_path, case) -> list[str]:
+    """The command-line settings of a ``BAD`` case, its file written in ``tmp_path``."""
+    make, args, _ = BAD[case]
     make(tmp_path)
     data = [a for a in args if a.startswith("data=")] or ["data=arrays"]
     path = tmp_path / ("d.csv" if data == ["data=table"] else "d.npz")
+    return [*data, f"data.path={path}", *[a for a in args if not a.startswith("data=")], "k=5"]
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_data_is_refused_in_one_line_that_names_it_with_no_warning(tmp_path, case):
+    """The job's own data check (``train.prepare``, before a run is recorded) on the settings
+    Hydra composes from the command line, warnings made errors: a NumPy warning fails it."""
+    import warnings
+
+    from hydra import compose, initialize_config_dir
+
+    from tbptt_exp.app.preflight.did_you_mean import to_experiment
+    from tbptt_exp.core.train import prepare
+    from tbptt_exp.paths import conf_dir
+
+    args = bad_data_args(tmp_path, case)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        composed = compose("config", overrides=args)
+    with warnings.catch_warnings(), pytest.raises(ConfigError) as refused:
+        warnings.simplefilter("error")
+        prepare(to_experiment(composed))  # some settings check the file as they are built
+    line = str(refused.value)
+    assert line.startswith("data.") and "\n" not in line
+    for text in BAD[case][2]:
+        assert text in line, line
+
+
+# The command on three of them (arrays, a table, bad targets that NumPy would warn about):
+# a data error is exit 2, one line on stderr, and no run recorded.
+@pytest.mark.parametrize("case", ["nan feature", "inf in a column", "infinite target"])
+def test_bad_data_is_one_line_exit_2_and_no_run(tmp_path, case):
     store = f"sqlite:///{tmp_path / 'm.db'}"
-    out = cli([*data, f"data.path={path}", *[a for a in args if not a.startswith("data=")], "k=5",
-               f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
+    out = cli([*bad_data_args(tmp_path, case), f"tracking.uri={store}"], cwd=tmp_path, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert out.stderr.startswith("tbptt-exp: error: data.")
-    for text in says:
+    for text in BAD[case][2]:
         assert text in out.stderr, out.stderr
     assert runs(store) == []
 

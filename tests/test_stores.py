@@ -50,7 +50,7 @@ def test_a_store_that_cannot_work_is_one_line_before_tensorflow_loads(tmp_path, 
     (tmp_path / "a-file").write_text("not a folder")
     truncated_sqlite(tmp_path / "broken.db")
     started = time.monotonic()
-    out = cli([*make_args(tmp_path), "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+    out = cli([*make_args(tmp_path), "trainer.epochs=1"], premade_store=False, cwd=tmp_path, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"tbptt-exp: error: {setting}") and says in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "pw@" not in out.stderr
@@ -93,7 +93,7 @@ def test_mlflow_and_optuna_never_share_a_database_and_the_store_still_works(tmp_
                                                    f"tracking.uri=sqlite:///{tmp_path / 'other.db'}"],
                                                   "hydra.sweeper.storage="),
     }[case]
-    out = cli([*args, "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+    out = cli([*args, "trainer.epochs=1"], premade_store=False, cwd=tmp_path, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith(f"tbptt-exp: error: {setting}"), out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 1 and "own" in out.stderr
     assert not fresh.exists()
@@ -155,7 +155,7 @@ class LoginRequired(Quiet):
 def test_a_web_server_that_is_not_mlflow_is_one_line_before_tensorflow_loads(tmp_path):
     """``python -m http.server`` answers /health with its file listing; the MLflow API call does not pass."""
     with web_server(Quiet) as url:
-        out = cli([f"tracking.uri={url}", "trainer.epochs=1"], cwd=tmp_path, timeout=120)
+        out = cli([f"tracking.uri={url}", "trainer.epochs=1"], premade_store=False, cwd=tmp_path, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"tbptt-exp: error: tracking.uri='{url}' is not allowed: not an MLflow tracking "
                                  "server: GET /api/2.0/mlflow/experiments/search answered HTTP 404")
@@ -194,8 +194,8 @@ def test_wrong_credentials_for_a_real_login_server_are_one_line_and_right_ones_t
     server, port = start_mlflow_server(tmp_path, "--app-name", "basic-auth", env=server_env)
     store = [*TINY[:-1], "trainer.epochs=1"]
     try:
-        wrong = cli([f"tracking.uri=http://admin:Wr0ng-guess@127.0.0.1:{port}", *store], cwd=tmp_path, timeout=120)
-        right = cli([f"tracking.uri=http://admin:{admin}@127.0.0.1:{port}", *store], cwd=tmp_path, timeout=300)
+        wrong = cli([f"tracking.uri=http://admin:Wr0ng-guess@127.0.0.1:{port}", *store], premade_store=False, cwd=tmp_path, timeout=120)
+        right = cli([f"tracking.uri=http://admin:{admin}@127.0.0.1:{port}", *store], premade_store=False, cwd=tmp_path, timeout=300)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -205,6 +205,7 @@ def test_wrong_credentials_for_a_real_login_server_are_one_line_and_right_ones_t
     assert admin not in right.stdout + right.stderr and "open the run in MLflow" in right.stdout
 
 
+@pytest.mark.slow  # a whole command under a resource limit: 20-45 s here
 def test_a_disk_that_fills_while_the_store_is_made_leaves_nothing_half_made(tmp_path):
     """The new SQLite store is built aside and moved into place: a write that fails (here a
     file-size limit, as a full disk) leaves no file, and the next run makes the store whole."""
@@ -215,7 +216,7 @@ def test_a_disk_that_fills_while_the_store_is_made_leaves_nothing_half_made(tmp_
     from tbptt_exp.app.tracking.stores import create_store
 
     store = tmp_path / "mlflow.db"
-    out = cli([f"tracking.uri=sqlite:///{store}", "trainer.epochs=1"], cwd=tmp_path, timeout=120,
+    out = cli([f"tracking.uri=sqlite:///{store}", "trainer.epochs=1"], premade_store=False, cwd=tmp_path, timeout=120,
               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)))
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"tbptt-exp: error: tracking.uri='sqlite:///{store}' is not allowed: the new store "
