@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tbptt_exp.app.nightly.baseline import BaselineError, baseline_from_file, last_good, samples_of
-from tbptt_exp.app.nightly.nightly import EXIT_REGRESSED, compare, entry_name, night_verdict
+from tbptt_exp.app.nightly.nightly import EXIT_REGRESSED, NightlyEntry, compare, entry_name, night_verdict
 from tbptt_exp.app.settings import NightlyConfig
 
 
@@ -75,8 +75,7 @@ def test_a_lasting_regression_stays_flagged_against_the_last_good_night():
 
 
 def entries_of(tokens_per_s: list[float], fingerprint="CPU | 1 MB | TensorFlow 2.21.0"):
-    return [{"name": "engine=graph", "device_fingerprint": fingerprint,
-             "figures": {"tokens_per_s": t, "val_loss": 1.5}} for t in tokens_per_s]
+    return [NightlyEntry("engine=graph", fingerprint, {"tokens_per_s": t, "val_loss": 1.5}) for t in tokens_per_s]
 
 
 def test_a_pinned_baseline_stays_until_a_night_is_accepted(tmp_path):

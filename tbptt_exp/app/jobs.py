@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tbptt_exp.app import signals
 from tbptt_exp.app.batch import frontier
@@ -56,6 +56,9 @@ from tbptt_exp.core.measure import (
 )
 from tbptt_exp.core.probes.probe import classify_error
 from tbptt_exp.core.train import RunResult, build, model_size, prepare, train
+
+if TYPE_CHECKING:  # the nightly's statistics (SciPy) load for a nightly only
+    from tbptt_exp.app.nightly.nightly import NightlyEntry
 
 EXIT_PROBE_ERROR = 3
 
@@ -182,7 +185,7 @@ def out_of_memory_is_one_line(experiment: RunConfig, dataset, doing: str,
                           f"{where}; use a smaller model (model.units, model.layers)") from None
 
 
-def nightly_entry(result: RunResult, ctx: JobContext) -> dict:
+def nightly_entry(result: RunResult, ctx: JobContext) -> NightlyEntry:
     from tbptt_exp.app.nightly import nightly  # its statistics (SciPy) load for a nightly only
 
     return nightly.entry(result, ctx.overrides)

@@ -46,14 +46,21 @@ def device_fingerprint(device: dict[str, str], tensorflow: str) -> str:
     return f"{device.get('device_name')} | {device.get('device_memory_mb')} MB | TensorFlow {tensorflow}"
 
 
-def entry(result, task_overrides: list[str]) -> dict:
+@dataclass
+class NightlyEntry:
+    """One sample of a matrix entry: what a nightly job hands its sweep."""
+
+    name: str  # ``entry_name``: the entry's own overrides
+    device_fingerprint: str
+    figures: dict[str, float | None]  # one sample of every figure the nightly judges
+
+
+def entry(result, task_overrides: list[str]) -> NightlyEntry:
     """A nightly matrix entry from a training run (``RunResult``): a stable name and one
     sample of every figure the nightly judges."""
-    return {
-        "name": entry_name(task_overrides),
-        "device_fingerprint": device_fingerprint(result.device, importlib.metadata.version("tensorflow")),
-        "figures": {name: result.value(name) for name in NIGHTLY_THRESHOLDS},
-    }
+    return NightlyEntry(entry_name(task_overrides),
+                        device_fingerprint(result.device, importlib.metadata.version("tensorflow")),
+                        {name: result.value(name) for name in NIGHTLY_THRESHOLDS})
 
 
 @dataclass
@@ -69,12 +76,12 @@ class Comparison:
     samples: tuple[int, int] = (0, 0)  # (baseline, tonight)
 
 
-def group_samples(entries: list[dict]) -> dict[str, dict[str, list[float | None]]]:
+def group_samples(entries: list[NightlyEntry]) -> dict[str, dict[str, list[float | None]]]:
     """Entries of every round -> {entry name: {figure: [one sample per round]}}."""
     grouped: dict[str, dict[str, list]] = {}
     for entry in entries:
-        figures = grouped.setdefault(entry["name"], {})
-        for figure, value in entry["figures"].items():
+        figures = grouped.setdefault(entry.name, {})
+        for figure, value in entry.figures.items():
             figures.setdefault(figure, []).append(value)
     return grouped
 

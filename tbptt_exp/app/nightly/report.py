@@ -17,6 +17,7 @@ from tbptt_exp.app.nightly.nightly import (
     GOOD_NIGHTS,
     RED,
     Comparison,
+    NightlyEntry,
     compare,
     group_samples,
     night_verdict,
@@ -127,13 +128,13 @@ def report_html(markdown: str, rows: list[Comparison], plots: list[Path], confid
             f"</head><body><h1>{title}</h1><ul>{items}</ul>{table}{images}</body></html>")
 
 
-def results_record(entries: list[dict], rounds: int) -> dict:
+def results_record(entries: list[NightlyEntry], rounds: int) -> dict:
     """Tonight's results file: every sample of every entry, and each figure's median."""
     tonight = group_samples(entries)
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "device_fingerprint": entries[0]["device_fingerprint"],
+        "device_fingerprint": entries[0].device_fingerprint,
         "rounds": rounds,
         "entries": [{"name": name, "figures": {f: statistics.median([v for v in vs if v is not None])
                                                if any(v is not None for v in vs) else None for f, vs in figures.items()},
@@ -141,7 +142,7 @@ def results_record(entries: list[dict], rounds: int) -> dict:
     }
 
 
-def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, parent,
+def report(entries: list[NightlyEntry], sweep_dir: Path, cfg: NightlyConfig, tracker, parent,
            failed: list[str] | None = None) -> int:
     """Judge tonight's samples against the baseline, write the report; the exit code.
 
@@ -156,7 +157,7 @@ def report(entries: list[dict], sweep_dir: Path, cfg: NightlyConfig, tracker, pa
     results = results_record(entries, cfg.rounds)
     (sweep_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     try:
-        baseline, note, history = choose_baseline(cfg, {e["device_fingerprint"] for e in entries}, tracker,
+        baseline, note, history = choose_baseline(cfg, {e.device_fingerprint for e in entries}, tracker,
                                                   parent.run_id)
     except BaselineError as failure:
         error(str(failure))

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 if TYPE_CHECKING:  # the finder loads the core: a sweeper that never finds a batch does without it
     from tbptt_exp.app.batch.frontier import FrontierRow
+    from tbptt_exp.app.nightly.nightly import NightlyEntry
 
 T = TypeVar("T")
 
@@ -70,7 +71,7 @@ class JobResult:
     run_id: str | None = None
     summary: dict[str, float | None] = field(default_factory=dict)  # final figures, for the sweep's table
     frontier_row: FrontierRow | None = None  # task=max_batch: the batch frontier for this job's k
-    nightly_entry: dict | None = None  # nightly.record: a matrix entry and its figures
+    nightly_entry: NightlyEntry | None = None  # nightly.record: a matrix entry and its figures
 
     @property
     def objective(self) -> float | list[float]:
