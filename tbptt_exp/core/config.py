@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tbptt_exp.core.measure import OBJECTIVES
 
@@ -279,14 +279,11 @@ def _existing(path: str | None, setting: str, what: str) -> None:
 
 
 @dataclass
-class ArraysDataConfig:
-    """Your sequences as NumPy arrays: a ``.npz`` (or a folder of ``.npy`` files) holding ``x``
-    (features or token ids per step; ``(N, T, F)`` for N sequences of length T), ``y`` (targets
-    per step or per sequence) and optionally ``lengths`` (steps per sequence). No path: an
-    embedded example (ragged sequences of 4 features, a label per step)."""
+class OwnSequencesConfig:
+    """What your arrays and your tables share: where the data is, its task and its split."""
 
-    name: str = "arrays"
-    path: str | None = None  # a .npz, or a folder holding x.npy, y.npy and optionally lengths.npy
+    name: str = ""
+    path: str | None = None
     val_path: str | None = None  # validation in the same format; None: the last val_fraction of sequences
     task: DataTask = DataTask.auto
     num_classes: int | None = field(default=None, metadata=rule(lambda v: is_whole(v) and v >= 2,
@@ -294,41 +291,46 @@ class ArraysDataConfig:
     normalize: bool = field(default=True, metadata=BOOL)  # float features and regression targets, by training steps
     val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
 
+    FILES: ClassVar[str] = ""  # what data.path names, in the line that says there is no such file
+    fixed_length = None  # sequences are as long as the data makes them
+
     def __post_init__(self) -> None:
         check_data_kind(self)
         check_fields(self, "data.")
-        what = "a .npz file or of a folder with x.npy and y.npy (numeric arrays, no pickle)"
-        _existing(self.path, "data.path", what + ", or null for the embedded example")
-        _existing(self.val_path, "data.val_path", what + ", or null for the last data.val_fraction")
-
-    fixed_length = None  # sequences are as long as the data makes them
+        _existing(self.path, "data.path", self.FILES + ", or null for the embedded example")
+        _existing(self.val_path, "data.val_path", self.FILES + ", or null for the last data.val_fraction")
 
 
 @dataclass
-class TableDataConfig:
+class ArraysDataConfig(OwnSequencesConfig):
+    """Your sequences as NumPy arrays: a ``.npz`` (or a folder of ``.npy`` files) holding ``x``
+    (features or token ids per step; ``(N, T, F)`` for N sequences of length T), ``y`` (targets
+    per step or per sequence) and optionally ``lengths`` (steps per sequence). No path: an
+    embedded example (ragged sequences of 4 features, a label per step)."""
+
+    name: str = "arrays"
+    path: str | None = None  # a .npz, or a folder holding x.npy, y.npy and optionally lengths.npy
+
+    FILES: ClassVar[str] = "a .npz file or of a folder with x.npy and y.npy (numeric arrays, no pickle)"
+
+
+@dataclass
+class TableDataConfig(OwnSequencesConfig):
     """Your sequences as a table, one row per timestep: a CSV or Parquet file. No path: an
     embedded example (sequences of 4 features, one label per sequence, on its last row)."""
 
     name: str = "table"
     path: str | None = None  # a .csv, .parquet or .pq file
-    val_path: str | None = None  # validation in the same format; None: the last val_fraction of sequences
     sequence_column: str | None = None  # the rows of one sequence share it; None: one long sequence
     time_column: str | None = None  # the order within a sequence (not a feature); None: file order
     target_column: Any = None  # a column name, or a list of them (several target values per step)
     feature_columns: list[str] | None = None  # None: every other numeric column
     target_level: TargetLevel = TargetLevel.step  # sequence: each sequence's last row holds its target
-    task: DataTask = DataTask.auto
-    num_classes: int | None = field(default=None, metadata=rule(lambda v: is_whole(v) and v >= 2,
-                                                                   "use 2 or more, or null"))
-    normalize: bool = field(default=True, metadata=BOOL)
-    val_fraction: float = field(default=0.1, metadata=VAL_FRACTION)
+
+    FILES: ClassVar[str] = "a CSV or Parquet file (.csv, .parquet, .pq), one row per timestep"
 
     def __post_init__(self) -> None:
-        check_data_kind(self)
-        check_fields(self, "data.")
-        what = "a CSV or Parquet file (.csv, .parquet, .pq), one row per timestep"
-        _existing(self.path, "data.path", what + ", or null for the embedded example")
-        _existing(self.val_path, "data.val_path", what + ", or null for the last data.val_fraction")
+        super().__post_init__()
         columns = {"sequence_column": self.sequence_column, "time_column": self.time_column,
                    "target_column": self.target_column, "feature_columns": self.feature_columns}
         if self.path is None:
@@ -348,8 +350,6 @@ class TableDataConfig:
     def target_columns(self) -> list[str]:
         value = self.target_column
         return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-    fixed_length = None
 
 
 DATA_KINDS: dict[str, type] = {"chars": CharsDataConfig, "key_recall": KeyRecallDataConfig,
