@@ -44,13 +44,13 @@ def cli(args, cwd, timeout=300, premade_store=True, **kwargs):
     """``python -m tbptt_exp args`` in ``cwd``; a new SQLite tracking store that ``args`` name
     starts as a copy of ``empty_store`` unless ``premade_store`` is false (what tests of making
     stores need)."""
+    from tbptt_exp.app.tracking.stores import sqlite_path
+
     for arg in args:
         key, _, url = arg.partition("=")
-        url = url.strip("'\"")
-        if premade_store and key == "tracking.uri" and url.startswith("sqlite:///"):
-            path = Path(url[len("sqlite:///"):])
-            if not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
-                shutil.copyfile(empty_store(), path)
+        path = sqlite_path(url.strip("'\"")) if premade_store and key == "tracking.uri" else None
+        if path and not path.exists() and path.parent.is_dir() and os.access(path.parent, os.W_OK):
+            shutil.copyfile(empty_store(), path)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     return subprocess.run(
         [sys.executable, "-m", "tbptt_exp", *args], cwd=cwd, env=env, capture_output=True,
