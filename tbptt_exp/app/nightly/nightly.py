@@ -15,7 +15,7 @@ judges each figure against the baseline's samples:
   or added), a figure that is NaN, infinite or not positive.
 
 Which way is better for each figure comes from ``measure.FIGURES``. Where the baseline
-comes from is ``nightly_baseline``; the report and its plots are ``nightly_report``.
+comes from is ``baseline``; the report and its plots are ``report``.
 """
 
 from __future__ import annotations
