@@ -1,5 +1,6 @@
 """End to end: the real CLI in a subprocess, tracked in a temporary MLflow store."""
 
+import atexit
 import functools
 import os
 import re
@@ -35,9 +36,10 @@ def empty_store() -> Path:
     experiment), made once per test process: making one runs MLflow's migrations, about 3 s."""
     from tbptt_exp.app.tracking.stores import create_store
 
-    path = Path(tempfile.mkdtemp(prefix="tbptt-store-")) / "mlflow.db"
-    create_store(f"sqlite:///{path}", "tracking.uri", "mlflow")
-    return path
+    folder = Path(tempfile.mkdtemp(prefix="tbptt-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    create_store(f"sqlite:///{folder / 'mlflow.db'}", "tracking.uri", "mlflow")
+    return folder / "mlflow.db"
 
 
 def cli(args, cwd, timeout=300, premade_store=True, **kwargs):

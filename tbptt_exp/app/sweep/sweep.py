@@ -111,8 +111,8 @@ class JobEvents(Protocol):
     def started(self, index: int, total: int, overrides: list[str]) -> None:
         """Job ``index`` (from 0) of the sweep's ``total`` is launched."""
 
-    def failed(self, overrides: list[str], error: BaseException) -> None:
-        """The job ``overrides`` ran ended with ``error``."""
+    def failed(self, overrides: list[str], why: BaseException) -> None:
+        """The job ``overrides`` ran ended with ``why``."""
 
 
 class KeepFailures:
